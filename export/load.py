@@ -1,0 +1,76 @@
+"""Load a diffusers DiT transformer from a hub id, a local folder, or the built-in model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from export.families import FAMILIES
+from passes.errors import DitmergeError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_TINY = "builtin:tiny-dit"
+DEFAULT_MODEL = BUILTIN_TINY
+
+
+def builtin_tiny_dit() -> torch.nn.Module:
+    """A small class-conditional DiT with seeded random weights: 256 tokens like DiT-XL/2 at 256 px."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8,
+                                 num_layers=4, sample_size=32, patch_size=2, num_embeds_ada_norm=10).eval()
+
+
+def _class_of_folder(folder: Path) -> tuple[Path, str]:
+    """A transformer folder (config.json) or a pipeline folder with a transformer/ subfolder."""
+    for cand in (folder, folder / "transformer"):
+        cfg = cand / "config.json"
+        if cfg.is_file():
+            name = json.loads(cfg.read_text()).get("_class_name")
+            if name:
+                return cand, name
+    raise DitmergeError(f"{folder} holds no diffusers transformer: expected config.json with _class_name there "
+                        "or in a transformer/ subfolder")
+
+
+def load_transformer(source: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load the transformer of ``source``: ``builtin:tiny-dit``, a local folder, or a hub id."""
+    import diffusers
+
+    if source == BUILTIN_TINY:
+        return builtin_tiny_dit()
+    if source.startswith("builtin:"):
+        raise DitmergeError(f"unknown built-in model {source!r}; available: {BUILTIN_TINY}")
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise DitmergeError(f"{source} is a file; pass a diffusers model folder or a hub id")
+        folder, class_name = _class_of_folder(path)
+        kwargs = {}
+    else:
+        if source.count("/") != 1 or os.path.isabs(source):
+            raise DitmergeError(f"{source!r} is neither an existing folder nor a hub id like 'facebook/DiT-XL-2-256'")
+        folder, class_name, kwargs = source, None, {"subfolder": "transformer"}
+    if class_name is not None and class_name not in FAMILIES:
+        raise DitmergeError(f"unsupported model class {class_name}; supported: {', '.join(FAMILIES)}")
+    try:
+        if class_name is None:
+            from huggingface_hub import hf_hub_download
+
+            cfg = json.loads(Path(hf_hub_download(source, "config.json", subfolder="transformer")).read_text())
+            class_name = cfg.get("_class_name", "")
+            if class_name not in FAMILIES:
+                raise DitmergeError(f"unsupported model class {class_name}; supported: {', '.join(FAMILIES)}")
+        cls = getattr(diffusers, class_name)
+        model = cls.from_pretrained(folder, torch_dtype=dtype, **kwargs)
+    except DitmergeError:
+        raise
+    except (OSError, ValueError) as e:
+        raise DitmergeError(f"could not load {source!r}: {str(e).splitlines()[0]}") from e
+    return model.eval()

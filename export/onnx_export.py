@@ -1,0 +1,57 @@
+"""torch.export -> ONNX at opset 23, dynamic batch, weights in one external file."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from export.families import Family, GraphWrapper, family_of
+from passes.onnxutil import set_model_meta
+
+logger = logging.getLogger(__name__)
+
+OPSET = 23  # attention becomes one Attention node and reshapes use -1 (DESIGN.md §2)
+WEIGHTS_FILE = "weights.bin"
+
+
+def example_inputs(model: torch.nn.Module, batch: int, grid: tuple[int, int], text_len: int = 8,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    return family_of(model).example_inputs(model, batch, grid, text_len, torch.Generator().manual_seed(seed))
+
+
+def eager_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return family_of(model).call(model, inputs)
+
+
+def export_onnx(model: torch.nn.Module, out_path: Path, grid: tuple[int, int], text_len: int = 8) -> onnx.ModelProto:
+    """Export ``model`` to ``out_path`` (+ ``weights.bin`` beside it); returns the weightless ModelProto."""
+    family = family_of(model)
+    inputs = example_inputs(model, 2, grid, text_len)
+    names = list(inputs)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    dynamic = {n: ({0: batch} if n in family.batch_inputs else None) for n in names}
+    wrapper = GraphWrapper(model, family, names).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, tuple(inputs.values()), dynamo=True, opset_version=OPSET,
+                                    input_names=names, output_names=["sample"],
+                                    dynamic_shapes={"args": tuple(dynamic[n] for n in names)}, optimize=True, verbose=False)
+    import onnx_ir
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    onnx_ir.save(program.model, tmp, external_data=WEIGHTS_FILE)
+    proto = onnx.load(tmp, load_external_data=False)
+    set_model_meta(proto, family=family.name, grid=list(grid), text_len=text_len, model_class=family.class_name)
+    onnx.save(proto, tmp)
+    tmp.replace(out_path)
+    return proto
+
+
+def describe(family: Family) -> str:
+    return f"{family.name} ({family.class_name})"

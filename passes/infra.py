@@ -1,0 +1,73 @@
+"""The pass contract: ``call(model) -> PassResult(model, modified)`` and a small manager.
+
+Modelled on the onnx_ir / torch.fx pass infrastructure: a pass declares whether it works in place,
+may check pre/postconditions, and the manager names the failing pass and the passes before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import onnx
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PassResult:
+    model: onnx.ModelProto
+    modified: bool
+
+
+class GraphPass:
+    """Base class of every ONNX -> ONNX pass.
+
+    Subclasses implement :meth:`call`. Passes are functional: they return a new ModelProto and
+    leave their input untouched, so a failed pass never leaves a half-edited graph behind.
+    """
+
+    name: str = "pass"
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        """Raise if the input graph does not satisfy this pass's preconditions."""
+
+    def ensures(self, model: onnx.ModelProto) -> None:
+        """Raise if the output graph does not satisfy this pass's postconditions."""
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        self.requires(model)
+        result = self.call(model)
+        self.ensures(result.model)
+        return result
+
+
+class PassManager:
+    """Runs passes in order, repeating the sequence until nothing changes (at most ``steps`` times)."""
+
+    def __init__(self, passes: list[GraphPass], steps: int = 1) -> None:
+        self.passes = passes
+        self.steps = steps
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        modified_any = False
+        for _ in range(self.steps):
+            modified = False
+            done: list[str] = []
+            for p in self.passes:
+                try:
+                    result = p(model)
+                except Exception as e:
+                    e.add_note(f"when running the {p.name!r} pass after the passes {done}")
+                    raise
+                logger.debug("pass %s modified=%s", p.name, result.modified)
+                model = result.model
+                modified |= result.modified
+                done.append(p.name)
+            modified_any |= modified
+            if not modified:
+                break
+        return PassResult(model, modified_any)

@@ -1,0 +1,159 @@
+"""The ToMe pass: insert merge/unmerge around attention and MLP of every transformer block.
+
+Locating is by module scope (:mod:`passes.locate`), the math is :mod:`passes.tome_graph`. Per block
+one matching is computed, on the input of the block's first merged sublayer, and shared by its other
+merged sublayers (tomesd also matches once per block). Residual adds stay on the full token set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from passes.errors import DitmergeError
+from passes.cleanup import FreeTokenAxisPass
+from passes.graphbuild import Emitter
+from passes.infra import GraphPass, PassResult
+from passes.locate import Site, find_sites, tensor_shapes
+from passes.onnxutil import export_graph, get_model_meta, import_graph, infer_shapes, provenance, set_model_meta
+from passes.partition import num_dst
+from passes.tome_graph import Geometry, build_match, build_merge, build_unmerge
+
+logger = logging.getLogger(__name__)
+
+PARTITION_INPUT = "tome_partition"
+PARTITION_INV_INPUT = "tome_partition_inv"
+LOCATIONS = ("attn", "xattn", "joint", "mlp")
+DEFAULT_LOCATIONS = ("attn", "joint", "mlp")
+TOPK_LIMIT = 3840  # TensorRT's largest TopK K
+
+
+def merged_count(ratio: float, tokens: int, num_src: int) -> int:
+    """tomesd's ratio semantics: r = int(N * ratio) tokens are removed, at most all src tokens."""
+    return min(int(tokens * ratio), num_src)
+
+
+def max_ratio(grid: tuple[int, int], stride: tuple[int, int] = (2, 2)) -> float:
+    n = grid[0] * grid[1]
+    return (n - num_dst(grid, stride)) / n
+
+
+@dataclasses.dataclass
+class ToMeConfig:
+    ratio: float
+    locations: tuple[str, ...] = DEFAULT_LOCATIONS
+    stride: tuple[int, int] = (2, 2)
+
+    def validate(self, grid: tuple[int, int]) -> None:
+        if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool):
+            raise DitmergeError(f"ratio must be a number, got {self.ratio!r}")
+        top = max_ratio(grid, self.stride)
+        if not 0 <= self.ratio <= top:
+            raise DitmergeError(f"ratio {self.ratio} is outside [0, {top:.4g}] (the src share of a "
+                                f"{grid[0]}x{grid[1]} grid with {self.stride[0]}x{self.stride[1]} cells)")
+        bad = [loc for loc in self.locations if loc not in LOCATIONS]
+        if bad or not self.locations:
+            raise DitmergeError(f"unknown merge locations {bad or '(none)'}; choose from {', '.join(LOCATIONS)}")
+
+
+def graph_grid(model: onnx.ModelProto) -> tuple[int, int]:
+    meta = get_model_meta(model)
+    if "grid" not in meta:
+        raise DitmergeError("the graph has no ditmerge.grid metadata: export it with `python -m export` first")
+    h, w = (int(v) for v in meta["grid"].strip("[]").split(","))
+    return h, w
+
+
+class ToMePass(GraphPass):
+    """Insert ToMe at ``config.ratio``; ratio 0 inserts nothing; a second run is a no-op."""
+
+    name = "tome"
+
+    def __init__(self, config: ToMeConfig, bucket: int | str = "") -> None:
+        self.config = config
+        self.bucket = bucket
+
+    def stamp(self) -> dict:
+        return {"pass": self.name, "method": "tome", "bucket": self.bucket, "ratio": self.config.ratio,
+                "locations": list(self.config.locations)}
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        cfg = self.config
+        grid = graph_grid(model)
+        cfg.validate(grid)
+        stamps = [s for s in provenance(model) if s.get("pass") == self.name]
+        if stamps:
+            if all(s == self.stamp() for s in stamps):
+                return PassResult(model, False)
+            raise DitmergeError(f"the graph already carries a ToMe merge ({stamps[0]}); apply passes to the unmerged graph")
+        n = grid[0] * grid[1]
+        na = n - num_dst(grid, cfg.stride)
+        r = merged_count(cfg.ratio, n, na)
+        if r == 0:
+            return PassResult(model, False)
+        if na > TOPK_LIMIT:
+            raise DitmergeError(f"{na} src tokens exceed TensorRT's TopK limit of {TOPK_LIMIT}; "
+                                "banded matching for large grids is not implemented yet")
+        geo = Geometry(tokens=n, num_src=na, r=r)
+
+        model = FreeTokenAxisPass(n)(model).model
+        shaped = infer_shapes(model)
+        sites = find_sites(shaped, n)
+        if not any(s.kind in ("attn", "joint", "xattn", "mlp") for s in sites):
+            raise DitmergeError("no attention or feed-forward module found in the graph (is it a diffusers DiT export?)")
+        chosen = [s for s in sites if s.kind in cfg.locations and s.ok]
+        skipped = [s for s in sites if s.kind in cfg.locations and not s.ok]
+        shapes = tensor_shapes(shaped)
+
+        graph, meta = import_graph(model)
+        tensors = graph.tensors()
+        nodes = {nd.name: nd for nd in graph.nodes}
+        part = gs.Variable(PARTITION_INPUT, dtype=np.int64, shape=[n])
+        part_inv = gs.Variable(PARTITION_INV_INPUT, dtype=np.int64, shape=[n])
+        graph.inputs.extend([part, part_inv])
+        em = Emitter(graph, "ditmerge_tome")
+
+        states: dict[str, object] = {}
+        for site in chosen:
+            x = tensors[site.image_input]
+            y = tensors[site.image_output]
+            channels_in = int(shapes[site.image_input][1][2])
+            channels_out = int(shapes[site.image_output][1][2])
+            em.prefix = f"ditmerge_tome/{site.path}"
+            if site.block not in states:
+                states[site.block] = build_match(em, x, part, part_inv, geo)
+            state = states[site.block]
+            merged = build_merge(em, x, state, channels_in)
+            inside = set(site.nodes)
+            for name in site.nodes:
+                nd = nodes[name]
+                nd.inputs = [merged if t is x else t for t in nd.inputs]
+            before = len(em.inserted)
+            unmerged = build_unmerge(em, y, state, channels_out)
+            unmerge_nodes = set(em.inserted[before:])
+            for nd in list(y.outputs):
+                if nd.name not in inside and nd.name not in unmerge_nodes:
+                    nd.inputs = [unmerged if t is y else t for t in nd.inputs]
+        out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
+        set_model_meta(out, tome={"ratio": cfg.ratio, "r": r, "num_src": na, "tokens": n, "stride": list(cfg.stride),
+                                  "locations": list(cfg.locations),
+                                  "sites": [s.path for s in chosen]})
+        out = infer_shapes(out)
+        _summarize(chosen, skipped, sites, cfg.locations, r, n)
+        return PassResult(out, True)
+
+
+def _summarize(chosen: list[Site], skipped: list[Site], sites: list[Site], locations: tuple[str, ...], r: int, n: int) -> None:
+    by_kind: dict[str, list[int]] = {}
+    for s in sites:
+        if s.kind in locations:
+            by_kind.setdefault(s.kind, [0, 0])[1] += 1
+    for s in chosen:
+        by_kind[s.kind][0] += 1
+    parts = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in by_kind.items())
+    logger.info("tome: merged %s modules (r=%d of %d tokens)%s", parts, r, n,
+                f"; {len(skipped)} skipped: " + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:4]) if skipped else "")

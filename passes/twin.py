@@ -1,0 +1,74 @@
+"""Eager twins: the same merge math as forward hooks on the diffusers model.
+
+The tests compare a bucket graph with its twin on the same inputs and partition; ``export`` uses the
+twin to measure method fidelity. Sites are named by module path (``transformer_blocks.3.attn1``),
+the names the ONNX pass records in the graph, so twin and graph merge at the same places.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from passes import tome_math
+
+
+def _image_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
+    if args:
+        return args[0], lambda v: ((v, *args[1:]), kwargs)
+    return kwargs["hidden_states"], lambda v: (args, {**kwargs, "hidden_states": v})
+
+
+class ToMeTwin:
+    """ToMe on the given sites of a diffusers transformer, matching once per block.
+
+    Args:
+        model: the diffusers transformer.
+        sites: module paths to merge around, in execution order within each block.
+        num_src: number of src tokens of the partition.
+        r: tokens merged away.
+    """
+
+    def __init__(self, model: torch.nn.Module, sites: list[str], num_src: int, r: int) -> None:
+        self.model, self.sites, self.num_src, self.r = model, sites, num_src, r
+        self.partition: torch.Tensor | None = None
+        self.partition_inv: torch.Tensor | None = None
+        self._matches: dict[str, tome_math.TorchMatch] = {}
+
+    def set_partition(self, partition: torch.Tensor, partition_inv: torch.Tensor) -> None:
+        self.partition, self.partition_inv = torch.as_tensor(partition), torch.as_tensor(partition_inv)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[ToMeTwin]:
+        handles = [self.model.register_forward_pre_hook(lambda *_: self._matches.clear())]
+        for path in self.sites:
+            module = self.model.get_submodule(path)
+            block = path.rsplit(".", 1)[0]
+            handles.append(module.register_forward_pre_hook(self._pre(block), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._post(block), with_kwargs=True))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._matches.clear()
+
+    def _pre(self, block: str):
+        def hook(_module, args, kwargs):
+            x, rebuild = _image_arg(args, kwargs)
+            if block not in self._matches:
+                if self.partition is None:
+                    raise RuntimeError("ToMeTwin.set_partition() was not called")
+                self._matches[block] = tome_math.match(x, self.partition, self.partition_inv, self.num_src, self.r)
+            return rebuild(tome_math.merge(x, self._matches[block]))
+        return hook
+
+    def _post(self, block: str):
+        def hook(_module, _args, _kwargs, output):
+            mt = self._matches[block]
+            if isinstance(output, tuple):
+                return (tome_math.unmerge(output[0], mt), *output[1:])
+            return tome_math.unmerge(output, mt)
+        return hook
