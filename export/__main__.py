@@ -1,0 +1,71 @@
+"""``python -m export``: build a plan. With no arguments: the built-in model, ToMe, 3 buckets, ./plan."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from export.buckets import DEFAULT_BUCKETS
+from export.load import DEFAULT_MODEL
+from passes.cli import run_cli
+from passes.errors import DitmergeError
+from passes.tome import DEFAULT_LOCATIONS, LOCATIONS
+
+
+def _grid(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"grid must look like 16x16, got {text!r}") from None
+    return h, w
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id (e.g. facebook/DiT-XL-2-256), local diffusers folder, or builtin:tiny-dit (default)")
+    p.add_argument("--method", default="tome", help="merge method (default: tome)")
+    p.add_argument("--buckets", default=DEFAULT_BUCKETS,
+                   help="ratio per timestep bucket: '0.5,0.4,0.3' (equal spans, noisiest first) or "
+                        "'999-600:0.5,599-0:0.3' (default: %(default)s)")
+    p.add_argument("--out", default="plan", help="plan directory (default: ./plan)")
+    p.add_argument("--locations", default=",".join(DEFAULT_LOCATIONS),
+                   help=f"where to merge, comma-separated from {', '.join(LOCATIONS)} (default: %(default)s)")
+    p.add_argument("--grid", type=_grid, default=None, help="token grid ROWSxCOLS (default: the model's native size)")
+    p.add_argument("--text-len", type=int, default=8, help="prompt tokens of text-conditioned models (default: 8)")
+    p.add_argument("--no-measure", dest="measure", action="store_false", help="skip fidelity and latency measurement")
+    p.add_argument("--repeats", type=int, default=20, help="timed forwards per graph for latency medians (default: 20)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.add_argument("--print-python", action="store_true", help="print the equivalent library call and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    kwargs = dict(model=args.model, method=args.method, buckets=args.buckets, out=args.out,
+                  locations=tuple(s.strip() for s in args.locations.split(",") if s.strip()), grid=args.grid,
+                  text_len=args.text_len, measure=args.measure, repeats=args.repeats, progress=args.progress)
+    if args.print_python:
+        print("from export import build_plan\n\nbuild_plan(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
+        return 0
+
+    def run() -> None:
+        from export.build import bucket_table, build_plan
+
+        if args.repeats < 1:
+            raise DitmergeError(f"--repeats must be at least 1, got {args.repeats}")
+        manifest = build_plan(**kwargs)
+        rep = manifest["report"]
+        print(f"plan written to {args.out}/ ({manifest['model']['class']}, {manifest['model']['tokens']} tokens, "
+              f"method {manifest['method']['name']})")
+        if "export_fidelity_max_abs" in rep:
+            print(f"export fidelity (unmerged graph vs eager, fp32): max abs error {rep['export_fidelity_max_abs']:.2e}; "
+                  f"unmerged latency {rep['base_latency_ms']:.2f} ms on {rep['backend']}")
+        print(bucket_table(manifest))
+
+    return run_cli(run, args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

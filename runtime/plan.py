@@ -1,0 +1,86 @@
+"""Read and validate a plan directory (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from passes.errors import DitmergeError
+
+FORMAT_VERSION = 1
+PLAN_FILE = "plan.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    index: int
+    t_lo: int
+    t_hi: int
+    ratio: float
+    graph: str
+    sha256: str
+
+    def covers(self, t: float) -> bool:
+        """Integer timesteps t_lo..t_hi, and the continuous range [t_lo, t_hi + 1) for float schedules."""
+        return self.t_lo <= t < self.t_hi + 1
+
+
+class Plan:
+    """A validated plan: its manifest, its directory, and the bucket lookup."""
+
+    def __init__(self, directory: Path, manifest: dict) -> None:
+        self.dir = directory
+        self.manifest = manifest
+        self.buckets = [Bucket(b["index"], b["t_lo"], b["t_hi"], b["ratio"], b["graph"], b["sha256"])
+                        for b in manifest["buckets"]]
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    @property
+    def method(self) -> dict:
+        return self.manifest["method"]
+
+    @classmethod
+    def load(cls, directory: str | Path, verify: bool = True) -> Plan:
+        directory = Path(directory)
+        path = directory / PLAN_FILE
+        if not path.is_file():
+            raise DitmergeError(f"{directory} is not a plan: {PLAN_FILE} is missing (build one with `python -m export`)")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DitmergeError(f"{path} is not valid JSON: {e}") from e
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise DitmergeError(f"{path} has format version {version!r}; this ditmerge reads versions up to "
+                                f"{FORMAT_VERSION}: upgrade ditmerge or rebuild the plan")
+        plan = cls(directory, manifest)
+        files = {b.graph: b.sha256 for b in plan.buckets}
+        files[manifest["weights"]["file"]] = manifest["weights"]["sha256"]
+        for name, digest in files.items():
+            f = directory / name
+            if not f.is_file():
+                raise DitmergeError(f"plan {directory} is missing {name}; rebuild it with `python -m export`")
+            if verify and sha256_file(f) != digest:
+                raise DitmergeError(f"{f} does not match the hash in {PLAN_FILE} (tampered or half-written); "
+                                    "rebuild the plan")
+        return plan
+
+    def bucket_for(self, t: float) -> Bucket:
+        for b in self.buckets:
+            if b.covers(t):
+                return b
+        spans = ", ".join(f"[{b.t_lo}, {b.t_hi}]" for b in self.buckets)
+        raise DitmergeError(f"timestep {t} is outside every bucket of the plan ({spans})")

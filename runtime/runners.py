@@ -1,0 +1,157 @@
+"""One runner interface for every backend: ``activate()`` / ``infer(feed)`` / ``deactivate()``.
+
+Modelled on Polygraphy's runners: subclasses override the ``*_impl`` hooks, the base class keeps the
+lifecycle honest. Sessions are created on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from passes.errors import DitmergeError
+
+logger = logging.getLogger(__name__)
+
+
+class Runner:
+    name = "runner"
+
+    def __init__(self) -> None:
+        self.is_active = False
+
+    def activate(self) -> None:
+        if not self.is_active:
+            self.activate_impl()
+            self.is_active = True
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.activate()
+        return self.infer_impl(feed)
+
+    def __enter__(self) -> Runner:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def activate_impl(self) -> None:
+        raise NotImplementedError
+
+    def deactivate_impl(self) -> None:
+        raise NotImplementedError
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "ort-trt": "TensorrtExecutionProvider"}
+
+
+def ort_providers(backend: str) -> list[str]:
+    """onnxruntime providers for ``backend`` ("auto", "cpu", "cuda", "ort-trt")."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if backend == "auto":
+        # CUDA only where a device answers: onnxruntime-gpu lists it even on machines without a GPU
+        try:
+            import torch
+
+            has_gpu = torch.cuda.is_available()
+        except ImportError:
+            has_gpu = False
+        return (["CUDAExecutionProvider"] if has_gpu and "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+    if backend not in ORT_PROVIDERS:
+        raise DitmergeError(f"unknown backend {backend!r}; choose from auto, {', '.join(ORT_PROVIDERS)}")
+    provider = ORT_PROVIDERS[backend]
+    if provider not in available:
+        raise DitmergeError(f"backend {backend!r} needs onnxruntime's {provider}, but this onnxruntime offers "
+                            f"{', '.join(available)}")
+    return [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
+
+
+class SharedWeights:
+    """The plan's weights file, memory-mapped once; every session reads its initializers from it.
+
+    onnxruntime takes them through ``SessionOptions.add_initializer`` without copying, so N bucket
+    sessions hold one copy of the weights, not N.
+    """
+
+    def __init__(self, weights_path: Path) -> None:
+        self.path = weights_path
+        self._map = np.memmap(weights_path, dtype=np.uint8, mode="r") if weights_path.stat().st_size else None
+        self._values: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def initializers(self, model: onnx.ModelProto) -> dict[str, object]:
+        import onnxruntime as ort
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        out = {}
+        with self._lock:
+            for init in model.graph.initializer:
+                if init.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                info = {e.key: e.value for e in init.external_data}
+                if Path(info["location"]).name != self.path.name:
+                    continue
+                if init.name not in self._values:
+                    offset, length = int(info.get("offset", 0)), int(info["length"])
+                    dtype = tensor_dtype_to_np_dtype(init.data_type)
+                    arr = np.frombuffer(self._map, dtype=dtype, count=length // dtype.itemsize, offset=offset)
+                    self._values[init.name] = ort.OrtValue.ortvalue_from_numpy(arr.reshape(tuple(init.dims)))
+                out[init.name] = self._values[init.name]
+        return out
+
+
+class OrtRunner(Runner):
+    """One onnxruntime session over one graph file, created on first use."""
+
+    name = "onnxruntime"
+
+    def __init__(self, graph_path: Path, providers: list[str], weights: SharedWeights | None = None,
+                 threads: int = 0) -> None:
+        super().__init__()
+        self.graph_path, self.providers, self.weights, self.threads = graph_path, providers, weights, threads
+        self.session = None
+        self._lock = threading.Lock()
+
+    def activate_impl(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        self._keep = {}
+        if self.weights is not None:
+            proto = onnx.load(self.graph_path, load_external_data=False)
+            self._keep = self.weights.initializers(proto)
+            for name, value in self._keep.items():
+                opts.add_initializer(name, value)
+        self.session = ort.InferenceSession(str(self.graph_path), opts, providers=self.providers)
+        self.input_meta = {i.name: i for i in self.session.get_inputs()}
+        logger.debug("created %s session for %s", self.providers[0], self.graph_path.name)
+
+    def activate(self) -> None:
+        with self._lock:  # one session per runner, even when threads race to create it
+            super().activate()
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+        self._keep = {}
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(None, feed)
+        return {o.name: v for o, v in zip(self.session.get_outputs(), outputs)}

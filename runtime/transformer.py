@@ -1,0 +1,186 @@
+"""A plan that stands in for ``pipe.transformer`` in a diffusers pipeline.
+
+Each call picks the bucket whose timestep range holds the call's timestep and runs that bucket's
+session. Cross-step state (the seeded partition stream) belongs to one generation: it resets when the
+timestep goes up (a new denoising loop) or on :meth:`PlanTransformer.reset`, and each thread has its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from passes.errors import DitmergeError
+from passes.partition import draw_partition
+from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+from runtime.plan import Plan
+from runtime.runners import OrtRunner, SharedWeights, ort_providers
+
+logger = logging.getLogger(__name__)
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _family_feed(family: str, hidden_states, timestep, kw: dict) -> dict[str, object]:
+    """The graph inputs of ``family`` from a diffusers transformer call (see export/families.py)."""
+    if family == "dit":
+        return {"hidden_states": hidden_states, "timestep": timestep, "class_labels": kw.get("class_labels")}
+    if family == "pixart":
+        ehs = kw.get("encoder_hidden_states")
+        mask = kw.get("encoder_attention_mask")
+        if mask is None and ehs is not None:
+            mask = torch.ones(ehs.shape[:2], dtype=torch.int64)
+        added = kw.get("added_cond_kwargs") or {}
+        return {"hidden_states": hidden_states, "encoder_hidden_states": ehs, "encoder_attention_mask": mask,
+                "timestep": timestep, "resolution": added.get("resolution"), "aspect_ratio": added.get("aspect_ratio")}
+    if family == "sd3":
+        return {"hidden_states": hidden_states, "encoder_hidden_states": kw.get("encoder_hidden_states"),
+                "pooled_projections": kw.get("pooled_projections"), "timestep": timestep}
+    if family == "flux":
+        return {"hidden_states": hidden_states, "encoder_hidden_states": kw.get("encoder_hidden_states"),
+                "pooled_projections": kw.get("pooled_projections"), "timestep": timestep,
+                "img_ids": kw.get("img_ids"), "txt_ids": kw.get("txt_ids"), "guidance": kw.get("guidance")}
+    raise DitmergeError(f"plan is for an unknown model family {family!r}")
+
+
+class _Generation(threading.local):
+    rng: np.random.Generator | None = None
+    last_t: float | None = None
+    steps: int = 0
+
+
+class PlanTransformer(torch.nn.Module):
+    """Runs a plan's bucket graphs behind the interface of a diffusers transformer.
+
+    Args:
+        plan: the loaded plan.
+        backend: "auto" (CUDA when a GPU answers, else CPU), "cpu", "cuda" or "ort-trt".
+        seed: seeds the partition stream of each generation.
+        deterministic: use the fixed top-left partition instead of a random one.
+        threads: onnxruntime intra-op threads (0: onnxruntime's default).
+    """
+
+    def __init__(self, plan: Plan, backend: str = "auto", seed: int = 0, deterministic: bool = False,
+                 threads: int = 0) -> None:
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        self.plan = plan
+        self.backend = backend
+        self.providers = ort_providers(backend)
+        self.seed, self.deterministic = seed, deterministic
+        self.config = FrozenDict(plan.model["config"])
+        self.family = plan.model["family"]
+        self.grid = tuple(plan.model["grid"])
+        self.stride = tuple(plan.method.get("params", {}).get("stride", (2, 2)))
+        self.timestep_scale = float(plan.model.get("timestep_scale", 1.0))
+        self.threads = threads
+        self._weights = SharedWeights(plan.dir / plan.manifest["weights"]["file"])
+        self._runners: dict[str, OrtRunner] = {}
+        self._runner_lock = threading.Lock()
+        self._gen = _Generation()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def runner(self, graph: str) -> OrtRunner:
+        with self._runner_lock:
+            if graph not in self._runners:
+                self._runners[graph] = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads)
+            return self._runners[graph]
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new generation: a fresh partition stream for this thread."""
+        self._gen.rng = np.random.default_rng(self.seed if seed is None else seed)
+        self._gen.last_t = None
+        self._gen.steps = 0
+
+    def _partition(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.deterministic:
+            return draw_partition(self.grid, self.stride, None)
+        return draw_partition(self.grid, self.stride, self._gen.rng)
+
+    def forward(self, hidden_states: torch.Tensor, timestep=None, return_dict: bool = True, **kwargs):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        if timestep is None:
+            raise DitmergeError("the plan needs the timestep of every call")
+        t = _np(timestep).astype(np.float64).reshape(-1)
+        if t.size == 0:
+            raise DitmergeError("timestep is empty")
+        t_train = t / self.timestep_scale
+        bucket = self.plan.bucket_for(float(t_train[0]))
+        if any(not bucket.covers(float(v)) for v in t_train):
+            raise DitmergeError(f"the timesteps of one call {t_train.tolist()} fall in different buckets")
+        if self._gen.rng is None or (self._gen.last_t is not None and t_train[0] > self._gen.last_t):
+            self.reset()
+        self._gen.last_t = float(t_train[0])
+        self._gen.steps += 1
+
+        runner = self.runner(bucket.graph)
+        runner.activate()
+        feed = self._feed(runner, _family_feed(self.family, hidden_states, timestep, kwargs))
+        if PARTITION_INPUT in runner.input_meta:
+            feed[PARTITION_INPUT], feed[PARTITION_INV_INPUT] = self._partition()
+        out = runner.infer(feed)["sample"]
+        sample = torch.from_numpy(out).to(hidden_states.device if isinstance(hidden_states, torch.Tensor) else "cpu")
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    def _feed(self, runner: OrtRunner, values: dict[str, object]) -> dict[str, np.ndarray]:
+        """Check names, ranks, static dims, batch and dtypes against the graph; cast where lossless."""
+        feed: dict[str, np.ndarray] = {}
+        batch = None
+        for name, meta in runner.input_meta.items():
+            if name in (PARTITION_INPUT, PARTITION_INV_INPUT):
+                continue
+            value = values.get(name)
+            if value is None:
+                raise DitmergeError(f"the plan's graph needs input {name!r} {meta.shape}, which the call did not give")
+            arr = _np(value)
+            want = np.dtype(_ORT_TYPES.get(meta.type, "float32"))
+            if name == "timestep" and arr.ndim == 0:
+                arr = arr.reshape(1)
+            if arr.dtype != want:
+                if arr.dtype.kind not in "biuf" or (want.kind in "iu" and arr.dtype.kind == "f" and not np.all(arr == np.round(arr))):
+                    raise DitmergeError(f"input {name!r} has dtype {arr.dtype}; the graph takes {want}")
+                arr = arr.astype(want)
+            if arr.ndim != len(meta.shape):
+                raise DitmergeError(f"input {name!r} has shape {list(arr.shape)}; the graph takes {meta.shape}")
+            for axis, (got, exp) in enumerate(zip(arr.shape, meta.shape)):
+                if isinstance(exp, int) and got != exp:
+                    raise DitmergeError(f"input {name!r} has shape {list(arr.shape)}; the graph takes {meta.shape} "
+                                        f"(axis {axis} must be {exp})")
+                if axis == 0 and isinstance(exp, str):
+                    if name == "timestep" and batch is not None and got == 1 and batch != 1:
+                        arr = np.broadcast_to(arr, (batch,)).copy()
+                        got = batch
+                    if batch is None:
+                        batch = got
+                    elif got != batch:
+                        raise DitmergeError(f"input {name!r} has batch {got}, other inputs have batch {batch}")
+            feed[name] = np.ascontiguousarray(arr)
+        return feed
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def load(plan_dir: str | Path, backend: str = "auto", seed: int = 0, deterministic: bool = False,
+         verify: bool = True, threads: int = 0) -> PlanTransformer:
+    """Load a plan; the result can replace ``pipe.transformer`` in a diffusers pipeline."""
+    return PlanTransformer(Plan.load(plan_dir, verify=verify), backend=backend, seed=seed,
+                           deterministic=deterministic, threads=threads)
