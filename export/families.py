@@ -149,3 +149,50 @@ class GraphWrapper(torch.nn.Module):
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         return self.family.call(self.model, dict(zip(self.names, args)))
+
+
+class BroadcastMaskAttnProcessor:
+    """Scaled-dot-product attention with the mask broadcast over heads, for export only.
+
+    The math of diffusers' ``AttnProcessor2_0`` for plain (non-spatial, 3-D) attention, except that a
+    ``[B, 1, L]`` mask is broadcast to ``[B, 1, Nq, L]`` instead of being repeated per head and viewed as
+    ``[B, heads, -1, L]``: torch.export cannot prove that ``-1`` is 1 when the batch is dynamic.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        import torch.nn.functional as F
+
+        b = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        d = k.shape[-1] // attn.heads
+        q, k, v = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if attention_mask is not None and attention_mask.ndim == 3:
+            # [B, 1, L] -> [B, 1, Nq, L]: onnxruntime's Attention wants the query axis in full, and adding a
+            # zero slice of q takes Nq from q at run time (a constant would bake the token count in)
+            attention_mask = attention_mask[:, None] + q[:, :1, :, :1].detach() * 0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * d).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def export_processors(model: torch.nn.Module) -> dict | None:
+    """Processors to export ``model`` with (None: keep its own). PixArt's masked cross-attention needs one."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    if type(model).__name__ != "PixArtTransformer2DModel":
+        return None
+    procs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            plain = (isinstance(module.processor, AttnProcessor2_0) and module.spatial_norm is None
+                     and module.group_norm is None and not module.residual_connection)
+            procs[f"{name}.processor"] = BroadcastMaskAttnProcessor() if plain else module.processor
+    return procs

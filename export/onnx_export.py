@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.families import Family, GraphWrapper, family_of
+from export.families import Family, GraphWrapper, export_processors, family_of
 from passes.onnxutil import set_model_meta
 
 logger = logging.getLogger(__name__)
@@ -36,11 +36,20 @@ def export_onnx(model: torch.nn.Module, out_path: Path, grid: tuple[int, int], t
     batch = torch.export.Dim("batch", min=1, max=1024)
     dynamic = {n: ({0: batch} if n in family.batch_inputs else None) for n in names}
     wrapper = GraphWrapper(model, family, names).eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, tuple(inputs.values()), dynamo=True, opset_version=OPSET,
-                                    input_names=names, output_names=["sample"],
-                                    dynamic_shapes={"args": tuple(dynamic[n] for n in names)}, optimize=True, verbose=False)
+    processors = export_processors(model)
+    original = model.attn_processors if processors else None
+    try:
+        if processors:
+            model.set_attn_processor(processors)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(wrapper, tuple(inputs.values()), dynamo=True, opset_version=OPSET,
+                                        input_names=names, output_names=["sample"],
+                                        dynamic_shapes={"args": tuple(dynamic[n] for n in names)}, optimize=True,
+                                        verbose=False)
+    finally:
+        if original:
+            model.set_attn_processor(original)
     import onnx_ir
 
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,91 @@
+"""The ONNX ToMe subgraph against its eager twin (passes.tome_math) and tomesd's definition."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+import torch
+
+from passes import tome_math
+from passes.graphbuild import Emitter
+from passes.partition import draw_partition
+from passes.tome_graph import Geometry, build_match, build_merge, build_unmerge
+from tests.helpers import METHOD_ATOL, assert_close
+
+
+def _session(grid, channels, r):
+    n = grid[0] * grid[1]
+    _, inv = draw_partition(grid)
+    na = n - (grid[0] // 2) * (grid[1] // 2)
+    g = gs.Graph(opset=23)
+    x = gs.Variable("x", np.float32, ["B", n, channels])
+    p, pi = gs.Variable("P", np.int64, [n]), gs.Variable("Pinv", np.int64, [n])
+    g.inputs = [x, p, pi]
+    em = Emitter(g, "t")
+    st = build_match(em, x, p, pi, Geometry(n, na, r))
+    merged = build_merge(em, x, st, channels)
+    unmerged = build_unmerge(em, merged, st, channels)
+    merged.dtype = unmerged.dtype = np.float32
+    merged.shape, unmerged.shape = ["B", n - r, channels], ["B", n, channels]
+    g.outputs = [merged, unmerged]
+    model = gs.export_onnx(g)
+    model.ir_version = 10  # onnxruntime 1.31 reads IR <= 11
+    onnx.checker.check_model(model)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), na
+
+
+@pytest.mark.parametrize("grid,r,batch", [((4, 4), 5, 1), ((4, 4), 12, 2), ((6, 8), 20, 3), ((5, 7), 9, 2), ((8, 8), 1, 2)])
+def test_graph_equals_twin(grid, r, batch):
+    sess, na = _session(grid, 8, r)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, grid[0] * grid[1], 8)).astype(np.float32)
+    part, inv = draw_partition(grid, rng=rng)
+    merged, unmerged = sess.run(None, {"x": x, "P": part, "Pinv": inv})
+    mt = tome_math.match(torch.from_numpy(x), torch.from_numpy(part), torch.from_numpy(inv), na, r)
+    twin_merged = tome_math.merge(torch.from_numpy(x), mt)
+    assert merged.shape == (batch, grid[0] * grid[1] - r, 8)
+    assert_close(merged, twin_merged.numpy(), METHOD_ATOL, "merge")
+    assert_close(unmerged, tome_math.unmerge(twin_merged, mt).numpy(), METHOD_ATOL, "unmerge")
+
+
+def _tomesd_reference(x, part, na, r):
+    """tomesd's bipartite_soft_matching_random2d merge (mean mode), written out independently."""
+    src, dst = x[:, part[:na]], x[:, part[na:]]
+    m = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    scores = m[:, part[:na]] @ m[:, part[na:]].transpose(0, 2, 1)
+    out = []
+    for b in range(x.shape[0]):
+        best, best_idx = scores[b].max(-1), scores[b].argmax(-1)
+        order = np.argsort(-best, kind="stable")
+        merged_src, kept_src = order[:r], order[r:]
+        d = dst[b].copy()
+        total, count = d.copy(), np.ones(len(d))
+        for s in merged_src:
+            total[best_idx[s]] += src[b, s]
+            count[best_idx[s]] += 1
+        out.append(np.concatenate([src[b, kept_src], total / count[:, None]]))
+    return np.stack(out)
+
+
+def test_merge_is_tomesd_mean_merge():
+    grid, r = (6, 6), 14
+    sess, na = _session(grid, 4, r)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 36, 4)).astype(np.float32)
+    part, inv = draw_partition(grid, rng=rng)
+    merged, _ = sess.run(None, {"x": x, "P": part, "Pinv": inv})
+    assert_close(merged, _tomesd_reference(x, part, na, r), 1e-5, "tomesd")
+
+
+def test_unmerge_copies_dst_value_to_merged_positions():
+    # identical tokens merge into their dst; after unmerge every position reads a mean it took part in
+    grid, r = (4, 4), 12  # all src merged
+    sess, _ = _session(grid, 4, r)
+    x = np.tile(np.arange(4, dtype=np.float32) + 1, (1, 16, 1))
+    part, inv = draw_partition(grid)
+    merged, unmerged = sess.run(None, {"x": x, "P": part, "Pinv": inv})
+    assert merged.shape == (1, 4, 4)
+    assert_close(unmerged, x, 1e-6, "identical tokens survive merge/unmerge")

@@ -1,0 +1,102 @@
+"""The ToMe pass contract: where it merges, what it stamps, what it refuses, what TensorRT will take."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from passes.errors import DitmergeError
+from passes.onnxutil import PROVENANCE_KEY, get_model_meta, provenance
+from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
+from passes.trt_check import check_tensorrt
+
+GRID = (4, 4)
+
+
+def _inserted(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if any(p.key == PROVENANCE_KEY for p in n.metadata_props)]
+
+
+def test_ratio_zero_inserts_nothing(exported):
+    _, base, _ = exported("dit", GRID)
+    res = ToMePass(ToMeConfig(0.0))(base)
+    assert not res.modified
+    assert len(res.model.graph.node) == len(base.graph.node)
+    assert not _inserted(res.model)
+
+
+def test_merges_every_block_and_stamps_provenance(exported):
+    _, base, _ = exported("dit", GRID)
+    res = ToMePass(ToMeConfig(0.5), bucket=3)(base)
+    assert res.modified
+    meta = json.loads(get_model_meta(res.model)["tome"])
+    assert meta["sites"] == ["transformer_blocks.0.attn1", "transformer_blocks.0.ff",
+                             "transformer_blocks.1.attn1", "transformer_blocks.1.ff"]
+    assert meta["r"] == 8 and meta["num_src"] == 12
+    stamps = provenance(res.model)
+    assert stamps == [{"bucket": 3, "locations": ["attn", "joint", "mlp"], "method": "tome", "pass": "tome", "ratio": 0.5}]
+    assert len(_inserted(res.model)) > 20
+    assert {i.name for i in res.model.graph.input} >= {PARTITION_INPUT, PARTITION_INV_INPUT}
+    # the exporter's scope metadata survives the onnx-graphsurgeon round trip
+    scoped = [n for n in res.model.graph.node if any(p.key == "pkg.torch.onnx.name_scopes" for p in n.metadata_props)]
+    assert len(scoped) >= len([n for n in base.graph.node if n.metadata_props]) - 2
+
+
+def test_second_application_is_a_noop_and_a_different_ratio_is_refused(exported):
+    _, base, _ = exported("dit", GRID)
+    once = ToMePass(ToMeConfig(0.5))(base).model
+    twice = ToMePass(ToMeConfig(0.5))(once)
+    assert not twice.modified and len(twice.model.graph.node) == len(once.graph.node)
+    with pytest.raises(DitmergeError, match="already carries a ToMe merge"):
+        ToMePass(ToMeConfig(0.3))(once)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 0.8, 2.0])
+def test_ratio_out_of_range_is_refused(exported, ratio):
+    _, base, _ = exported("dit", GRID)
+    with pytest.raises(DitmergeError, match=r"ratio .* is outside \[0, 0.75\]"):
+        ToMePass(ToMeConfig(ratio))(base)
+
+
+def test_unknown_location_and_wrong_type_are_refused(exported):
+    _, base, _ = exported("dit", GRID)
+    with pytest.raises(DitmergeError, match="unknown merge locations"):
+        ToMePass(ToMeConfig(0.5, locations=("attention",)))(base)
+    with pytest.raises(DitmergeError, match="ratio must be a number"):
+        ToMePass(ToMeConfig("0.5"))(base)
+
+
+def test_graph_without_attention_is_refused(exported):
+    _, base, _ = exported("dit", GRID)
+    stripped = onnx.ModelProto.FromString(base.SerializeToString())
+    for n in stripped.graph.node:
+        del n.metadata_props[:]
+    with pytest.raises(DitmergeError, match="no attention or feed-forward module"):
+        ToMePass(ToMeConfig(0.5))(stripped)
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+def test_merged_graphs_pass_the_tensorrt_check(exported, family):
+    _, base, _ = exported(family, GRID)
+    assert check_tensorrt(base) == []
+    merged = ToMePass(ToMeConfig(0.5, locations=("attn", "xattn", "joint", "mlp")))(base).model
+    assert check_tensorrt(merged) == []
+    ops = {n.op_type for n in _inserted(merged)}
+    assert "TopK" in ops and not ops & {"ScatterElements", "ScatterND", "NonZero"}
+
+
+def test_mlp_only_merges_feed_forward_only(exported):
+    _, base, _ = exported("pixart", GRID)
+    meta = json.loads(get_model_meta(ToMePass(ToMeConfig(0.25, locations=("mlp",)))(base).model)["tome"])
+    assert meta["sites"] and all(s.endswith(".ff") for s in meta["sites"])
+
+
+def test_dst_partition_inputs_are_int64_vectors(exported):
+    _, base, _ = exported("dit", GRID)
+    merged = ToMePass(ToMeConfig(0.5))(base).model
+    part = next(i for i in merged.graph.input if i.name == PARTITION_INPUT)
+    assert part.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert [d.dim_value for d in part.type.tensor_type.shape.dim] == [int(np.prod(GRID))]
