@@ -96,8 +96,26 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
     stage = out / ".staging"
     if stage.exists():
         shutil.rmtree(stage)
+    created = not out.exists()
     stage.mkdir(parents=True)
+    try:
+        manifest = _build(model=model, method=method, specs=specs, buckets=buckets, stage=stage,
+                          locations=locations, grid=grid, text_len=text_len,
+                          num_train_timesteps=num_train_timesteps, measure=measure, repeats=repeats, progress=progress)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    _publish(stage, out)
+    logger.info("plan written to %s in %.1f s", out, time.perf_counter() - t_start)
+    return manifest
 
+
+def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
+           locations: Sequence[str], grid: tuple[int, int] | None, text_len: int, num_train_timesteps: int,
+           measure: bool, repeats: int, progress: bool) -> dict:
+    """Everything of :func:`build_plan` that writes into the staging directory."""
     steps = tqdm(total=3 + len(specs) + (1 if measure else 0), desc="ditmerge export", unit="step",
                  disable=not progress, leave=False)
     steps.set_postfix_str("loading model")
@@ -185,8 +203,6 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
     }
     (stage / "report.md").write_text(render_report(manifest))
     (stage / PLAN_FILE).write_text(json.dumps(manifest, indent=2))
-    _publish(stage, out)
-    logger.info("plan written to %s in %.1f s", out, time.perf_counter() - t_start)
     return manifest
 
 

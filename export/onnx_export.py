@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.families import Family, GraphWrapper, export_processors, family_of
+from export.families import GraphWrapper, export_processors, family_of
 from passes.onnxutil import set_model_meta
 
 logger = logging.getLogger(__name__)
@@ -56,11 +56,35 @@ def export_onnx(model: torch.nn.Module, out_path: Path, grid: tuple[int, int], t
     tmp = out_path.with_name(out_path.name + ".tmp")
     onnx_ir.save(program.model, tmp, external_data=WEIGHTS_FILE)
     proto = onnx.load(tmp, load_external_data=False)
+    _externalize_parameters(proto, out_path.parent / WEIGHTS_FILE)
     set_model_meta(proto, family=family.name, grid=list(grid), text_len=text_len, model_class=family.class_name)
     onnx.save(proto, tmp)
     tmp.replace(out_path)
     return proto
 
 
-def describe(family: Family) -> str:
-    return f"{family.name} ({family.class_name})"
+def _externalize_parameters(model: onnx.ModelProto, weights: Path, alignment: int = 64) -> None:
+    """Move the small module parameters onnx_ir kept inline (biases, norms) into the weights file.
+
+    Every bucket graph then references one copy of every parameter; the exporter's small shape
+    constants stay inline, where passes read them.
+    """
+    from onnx import numpy_helper
+
+    with open(weights, "ab") as f:
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL or not init.name.startswith("model."):
+                continue
+            data = numpy_helper.to_array(init).tobytes()
+            offset = -(-f.tell() // alignment) * alignment
+            f.write(b"\0" * (offset - f.tell()))
+            f.write(data)
+            dims, dtype, name = list(init.dims), init.data_type, init.name
+            init.Clear()
+            init.name, init.data_type = name, dtype
+            init.dims.extend(dims)
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(len(data)))):
+                init.external_data.add(key=key, value=value)
+
+
