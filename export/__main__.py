@@ -35,6 +35,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-len", type=int, default=8, help="prompt tokens of text-conditioned models (default: 8)")
     p.add_argument("--no-measure", dest="measure", action="store_false", help="skip fidelity and latency measurement")
     p.add_argument("--repeats", type=int, default=20, help="timed forwards per graph for latency medians (default: 20)")
+    p.add_argument("--quality-samples", type=int, default=50,
+                   help="seeded generations for the quality report (class-conditional pixel models; 0: skip)")
+    p.add_argument("--quality-steps", type=int, default=50, help="denoising steps of those generations (default: 50)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "auto", "trt"),
+                   help="trt: also build TensorRT engines (needs tensorrt and a GPU); auto: where possible "
+                        "(default: onnxruntime)")
+    p.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"),
+                   help="TensorRT engine precision (default: fp16)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.add_argument("--print-python", action="store_true", help="print the equivalent library call and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -45,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     kwargs = dict(model=args.model, method=args.method, buckets=args.buckets, out=args.out,
                   locations=tuple(s.strip() for s in args.locations.split(",") if s.strip()), grid=args.grid,
-                  text_len=args.text_len, measure=args.measure, repeats=args.repeats, progress=args.progress)
+                  text_len=args.text_len, measure=args.measure, repeats=args.repeats,
+                  quality_samples=args.quality_samples, quality_steps=args.quality_steps,
+                  backend=args.backend, precision=args.precision, progress=args.progress)
     if args.print_python:
         print("from export import build_plan\n\nbuild_plan(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
         return 0
 
     def run() -> None:
-        from export.build import bucket_table, build_plan
+        from export.build import bucket_table, build_plan, quality_table
 
         if args.repeats < 1:
             raise DitmergeError(f"--repeats must be at least 1, got {args.repeats}")
@@ -63,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"export fidelity (unmerged graph vs eager, fp32): max abs error {rep['export_fidelity_max_abs']:.2e}; "
                   f"unmerged latency {rep['base_latency_ms']:.2f} ms on {rep['backend']}")
         print(bucket_table(manifest))
+        if "quality" in rep:
+            print()
+            print(quality_table(rep["quality"]))
 
     return run_cli(run, args.verbose)
 

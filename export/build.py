@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from export.buckets import DEFAULT_BUCKETS, parse_buckets
 from export.families import family_of
-from export.load import DEFAULT_MODEL, load_transformer
+from export.load import DEFAULT_MODEL, load_transformer, scheduler_config
 from export.measure import export_fidelity, feed_of, interleaved_latency, tome_fidelity
 from export.onnx_export import WEIGHTS_FILE, example_inputs, export_onnx
 from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass
@@ -27,6 +27,7 @@ from passes.flops import count_flops
 from passes.infra import PassManager
 from passes.onnxutil import get_model_meta, save_checked
 from passes.partition import draw_partition
+from passes.trt_check import TENSORRT_MIN_VERSION, check_tensorrt
 from passes.tome import DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
 from runtime.plan import FORMAT_VERSION, PLAN_FILE, sha256_file
 from runtime.runners import OrtRunner, SharedWeights
@@ -34,6 +35,7 @@ from runtime.runners import OrtRunner, SharedWeights
 logger = logging.getLogger(__name__)
 
 METHODS = ("tome",)
+BACKENDS = ("onnxruntime", "auto", "trt")
 BASE_GRAPH = "base.onnx"
 
 
@@ -47,6 +49,7 @@ class BucketResult:
     kept_tokens: int
     graph: str
     flops_rel: float
+    tensorrt_check: list[str] = dataclasses.field(default_factory=list)  # violations; empty: TensorRT will take it
     fidelity_max_abs: float | None = None
     latency_ms: float | None = None
     speedup: float | None = None
@@ -67,7 +70,8 @@ def _json_config(config) -> dict:
 def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = DEFAULT_BUCKETS,
                out: str | Path = "plan", locations: Sequence[str] = DEFAULT_LOCATIONS,
                grid: tuple[int, int] | None = None, text_len: int = 8, num_train_timesteps: int = 1000,
-               measure: bool = True, repeats: int = 20, progress: bool = True) -> dict:
+               measure: bool = True, repeats: int = 20, quality_samples: int = 50, quality_steps: int = 50,
+               backend: str = "onnxruntime", precision: str = "fp16", progress: bool = True) -> dict:
     """Build a plan directory for ``model`` and return its manifest.
 
     Args:
@@ -82,12 +86,27 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
         num_train_timesteps: the timestep range the buckets cover.
         measure: measure fidelity and latency (skipped: the report carries FLOPs only).
         repeats: timed forwards per graph for the latency medians.
+        quality_samples: seeded generations through the unmerged and merged plan for the quality report
+            (class-conditional pixel-space models; 0 skips it).
+        quality_steps: denoising steps of those generations.
+        backend: "onnxruntime" (graphs only), "trt" (also TensorRT engines; fails without TensorRT and a
+            GPU) or "auto" (engines where TensorRT and a GPU exist).
+        precision: precision of TensorRT engines: fp32, fp16 or bf16.
         progress: show progress bars.
     """
     t_start = time.perf_counter()
     if method not in METHODS:
         raise DitmergeError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     specs = parse_buckets(buckets, num_train_timesteps)
+    if backend not in BACKENDS:
+        raise DitmergeError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    from export.trt_build import PRECISIONS, require_tensorrt, tensorrt_status
+
+    if precision not in PRECISIONS:
+        raise DitmergeError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if backend == "trt":
+        require_tensorrt()
+    engines = backend == "trt" or (backend == "auto" and tensorrt_status()[0])
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DitmergeError(f"--out {out} exists and is not a directory")
@@ -101,7 +120,9 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
     try:
         manifest = _build(model=model, method=method, specs=specs, buckets=buckets, stage=stage,
                           locations=locations, grid=grid, text_len=text_len,
-                          num_train_timesteps=num_train_timesteps, measure=measure, repeats=repeats, progress=progress)
+                          num_train_timesteps=num_train_timesteps, measure=measure, repeats=repeats,
+                          quality_samples=quality_samples, quality_steps=quality_steps,
+                          engines=engines, precision=precision, progress=progress)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         if created and not any(out.iterdir()):
@@ -114,9 +135,10 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
 
 def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
            locations: Sequence[str], grid: tuple[int, int] | None, text_len: int, num_train_timesteps: int,
-           measure: bool, repeats: int, progress: bool) -> dict:
+           measure: bool, repeats: int, quality_samples: int, quality_steps: int, engines: bool, precision: str,
+           progress: bool) -> dict:
     """Everything of :func:`build_plan` that writes into the staging directory."""
-    steps = tqdm(total=3 + len(specs) + (1 if measure else 0), desc="ditmerge export", unit="step",
+    steps = tqdm(total=3 + len(specs) + (2 if measure else 0), desc="ditmerge export", unit="step",
                  disable=not progress, leave=False)
     steps.set_postfix_str("loading model")
     torch_model = load_transformer(model)
@@ -139,6 +161,7 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
     base = PassManager([RemoveNoopSqueezePass(), FreeTokenAxisPass(n_tokens)]).__call__(base).model
     save_checked(base, stage / BASE_GRAPH)
     base_flops = count_flops(base)
+    base_trt = [str(v) for v in check_tensorrt(base)]
     steps.update()
 
     # 3. One graph per bucket
@@ -152,10 +175,12 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
             save_checked(res.model, stage / graph)
             meta = json.loads(get_model_meta(res.model)["tome"])
             tome_meta[i] = meta
-            r, flops = meta["r"], count_flops(res.model)
+            r, flops, trt = meta["r"], count_flops(res.model), [str(v) for v in check_tensorrt(res.model)]
         else:
-            graph, r, flops = BASE_GRAPH, 0, base_flops
-        results.append(BucketResult(i, spec.t_lo, spec.t_hi, spec.ratio, r, n_tokens - r, graph, flops / base_flops))
+            graph, r, flops, trt = BASE_GRAPH, 0, base_flops, base_trt
+        if trt:
+            logger.warning("bucket %d would not build with TensorRT: %s", i, "; ".join(trt[:3]))
+        results.append(BucketResult(i, spec.t_lo, spec.t_hi, spec.ratio, r, n_tokens - r, graph, flops / base_flops, trt))
         steps.update()
 
     # 4. Measure: fidelity against eager PyTorch, latency against the unmerged graph (same backend)
@@ -184,7 +209,6 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
         for rn in runners.values():
             rn.deactivate()
         steps.update()
-    steps.close()
 
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -192,15 +216,34 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
         "tool_versions": _versions(),
         "model": {"source": model, "class": family.class_name, "family": family.name, "grid": list(grid),
                   "tokens": n_tokens, "text_len": text_len, "timestep_scale": family.timestep_scale,
-                  "num_train_timesteps": num_train_timesteps, "config": _json_config(torch_model.config)},
+                  "num_train_timesteps": num_train_timesteps, "config": _json_config(torch_model.config),
+                  "scheduler": scheduler_config(model)},
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(stage / WEIGHTS_FILE)},
         "method": {"name": method, "params": {"locations": list(config.locations), "stride": list(config.stride)}},
         "schedule": {"buckets": buckets},
-        "base": {"graph": BASE_GRAPH, "sha256": sha256_file(stage / BASE_GRAPH), "flops": base_flops},
+        "base": {"graph": BASE_GRAPH, "sha256": sha256_file(stage / BASE_GRAPH), "flops": base_flops,
+                 "tensorrt_check": base_trt},
         "buckets": [{**dataclasses.asdict(r), "sha256": sha256_file(stage / r.graph), "engines": {},
                      "tome": tome_meta.get(r.index)} for r in results],
         "report": report,
     }
+    if engines:
+        from export.trt_build import build_plan_engines
+
+        steps.set_postfix_str("building TensorRT engines")
+        manifest["engines"] = build_plan_engines(stage, manifest, precision=precision, reuse_from=stage.parent,
+                                                 progress=progress)
+    cfg = manifest["model"]["config"]
+    if (measure and quality_samples > 0 and cfg.get("in_channels") == 3 and cfg.get("num_embeds_ada_norm")
+            and any(b["r"] for b in manifest["buckets"])):
+        steps.set_postfix_str("generating for the quality report")
+        from export.report_quality import measure_quality
+        from runtime.plan import Plan
+
+        manifest["report"]["quality"] = measure_quality(Plan(stage, manifest), samples=quality_samples,
+                                                        steps=quality_steps, grid_png=stage / "samples.png")
+    steps.update()
+    steps.close()
     (stage / "report.md").write_text(render_report(manifest))
     (stage / PLAN_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -216,22 +259,23 @@ def _publish(stage: Path, out: Path) -> None:
     os.replace(stage / PLAN_FILE, out / PLAN_FILE)
     stage.rmdir()
     # graphs of an older plan that this one no longer references
-    current = {PLAN_FILE, "report.md", WEIGHTS_FILE, BASE_GRAPH} | {
-        b["graph"] for b in json.loads((out / PLAN_FILE).read_text())["buckets"]}
+    manifest = json.loads((out / PLAN_FILE).read_text())
+    current = {PLAN_FILE, "report.md", "samples.png", WEIGHTS_FILE, BASE_GRAPH} | {
+        b["graph"] for b in manifest["buckets"]} | {e["file"] for e in manifest.get("engines", {}).values()}
     for name in keep:
-        if name.endswith(".onnx") and name not in current:
+        if name.endswith((".onnx", ".engine")) and name not in current:
             (out / name).unlink()
 
 
 def bucket_table(manifest: dict) -> str:
     """The per-bucket table, as markdown."""
-    rows = ["| bucket | timesteps | ratio | r | tokens kept | FLOPs vs full | fidelity (max abs) | latency ms | speed-up |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| bucket | timesteps | ratio | r | tokens kept | FLOPs vs full | fidelity (max abs) | latency ms | speed-up "
+            "| TensorRT check |", "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for b in manifest["buckets"]:
         rows.append(f"| {b['index']} | {b['t_hi']}..{b['t_lo']} | {b['ratio']:g} | {b['r']} | {b['kept_tokens']} | "
                     f"{b['flops_rel']:.3f} | {fmt(b['fidelity_max_abs'], '.2e')} | {fmt(b['latency_ms'], '.2f')} | "
-                    f"{fmt(b['speedup'], '.2f')}x |")
+                    f"{fmt(b['speedup'], '.2f')}x | {'pass' if not b['tensorrt_check'] else 'FAIL'} |")
     return "\n".join(rows)
 
 
@@ -246,5 +290,28 @@ def render_report(manifest: dict) -> str:
                   f"max abs error {rep['export_fidelity_max_abs']:.2e}",
                   f"- unmerged graph latency on {rep['backend']}: {rep['base_latency_ms']:.2f} ms per forward "
                   "(median of interleaved runs); speed-up = unmerged / bucket latency",
-                  "- bucket fidelity: bucket graph vs the eager twin with the same partition"]
-    return "\n".join(lines + ["", bucket_table(manifest), ""])
+                  "- bucket fidelity: bucket graph vs the eager twin with the same partition",
+                  f"- TensorRT check: static check for TensorRT >= {TENSORRT_MIN_VERSION} (ops, TopK K, scatter "
+                  "reductions, data-dependent and dynamic shapes); failures are listed in plan.json"]
+    lines += ["", bucket_table(manifest), ""]
+    if "quality" in rep:
+        lines += ["## Quality and end-to-end speed: merged plan vs unmerged plan", "", quality_table(rep["quality"]), "",
+                  "![unmerged (top) vs merged (bottom), same seeds](samples.png)", ""]
+    return "\n".join(lines)
+
+
+def quality_table(q: dict) -> str:
+    """Quality and end-to-end latency of the merged plan against the unmerged plan, as markdown."""
+    rows = [f"{q['samples']} seeded generations, {q['steps']} DDIM steps, guidance {q['guidance']:g}; "
+            "PSNR/SSIM of merged vs unmerged images (same noise)", "",
+            "| measure | unmerged | merged |", "|---|---|---|",
+            f"| PSNR dB (mean / worst) | - | {q['psnr_db']['mean']:.2f} / {q['psnr_db']['worst']:.2f} |",
+            f"| SSIM (mean / worst) | - | {q['ssim']['mean']:.4f} / {q['ssim']['worst']:.4f} |"]
+    if "fid_merged" in q:
+        rows += [f"| classifier-FID vs {q['fid_real_samples']} held-out real crops | {q['fid_unmerged']:.2f} | "
+                 f"{q['fid_merged']:.2f} |",
+                 f"| class accuracy of samples | {q['class_accuracy_unmerged']:.3f} | {q['class_accuracy_merged']:.3f} |"]
+    lat = q["e2e_latency_s"]
+    rows.append(f"| end-to-end latency, 1 image (median) | {lat['unmerged']:.3f} s | {lat['merged']:.3f} s "
+                f"({q['e2e_speedup']:.2f}x) |")
+    return "\n".join(rows)

@@ -15,7 +15,10 @@ from passes.errors import DitmergeError
 logger = logging.getLogger(__name__)
 
 BUILTIN_TINY = "builtin:tiny-dit"
-DEFAULT_MODEL = BUILTIN_TINY
+BUNDLED = "bundled:tiny-dit"
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+# the trained bundled model (python -m export.train) when its weights are present, else random weights
+DEFAULT_MODEL = BUNDLED if (BUNDLED_DIR / "tiny-dit" / "config.json").is_file() else BUILTIN_TINY
 
 
 def builtin_tiny_dit() -> torch.nn.Module:
@@ -45,8 +48,12 @@ def load_transformer(source: str, dtype: torch.dtype = torch.float32) -> torch.n
 
     if source == BUILTIN_TINY:
         return builtin_tiny_dit()
-    if source.startswith("builtin:"):
-        raise DitmergeError(f"unknown built-in model {source!r}; available: {BUILTIN_TINY}")
+    if source == BUNDLED:
+        if not (BUNDLED_DIR / "tiny-dit" / "config.json").is_file():
+            raise DitmergeError(f"the bundled model is missing from {BUNDLED_DIR}; train it with `python -m export.train`")
+        source = str(BUNDLED_DIR / "tiny-dit")
+    elif source.startswith(("builtin:", "bundled:")):
+        raise DitmergeError(f"unknown built-in model {source!r}; available: {BUNDLED}, {BUILTIN_TINY}")
     path = Path(source)
     if path.exists():
         if not path.is_dir():
@@ -74,3 +81,15 @@ def load_transformer(source: str, dtype: torch.dtype = torch.float32) -> torch.n
     except (OSError, ValueError) as e:
         raise DitmergeError(f"could not load {source!r}: {str(e).splitlines()[0]}") from e
     return model.eval()
+
+
+def scheduler_config(source: str) -> dict | None:
+    """The training scheduler's config beside the model (``scheduler/`` of a pipeline folder), if any."""
+    if source == BUNDLED:
+        folder = BUNDLED_DIR
+    elif Path(source).is_dir():
+        folder = Path(source) if (Path(source) / "scheduler").is_dir() else Path(source).parent
+    else:
+        return None
+    cfg = folder / "scheduler" / "scheduler_config.json"
+    return json.loads(cfg.read_text()) if cfg.is_file() else None

@@ -29,12 +29,15 @@ def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
 
 
 class FreeTokenAxisPass(GraphPass):
-    """Rewrite reshapes ``[-1, N, *rest]`` of a ``[batch, N, ...]`` tensor to ``Shape(x)[0:2] + rest``.
+    """Make every shape on the token axis follow the data, so merged graphs stay correct.
 
-    With a dynamic batch the exporter puts -1 on the batch axis and bakes the token count N into the
-    shape; once tokens are merged such a reshape silently folds tokens into the batch. These reshapes
-    keep the batch and token axes, so the new shape reads both from the input (a literal 0 next to -1
-    defeats ONNX shape inference). Exact on the unmerged graph; TensorRT takes it as a shape tensor.
+    With a dynamic batch the exporter writes reshapes as ``[-1, S, *rest]``: -1 on the batch axis and
+    the sequence length S baked in. Once tokens are merged such a reshape silently folds tokens into
+    the batch. Reshapes that keep the batch and sequence axes become ``Concat(Shape(x)[0:2], rest)``
+    (a literal 0 next to -1 defeats ONNX shape inference). MMDiT joint attention also splits the
+    ``[image; text]`` sequence with slices at the image count N: ``[0:N]`` becomes ``[0:-L]`` and
+    ``[N:]`` becomes ``[-L:]``, with L the (fixed) text length. Exact on the unmerged graph; TensorRT
+    takes the shapes as shape tensors.
     """
 
     name = "free-token-axis"
@@ -46,31 +49,67 @@ class FreeTokenAxisPass(GraphPass):
         shapes = tensor_shapes(infer_shapes(model))
         model = onnx.ModelProto.FromString(model.SerializeToString())
         nodes: list[onnx.NodeProto] = []
-        count = 0
+        reshapes = slices = 0
         for node in model.graph.node:
-            shape = constant_value(model, node.input[1]) if node.op_type == "Reshape" else None
-            dims = shapes.get(node.input[0], (0, []))[1] if shape is not None else []
-            if (shape is not None and shape.ndim == 1 and len(shape) >= 2 and len(dims) >= 2 and shape[0] == -1
-                    and shape[1] == self.num_tokens and isinstance(dims[0], str) and dims[1] == self.num_tokens):
-                # shape = Concat(Shape(x)[0:2], rest): batch and token axes come from the input
-                base = f"{node.name}_free"
-                rest = numpy_helper.from_array(shape[2:].astype(np.int64), base + "_rest")
-                model.graph.initializer.append(rest)
-                nodes.append(onnx.helper.make_node("Shape", [node.input[0]], [base + "_batch"], name=base + "_shape",
-                                                   start=0, end=2))
-                nodes.append(onnx.helper.make_node("Concat", [base + "_batch", rest.name], [base + "_dims"],
-                                                   name=base + "_concat", axis=0))
-                for p in node.metadata_props:
-                    for extra in nodes[-2:]:
-                        extra.metadata_props.add(key=p.key, value=p.value)
-                node.input[1] = base + "_dims"
-                count += 1
+            dims = shapes.get(node.input[0], (0, []))[1] if node.input else []
+            if node.op_type == "Reshape" and self._frees_reshape(model, node, dims):
+                nodes.extend(self._shape_from_input(model, node))
+                reshapes += 1
+            elif node.op_type == "Slice" and self._frees_split(model, node, dims):
+                slices += 1
             nodes.append(node)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        if count:
-            logger.info("free-token-axis: %d reshapes no longer bake %d tokens", count, self.num_tokens)
-        return PassResult(model, count > 0)
+        if reshapes or slices:
+            logger.info("free-token-axis: %d reshapes and %d joint-sequence slices follow the token count",
+                        reshapes, slices)
+        return PassResult(model, bool(reshapes or slices))
+
+    @staticmethod
+    def _frees_reshape(model: onnx.ModelProto, node: onnx.NodeProto, dims: list) -> bool:
+        shape = constant_value(model, node.input[1])
+        return (shape is not None and shape.ndim == 1 and len(shape) >= 2 and len(dims) >= 2 and shape[0] == -1
+                and isinstance(dims[0], str) and isinstance(dims[1], int) and shape[1] == dims[1])
+
+    @staticmethod
+    def _shape_from_input(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        shape = constant_value(model, node.input[1])
+        base = f"{node.name}_free"
+        rest = numpy_helper.from_array(shape[2:].astype(np.int64), base + "_rest")
+        model.graph.initializer.append(rest)
+        extra = [onnx.helper.make_node("Shape", [node.input[0]], [base + "_batch"], name=base + "_shape", start=0, end=2),
+                 onnx.helper.make_node("Concat", [base + "_batch", rest.name], [base + "_dims"], name=base + "_concat",
+                                       axis=0)]
+        for p in node.metadata_props:
+            for e in extra:
+                e.metadata_props.add(key=p.key, value=p.value)
+        node.input[1] = base + "_dims"
+        return extra
+
+    def _frees_split(self, model: onnx.ModelProto, node: onnx.NodeProto, dims: list) -> bool:
+        """Rewrite an image/text split of a joint ``[B, N + L, C]`` sequence to count from the end."""
+        n = self.num_tokens
+        if len(node.input) < 4 or len(dims) != 3 or not isinstance(dims[1], int) or dims[1] <= n:
+            return False
+        start, end, axes = (constant_value(model, node.input[i]) for i in (1, 2, 3))
+        steps = constant_value(model, node.input[4]) if len(node.input) > 4 and node.input[4] else None
+        if any(v is None or v.size != 1 for v in (start, end, axes)) or (steps is not None and int(steps[0]) != 1):
+            return False
+        if int(axes[0]) not in (1, -2):
+            return False
+        text = dims[1] - n
+        s, e = int(start[0]), int(end[0])
+        if (s, e) == (0, n):
+            new = (0, -text)
+        elif s == n and e >= dims[1]:
+            new = (-text, np.iinfo(np.int64).max)
+        else:
+            return False
+        for i, v in zip((1, 2), new):
+            init = numpy_helper.from_array(np.array([v], dtype=np.int64), f"{node.name}_free_{i}")
+            model.graph.initializer.append(init)
+            node.input[i] = init.name
+        return True
 
 
 class RemoveNoopSqueezePass(GraphPass):

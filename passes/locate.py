@@ -140,8 +140,12 @@ def find_sites(model: onnx.ModelProto, num_tokens: int) -> list[Site]:
         baked = _baked_token_count(model, nodes, num_tokens)
         img_in = [t for t in ins if image_like(t)]
         img_out = [t for t in outs if image_like(t)]
+        rotary = [t for t in ins if shapes.get(t, (0, []))[0] in FLOAT_TYPES and len(shapes[t][1]) == 2
+                  and isinstance(shapes[t][1][0], int) and shapes[t][1][0] > num_tokens]
         if site.kind == "single":
             site.fail("text and image tokens share one sequence in this block")
+        elif site.kind == "joint" and rotary:
+            site.fail(f"rotary position embeddings ({rotary[0]}) span the joint sequence; merging them is not supported yet")
         elif baked:
             site.fail(f"the token count {num_tokens} is baked into {baked}")
         elif len(img_in) != 1:

@@ -69,6 +69,7 @@ class Plan:
         plan = cls(directory, manifest)
         files = {b.graph: b.sha256 for b in plan.buckets}
         files[manifest["weights"]["file"]] = manifest["weights"]["sha256"]
+        files.update({e["file"]: e["sha256"] for e in manifest.get("engines", {}).values()})
         for name, digest in files.items():
             f = directory / name
             if not f.is_file():
@@ -77,6 +78,10 @@ class Plan:
                 raise DitmergeError(f"{f} does not match the hash in {PLAN_FILE} (tampered or half-written); "
                                     "rebuild the plan")
         return plan
+
+    def engines(self, graph: str) -> dict:
+        """The TensorRT engine record of ``graph``."""
+        return self.manifest.get("engines", {})[graph]
 
     def bucket_for(self, t: float) -> Bucket:
         for b in self.buckets:

@@ -75,7 +75,8 @@ class PlanTransformer(torch.nn.Module):
 
         self.plan = plan
         self.backend = backend
-        self.providers = ort_providers(backend)
+        self.use_trt = _use_tensorrt(plan, backend)
+        self.providers = ort_providers("auto" if backend in ("trt", "auto") else backend)
         self.seed, self.deterministic = seed, deterministic
         self.config = FrozenDict(plan.model["config"])
         self.family = plan.model["family"]
@@ -84,7 +85,8 @@ class PlanTransformer(torch.nn.Module):
         self.timestep_scale = float(plan.model.get("timestep_scale", 1.0))
         self.threads = threads
         self._weights = SharedWeights(plan.dir / plan.manifest["weights"]["file"])
-        self._runners: dict[str, OrtRunner] = {}
+        self._runners: dict[str, object] = {}
+        self._inputs: dict[str, dict[str, tuple[np.dtype, list]]] = {}
         self._runner_lock = threading.Lock()
         self._gen = _Generation()
 
@@ -96,10 +98,17 @@ class PlanTransformer(torch.nn.Module):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def runner(self, graph: str) -> OrtRunner:
+    def runner(self, graph: str):
         with self._runner_lock:
             if graph not in self._runners:
-                self._runners[graph] = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads)
+                if self.use_trt:
+                    from runtime.trt_runner import TrtRunner
+
+                    info = self.plan.engines(graph)
+                    self._runners[graph] = TrtRunner(self.plan.dir / info["file"], self.plan.dir / graph, info["strip"])
+                else:
+                    self._runners[graph] = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads)
+                self._inputs[graph] = graph_inputs(self.plan.dir / graph)
             return self._runners[graph]
 
     def reset(self, seed: int | None = None) -> None:
@@ -131,37 +140,40 @@ class PlanTransformer(torch.nn.Module):
         self._gen.steps += 1
 
         runner = self.runner(bucket.graph)
-        runner.activate()
-        feed = self._feed(runner, _family_feed(self.family, hidden_states, timestep, kwargs))
-        if PARTITION_INPUT in runner.input_meta:
+        inputs = self._inputs[bucket.graph]
+        feed = self._feed(inputs, _family_feed(self.family, hidden_states, timestep, kwargs))
+        if PARTITION_INPUT in inputs:
             feed[PARTITION_INPUT], feed[PARTITION_INV_INPUT] = self._partition()
-        out = runner.infer(feed)["sample"]
-        sample = torch.from_numpy(out).to(hidden_states.device if isinstance(hidden_states, torch.Tensor) else "cpu")
+        device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
+        if self.use_trt:
+            sample = runner.infer_torch(feed)["sample"].to(device)
+        else:
+            sample = torch.from_numpy(runner.infer(feed)["sample"]).to(device)
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
-    def _feed(self, runner: OrtRunner, values: dict[str, object]) -> dict[str, np.ndarray]:
+    @staticmethod
+    def _feed(inputs: dict[str, tuple[np.dtype, list]], values: dict[str, object]) -> dict[str, np.ndarray]:
         """Check names, ranks, static dims, batch and dtypes against the graph; cast where lossless."""
         feed: dict[str, np.ndarray] = {}
         batch = None
-        for name, meta in runner.input_meta.items():
+        for name, (want, shape) in inputs.items():
             if name in (PARTITION_INPUT, PARTITION_INV_INPUT):
                 continue
             value = values.get(name)
             if value is None:
-                raise DitmergeError(f"the plan's graph needs input {name!r} {meta.shape}, which the call did not give")
+                raise DitmergeError(f"the plan's graph needs input {name!r} {shape}, which the call did not give")
             arr = _np(value)
-            want = np.dtype(_ORT_TYPES.get(meta.type, "float32"))
             if name == "timestep" and arr.ndim == 0:
                 arr = arr.reshape(1)
             if arr.dtype != want:
                 if arr.dtype.kind not in "biuf" or (want.kind in "iu" and arr.dtype.kind == "f" and not np.all(arr == np.round(arr))):
                     raise DitmergeError(f"input {name!r} has dtype {arr.dtype}; the graph takes {want}")
                 arr = arr.astype(want)
-            if arr.ndim != len(meta.shape):
-                raise DitmergeError(f"input {name!r} has shape {list(arr.shape)}; the graph takes {meta.shape}")
-            for axis, (got, exp) in enumerate(zip(arr.shape, meta.shape)):
+            if arr.ndim != len(shape):
+                raise DitmergeError(f"input {name!r} has shape {list(arr.shape)}; the graph takes {shape}")
+            for axis, (got, exp) in enumerate(zip(arr.shape, shape)):
                 if isinstance(exp, int) and got != exp:
-                    raise DitmergeError(f"input {name!r} has shape {list(arr.shape)}; the graph takes {meta.shape} "
+                    raise DitmergeError(f"input {name!r} has shape {list(arr.shape)}; the graph takes {shape} "
                                         f"(axis {axis} must be {exp})")
                 if axis == 0 and isinstance(exp, str):
                     if name == "timestep" and batch is not None and got == 1 and batch != 1:
@@ -175,8 +187,50 @@ class PlanTransformer(torch.nn.Module):
         return feed
 
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+def graph_inputs(path: Path) -> dict[str, tuple[np.dtype, list]]:
+    """Name -> (numpy dtype, dims with str for dynamic axes) of a graph's inputs, read from the file."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    model = onnx.load(path, load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        out[vi.name] = (np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)), dims)
+    return out
+
+
+def _use_tensorrt(plan: Plan, backend: str) -> bool:
+    """TensorRT for "trt" (or "auto" when the plan has engines and TensorRT runs here); refuse stale engines."""
+    if backend not in ("trt", "auto"):
+        return False
+    has_engines = all(b.graph in plan.manifest.get("engines", {}) for b in plan.buckets)
+    if backend == "auto" and not has_engines:
+        return False
+    from export.trt_build import gpu_name, tensorrt_status
+
+    ok, why = tensorrt_status()
+    if not ok:
+        if backend == "auto":
+            return False
+        raise DitmergeError(f"backend 'trt' needs TensorRT on a GPU: {why}")
+    if not has_engines:
+        raise DitmergeError(f"plan {plan.dir} has no TensorRT engines; build them with `python -m export --backend trt`")
+    import tensorrt as trt
+
+    for graph, info in plan.manifest["engines"].items():
+        if info["tensorrt"] != trt.__version__ or info["gpu"] != gpu_name():
+            if backend == "auto":
+                logger.warning("TensorRT engines of %s were built for %s / %s; using onnxruntime", plan.dir,
+                               info["tensorrt"], info["gpu"])
+                return False
+            raise DitmergeError(f"engine {info['file']} was built with TensorRT {info['tensorrt']} on {info['gpu']}, "
+                                f"this is TensorRT {trt.__version__} on {gpu_name()}: rebuild with --backend trt")
+    return True
 
 
 def load(plan_dir: str | Path, backend: str = "auto", seed: int = 0, deterministic: bool = False,

@@ -20,8 +20,8 @@ from tests.helpers import EXPORT_ATOL, FAMILIES, METHOD_ATOL
 
 CASES = [(family, grid) for family, (_, grids) in FAMILIES.items() for grid in grids]
 # where each family is merged: DiT/PixArt self-attention (+ PixArt cross-attention queries) and MLP;
-# SD3/Flux the image-stream MLP and, where the graph allows it, the joint attention
-EXPECTED_KINDS = {"dit": {"attn1", "ff"}, "pixart": {"attn1", "attn2", "ff"}, "sd3": {"ff"}, "flux": {"ff"}}
+# SD3 the joint attention (image stream) and MLP; Flux the image-stream MLP (rotary joint attention: not yet)
+EXPECTED_KINDS = {"dit": {"attn1", "ff"}, "pixart": {"attn1", "attn2", "ff"}, "sd3": {"attn", "ff"}, "flux": {"ff"}}
 
 
 def _runner(d, graph):

@@ -100,3 +100,32 @@ def test_dst_partition_inputs_are_int64_vectors(exported):
     part = next(i for i in merged.graph.input if i.name == PARTITION_INPUT)
     assert part.type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert [d.dim_value for d in part.type.tensor_type.shape.dim] == [int(np.prod(GRID))]
+
+
+def test_sites_that_cannot_merge_say_why(exported):
+    from passes.locate import find_sites
+    from passes.onnxutil import infer_shapes
+
+    _, sd3, _ = exported("sd3", GRID)
+    assert all(s.ok for s in find_sites(infer_shapes(sd3), 16) if s.kind == "joint")
+    _, flux, _ = exported("flux", GRID)
+    sites = {s.path: s for s in find_sites(infer_shapes(flux), 16)}
+    assert "rotary position embeddings" in sites["transformer_blocks.0.attn"].reason
+    assert "share one sequence" in sites["single_transformer_blocks.0.attn"].reason
+    assert sites["transformer_blocks.0.ff"].ok
+
+
+def test_a_baked_token_count_is_refused_not_merged(exported):
+    """Without the token-axis cleanup, the attention reshapes hold N: the pass must skip, not break, them."""
+    from passes.locate import find_sites
+    from passes.onnxutil import infer_shapes
+
+    _, _, d = exported("dit", GRID)
+    raw = onnx.load(d / "raw.onnx", load_external_data=False) if (d / "raw.onnx").exists() else None
+    if raw is None:
+        from export.onnx_export import export_onnx
+        from tests.helpers import tiny_dit
+
+        raw = export_onnx(tiny_dit(sample_size=8), d / "raw.onnx", GRID)
+    attn = [s for s in find_sites(infer_shapes(raw), 16) if s.kind == "attn"]
+    assert attn and all("baked" in s.reason for s in attn)

@@ -1,0 +1,93 @@
+"""Quality and end-to-end speed of a merged plan against the unmerged plan (DESIGN.md §6).
+
+Seeded generations run through both plans with the same noise: PSNR/SSIM per image, and for the
+bundled model the classifier's accuracy by conditioning class and the classifier-FID against held-out
+real crops. End-to-end latency is measured interleaved, medians, in one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from export.measure import interleaved_latency
+from export.quality import frechet_distance, psnr, ssim, summarize
+from runtime.generate import sample_classes
+from runtime.plan import Plan
+from runtime.transformer import PlanTransformer
+
+logger = logging.getLogger(__name__)
+
+
+def unmerged_view(plan: Plan) -> Plan:
+    """The same plan with every bucket on the unmerged graph: the reference for quality and speed."""
+    manifest = copy.deepcopy(plan.manifest)
+    for b in manifest["buckets"]:
+        b["graph"], b["sha256"] = manifest["base"]["graph"], manifest["base"]["sha256"]
+    return Plan(plan.dir, manifest)
+
+
+def measure_quality(plan: Plan, samples: int = 50, steps: int = 50, guidance: float = 4.0, latency_repeats: int = 3,
+                    grid_png: Path | None = None, progress: bool = False) -> dict:
+    """Generate ``samples`` images (classes round-robin) through the unmerged and the merged plan."""
+    merged_tf = PlanTransformer(plan, backend="cpu")
+    ref_tf = PlanTransformer(unmerged_view(plan), backend="cpu")
+    num_classes = merged_tf.config.num_embeds_ada_norm
+    labels = np.arange(samples) % num_classes
+    sched = plan.model.get("scheduler")
+    gen = lambda tf: sample_classes(tf, labels, steps=steps, guidance=guidance, seed=0,  # noqa: E731
+                                    scheduler_config=sched, progress=progress)
+    ref, merged = gen(ref_tf), gen(merged_tf)
+    p, s = psnr(merged, ref), ssim(merged, ref)
+    report = {"samples": samples, "steps": steps, "guidance": guidance, "psnr_db": summarize(p, "min"),
+              "ssim": summarize(s, "min")}
+
+    classifier = _bundled_classifier(plan)
+    if classifier is not None:
+        from export.classifier import predict
+        from export.photos import heldout
+
+        real_x, _ = heldout()
+        _, real_f = predict(classifier, real_x)
+        for name, imgs in (("unmerged", ref), ("merged", merged)):
+            pred, feats = predict(classifier, imgs)
+            report[f"class_accuracy_{name}"] = float((pred == labels).mean())
+            report[f"fid_{name}"] = frechet_distance(feats, real_f)
+        report["fid_real_samples"] = len(real_x)
+
+    one = np.array([0])
+    lat = interleaved_latency({
+        "unmerged": lambda: sample_classes(ref_tf, one, steps=steps, guidance=guidance, scheduler_config=sched,
+                                           progress=False),
+        "merged": lambda: sample_classes(merged_tf, one, steps=steps, guidance=guidance, scheduler_config=sched,
+                                         progress=False)}, repeats=latency_repeats, warmup=1)
+    report["e2e_latency_s"] = {"unmerged": lat["unmerged"], "merged": lat["merged"]}
+    report["e2e_speedup"] = lat["unmerged"] / lat["merged"]
+    if grid_png is not None:
+        write_grid(grid_png, ref[:num_classes], merged[:num_classes])
+    return report
+
+
+def _bundled_classifier(plan: Plan):
+    from export.classifier import CLASSIFIER_FILE, load_classifier
+    from export.photos import CLASSES
+
+    cfg = plan.model["config"]
+    if (cfg.get("in_channels") != 3 or cfg.get("num_embeds_ada_norm") != len(CLASSES)
+            or not plan.model["source"].startswith("bundled:") or not CLASSIFIER_FILE.is_file()):
+        return None
+    return load_classifier()
+
+
+def write_grid(path: Path, top: np.ndarray, bottom: np.ndarray, scale: int = 4) -> None:
+    """Two rows of images (unmerged above, merged below), upscaled by ``scale``, as a PNG."""
+    from PIL import Image
+
+    from export.photos import to_uint8
+
+    rows = [np.concatenate(list(to_uint8(r)), axis=1) for r in (top, bottom)]
+    img = np.concatenate(rows, axis=0).repeat(scale, 0).repeat(scale, 1)
+    Image.fromarray(img).save(path)

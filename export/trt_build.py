@@ -1,0 +1,165 @@
+"""TensorRT engines, one per bucket graph, built with the TensorRT Python API.
+
+Engines are cached by a key of (graph hash, precision, TensorRT version, GPU name): a rebuild happens
+only when one of them changes. One timing cache is shared by every bucket of a plan, so later buckets
+reuse the tactic timings of the first. Engines are written atomically (temp + rename).
+
+Weight sharing: engines are built weight-stripped by default (``strip=True``): the engine file holds
+kernels, not weights, and the runtime refits it from the plan's one weights file when it loads it. On
+the GPU each loaded engine still owns its refitted weights (TensorRT has no cross-engine weight
+sharing for different networks; one engine with several optimization profiles needs one network, and
+our buckets are different networks), so the runtime keeps at most ``max_resident`` engines loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from passes.errors import DitmergeError
+from passes.trt_check import TENSORRT_MIN_VERSION, assert_tensorrt_ready
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+TIMING_CACHE = "timing.cache"
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")[:2] if x.isdigit())
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(usable, why not): tensorrt importable, recent enough, and a CUDA GPU visible."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return False, "the tensorrt package is not installed (pip install 'ditmerge[trt]')"
+    if _version_tuple(trt.__version__) < _version_tuple(TENSORRT_MIN_VERSION):
+        return False, f"tensorrt {trt.__version__} is older than the supported {TENSORRT_MIN_VERSION}"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is visible to torch"
+    except ImportError:
+        return False, "torch is not installed"
+    return True, ""
+
+
+def require_tensorrt() -> None:
+    ok, why = tensorrt_status()
+    if not ok:
+        raise DitmergeError(f"--backend trt needs TensorRT on a GPU: {why}; use --backend auto to fall back to onnxruntime")
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu"
+
+
+def engine_key(graph_sha256: str, precision: str, trt_version: str, gpu: str, strip: bool = True) -> str:
+    """The cache key of an engine: any change of graph, precision, TensorRT or GPU means a rebuild."""
+    if precision not in PRECISIONS:
+        raise DitmergeError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    blob = json.dumps({"graph": graph_sha256, "precision": precision, "tensorrt": trt_version, "gpu": gpu,
+                       "strip": strip}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", timing_cache: Path | None = None,
+                 batch: tuple[int, int, int] = (1, 2, 8), strip: bool = True, workspace_gb: float = 8.0) -> None:
+    """Parse ``onnx_path`` (path-based: external weights resolve beside it) and write a serialized engine.
+
+    Args:
+        onnx_path: the bucket graph.
+        engine_path: where the engine goes (written atomically).
+        precision: fp32, fp16 or bf16.
+        timing_cache: a timing cache file shared by the plan's builds (read, then updated).
+        batch: (min, opt, max) batch of the optimization profile; all other dims are static.
+        strip: build a weight-stripped, refittable engine.
+        workspace_gb: builder workspace limit.
+    """
+    import onnx
+    import tensorrt as trt
+
+    assert_tensorrt_ready(onnx.load(onnx_path, load_external_data=False), str(onnx_path.name))
+    log = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(log)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, log)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise DitmergeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    if strip:
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        shape = list(t.shape)
+        if shape and shape[0] == -1:
+            lo, opt, hi = ([b] + shape[1:] for b in batch)
+            profile.set_shape(t.name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise DitmergeError(f"TensorRT failed to build an engine for {onnx_path.name} (see the TensorRT log above)")
+    _write_atomic(engine_path, bytes(serialized))
+    if timing_cache:
+        _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def build_plan_engines(plan_dir: Path, manifest: dict, precision: str = "fp16", strip: bool = True,
+                       batch: tuple[int, int, int] = (1, 2, 8), reuse_from: Path | None = None,
+                       progress: bool = True) -> dict:
+    """Build (or reuse from cache) one engine per distinct graph of a plan; returns the engines table.
+
+    ``reuse_from`` is the previous plan directory: engines whose key matches and its timing cache are
+    copied over instead of rebuilt.
+    """
+    import shutil
+
+    import tensorrt as trt
+    from tqdm.auto import tqdm
+
+    require_tensorrt()
+    gpu = gpu_name()
+    if reuse_from and (reuse_from / TIMING_CACHE).exists() and not (plan_dir / TIMING_CACHE).exists():
+        shutil.copy2(reuse_from / TIMING_CACHE, plan_dir / TIMING_CACHE)
+    graphs = {b["graph"]: b["sha256"] for b in manifest["buckets"]}
+    engines = {}
+    for graph, digest in tqdm(graphs.items(), desc="TensorRT engines", disable=not progress, leave=False):
+        key = engine_key(digest, precision, trt.__version__, gpu, strip)
+        name = f"{Path(graph).stem}.{precision}.{key}.engine"
+        path = plan_dir / name
+        if not path.exists() and reuse_from and (reuse_from / name).exists():
+            shutil.copy2(reuse_from / name, path)
+        if path.exists():
+            logger.info("engine %s is cached (key %s)", name, key)
+        else:
+            logger.info("building %s (%s) ...", name, precision)
+            build_engine(plan_dir / graph, path, precision, plan_dir / TIMING_CACHE, batch, strip)
+        from runtime.plan import sha256_file
+
+        engines[graph] = {"file": name, "sha256": sha256_file(path), "key": key, "precision": precision,
+                          "tensorrt": trt.__version__, "gpu": gpu, "strip": strip, "batch": list(batch)}
+    return engines

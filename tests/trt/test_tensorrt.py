@@ -1,0 +1,95 @@
+"""TensorRT: the cache key, the fallback and the errors on CPU; real engine builds where a GPU exists."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from export.trt_build import engine_key, tensorrt_status
+from passes.errors import DitmergeError
+
+TRT_OK, TRT_WHY = tensorrt_status()
+gpu = pytest.mark.skipif(not TRT_OK, reason=f"TensorRT tests need TensorRT >= 10.15 and a CUDA GPU: {TRT_WHY}")
+
+
+def test_engine_key_changes_with_each_of_its_parts():
+    base = engine_key("a" * 64, "fp16", "10.15.1", "NVIDIA H100")
+    assert engine_key("a" * 64, "fp16", "10.15.1", "NVIDIA H100") == base
+    others = [engine_key("b" * 64, "fp16", "10.15.1", "NVIDIA H100"), engine_key("a" * 64, "fp32", "10.15.1", "NVIDIA H100"),
+              engine_key("a" * 64, "fp16", "10.16.0", "NVIDIA H100"), engine_key("a" * 64, "fp16", "10.15.1", "NVIDIA H200"),
+              engine_key("a" * 64, "fp16", "10.15.1", "NVIDIA H100", strip=False)]
+    assert len({base, *others}) == 6
+    with pytest.raises(DitmergeError, match="unknown precision"):
+        engine_key("a", "int3", "10", "x")
+
+
+@pytest.mark.skipif(TRT_OK, reason="checks the behaviour without TensorRT")
+def test_trt_backend_without_tensorrt_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "export", "--backend", "trt", "--out", str(tmp_path / "p")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--backend trt needs TensorRT on a GPU" in proc.stderr and "--backend auto" in proc.stderr
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.skipif(TRT_OK, reason="checks the behaviour without TensorRT")
+def test_auto_backend_falls_back_to_onnxruntime(tmp_path):
+    import runtime
+    from export.build import build_plan
+
+    manifest = build_plan(buckets="0.5", out=tmp_path / "p", backend="auto", measure=False, progress=False)
+    assert "engines" not in manifest
+    tf = runtime.load(tmp_path / "p", backend="auto")
+    assert not tf.use_trt
+    with pytest.raises(DitmergeError, match="backend 'trt' needs TensorRT on a GPU"):
+        runtime.load(tmp_path / "p", backend="trt")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engines_match_onnxruntime_and_eager(tmp_path, precision):
+    """fp32 engines within 1e-3 of onnxruntime; fp16 engines by PSNR of a full generation."""
+    import torch
+
+    import runtime
+    from export.build import build_plan
+    from export.quality import psnr
+    from runtime.generate import sample_classes
+
+    build_plan(buckets="999-500:0.5,499-0:0", out=tmp_path / "p", backend="trt", precision=precision,
+               measure=False, progress=False)
+    trt_tf = runtime.load(tmp_path / "p", backend="trt", deterministic=True)
+    ort_tf = runtime.load(tmp_path / "p", backend="cpu", deterministic=True)
+    assert trt_tf.use_trt
+    x = torch.randn(2, 4, 32, 32)
+    kw = dict(timestep=torch.tensor([900, 900]), class_labels=torch.tensor([1, 10]))
+    a, b = trt_tf(x, **kw).sample.float().cpu().numpy(), ort_tf(x, **kw).sample.numpy()
+    if precision == "fp32":
+        assert float(np.abs(a - b).max()) <= 1e-3
+    else:
+        imgs = [sample_classes(tf, [1, 2], steps=20, seed=0, progress=False) for tf in (trt_tf, ort_tf)]
+        assert psnr(imgs[0], imgs[1]).min() >= 30
+
+
+@gpu
+@pytest.mark.gpu
+def test_engines_are_cached_by_key_and_weight_stripped(tmp_path):
+    from export.build import build_plan
+
+    m1 = build_plan(buckets="0.5", out=tmp_path / "p", backend="trt", measure=False, progress=False)
+    engine = tmp_path / "p" / next(iter(m1["engines"].values()))["file"]
+    mtime = engine.stat().st_mtime_ns
+    m2 = build_plan(buckets="0.5", out=tmp_path / "p", backend="trt", measure=False, progress=False)
+    assert m2["engines"] == m1["engines"] and engine.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    from export.trt_build import build_engine
+
+    graph = tmp_path / "p" / next(iter(m1["engines"]))
+    build_engine(graph, tmp_path / "full.engine", "fp16", strip=False)
+    assert engine.stat().st_size < (tmp_path / "full.engine").stat().st_size  # stripped: no weights inside
+    assert json.loads((tmp_path / "p" / "plan.json").read_text())["engines"]
