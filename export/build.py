@@ -26,7 +26,7 @@ from passes.errors import DitmergeError
 from passes.flops import count_flops
 from passes.infra import PassManager
 from passes.onnxutil import get_model_meta, save_checked
-from passes.partition import draw_partition
+from passes.partition import draw_partition, plan_bands
 from passes.trt_check import TENSORRT_MIN_VERSION, check_tensorrt
 from passes.tome import DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
 from runtime.plan import FORMAT_VERSION, PLAN_FILE, sha256_file
@@ -197,7 +197,7 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
             else:
                 res.fidelity_max_abs = report["export_fidelity_max_abs"]
         feed = feed_of(inputs)
-        part, inv = draw_partition(grid, config.stride, None)
+        part, inv = draw_partition(grid, config.stride, None, plan_bands(grid, config.stride, config.max_src_per_band))
         calls = {g: (lambda rn=rn: rn.infer({**feed, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
                                             if PARTITION_INPUT in rn.input_meta else feed))
                  for g, rn in runners.items()}
@@ -219,7 +219,8 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
                   "num_train_timesteps": num_train_timesteps, "config": _json_config(torch_model.config),
                   "scheduler": scheduler_config(model)},
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(stage / WEIGHTS_FILE)},
-        "method": {"name": method, "params": {"locations": list(config.locations), "stride": list(config.stride)}},
+        "method": {"name": method, "params": {"locations": list(config.locations), "stride": list(config.stride),
+                                              "bands": plan_bands(grid, config.stride, config.max_src_per_band)}},
         "schedule": {"buckets": buckets},
         "base": {"graph": BASE_GRAPH, "sha256": sha256_file(stage / BASE_GRAPH), "flops": base_flops,
                  "tensorrt_check": base_trt},

@@ -32,9 +32,10 @@ def export_fidelity(model: torch.nn.Module, runner: OrtRunner, inputs: dict[str,
 def tome_fidelity(model: torch.nn.Module, runner: OrtRunner, inputs: dict[str, torch.Tensor], tome_meta: dict,
                   grid: tuple[int, int], seed: int = 0) -> float:
     """Max abs error of a merged graph against the eager twin with the same partition."""
-    part, inv = draw_partition(grid, tuple(tome_meta["stride"]), np.random.default_rng(seed))
+    bands = tome_meta.get("bands", 1)
+    part, inv = draw_partition(grid, tuple(tome_meta["stride"]), np.random.default_rng(seed), bands)
     out = runner.infer({**feed_of(inputs), PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})["sample"]
-    twin = ToMeTwin(model, tome_meta["sites"], tome_meta["num_src"], tome_meta["r"])
+    twin = ToMeTwin(model, tome_meta["sites"], tome_meta["num_src"], tome_meta["r"], bands)
     twin.set_partition(torch.from_numpy(part), torch.from_numpy(inv))
     with twin.installed():
         ref = eager_forward(model, inputs).numpy()

@@ -2,7 +2,11 @@
 
 The grid is tiled into ``sy x sx`` cells; each full cell holds one dst token, chosen at random per
 step (or its top-left token when ``rng`` is None); all other tokens are src. The graph receives the
-partition ``[src..., dst...]`` and its inverse as int64 inputs, so TensorRT never sees a random op.
+partition and its inverse as int64 inputs, so TensorRT never sees a random op.
+
+With ``bands > 1`` the grid is cut into horizontal bands of equal height, each its own bipartite
+problem (TensorRT's TopK takes at most 3840 elements): the partition is then
+``[band 0 src..., band 0 dst..., band 1 src..., ...]``.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ def num_dst(grid: tuple[int, int], stride: tuple[int, int] = (2, 2)) -> int:
     return (grid[0] // stride[0]) * (grid[1] // stride[1])
 
 
-def draw_partition(grid: tuple[int, int], stride: tuple[int, int] = (2, 2),
-                   rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(partition, inverse)``: int64 ``[N]`` each, src positions first, then dst."""
+def draw_partition(grid: tuple[int, int], stride: tuple[int, int] = (2, 2), rng: np.random.Generator | None = None,
+                   bands: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(partition, inverse)``: int64 ``[N]`` each; per band, src positions first, then dst."""
     h, w = grid
     sy, sx = stride
     hc, wc = h // sy, w // sx
@@ -27,11 +31,29 @@ def draw_partition(grid: tuple[int, int], stride: tuple[int, int] = (2, 2),
         dy = rng.integers(0, sy, size=(hc, wc))
         dx = rng.integers(0, sx, size=(hc, wc))
     cy, cx = np.meshgrid(np.arange(hc), np.arange(wc), indexing="ij")
-    dst = ((cy * sy + dy) * w + (cx * sx + dx)).reshape(-1).astype(np.int64)
+    dst_pos = ((cy * sy + dy) * w + (cx * sx + dx)).reshape(-1).astype(np.int64)
     is_dst = np.zeros(h * w, dtype=bool)
-    is_dst[dst] = True
-    src = np.flatnonzero(~is_dst).astype(np.int64)
-    partition = np.concatenate([src, dst])
+    is_dst[dst_pos] = True
+    band_h = h // bands
+    parts = []
+    for k in range(bands):
+        rows = np.arange(k * band_h * w, (k + 1) * band_h * w)
+        parts.append(rows[~is_dst[rows]])
+        parts.append(dst_pos[(dst_pos // w >= k * band_h) & (dst_pos // w < (k + 1) * band_h)])
+    partition = np.concatenate(parts).astype(np.int64)
     inverse = np.empty_like(partition)
     inverse[partition] = np.arange(h * w, dtype=np.int64)
     return partition, inverse
+
+
+def plan_bands(grid: tuple[int, int], stride: tuple[int, int] = (2, 2), max_src: int = 3840) -> int:
+    """The fewest equal bands (whole cell rows each) whose src count fits ``max_src``; 0 if none does."""
+    h, w = grid
+    sy = stride[0]
+    for bands in range(1, h // sy + 1):
+        if h % bands or (h // bands) % sy:
+            continue
+        band_tokens = (h // bands) * w
+        if band_tokens - num_dst((h // bands, w), stride) <= max_src:
+            return bands
+    return 0

@@ -20,7 +20,7 @@ from passes.graphbuild import Emitter
 from passes.infra import GraphPass, PassResult
 from passes.locate import Site, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, get_model_meta, import_graph, infer_shapes, provenance, set_model_meta
-from passes.partition import num_dst
+from passes.partition import num_dst, plan_bands
 from passes.tome_graph import Geometry, build_match, build_merge, build_unmerge
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,10 @@ TOPK_LIMIT = 3840  # TensorRT's largest TopK K
 
 
 def merged_count(ratio: float, tokens: int, num_src: int) -> int:
-    """tomesd's ratio semantics: r = int(N * ratio) tokens are removed, at most all src tokens."""
+    """tomesd's ratio semantics: r = int(N * ratio) tokens are removed, at most all src tokens.
+
+    With banded matching r is rounded down to a multiple of the band count (each band merges r / K).
+    """
     return min(int(tokens * ratio), num_src)
 
 
@@ -47,6 +50,7 @@ class ToMeConfig:
     ratio: float
     locations: tuple[str, ...] = DEFAULT_LOCATIONS
     stride: tuple[int, int] = (2, 2)
+    max_src_per_band: int = TOPK_LIMIT  # TensorRT's TopK limit; more src tokens match within bands of the grid
 
     def validate(self, grid: tuple[int, int]) -> None:
         if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool):
@@ -92,13 +96,14 @@ class ToMePass(GraphPass):
             raise DitmergeError(f"the graph already carries a ToMe merge ({stamps[0]}); apply passes to the unmerged graph")
         n = grid[0] * grid[1]
         na = n - num_dst(grid, cfg.stride)
-        r = merged_count(cfg.ratio, n, na)
+        bands = plan_bands(grid, cfg.stride, cfg.max_src_per_band)
+        if bands == 0:
+            raise DitmergeError(f"a {grid[0]}x{grid[1]} grid cannot be cut into equal bands of whole "
+                                f"{cfg.stride[0]}-row cells with at most {cfg.max_src_per_band} src tokens each")
+        r = merged_count(cfg.ratio, n, na) // bands * bands
         if r == 0:
             return PassResult(model, False)
-        if na > TOPK_LIMIT:
-            raise DitmergeError(f"{na} src tokens exceed TensorRT's TopK limit of {TOPK_LIMIT}; "
-                                "banded matching for large grids is not implemented yet")
-        geo = Geometry(tokens=n, num_src=na, r=r)
+        geo = Geometry(tokens=n, num_src=na, r=r, bands=bands)
 
         model = FreeTokenAxisPass(n)(model).model
         shaped = infer_shapes(model)
@@ -140,6 +145,7 @@ class ToMePass(GraphPass):
                     nd.inputs = [unmerged if t is y else t for t in nd.inputs]
         out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
         set_model_meta(out, tome={"ratio": cfg.ratio, "r": r, "num_src": na, "tokens": n, "stride": list(cfg.stride),
+                                  "bands": bands,
                                   "locations": list(cfg.locations),
                                   "sites": [s.path for s in chosen]})
         out = infer_shapes(out)

@@ -1,12 +1,13 @@
 """ToMe merge/unmerge as ONNX subgraphs (DESIGN.md §3), with no knowledge of DiTs or node names.
 
-Everything here is what TensorRT parses and builds: TopK with K = number of src tokens (callers keep
-it <= 3840), Gather / GatherElements, MatMul, Equal, no scatter with a reduction, no data-dependent
-shapes. The eager twin of this math is :mod:`passes.tome_math`; keep the two in step.
+Everything here is what TensorRT parses and builds: TopK with K = src tokens per band (<= 3840),
+Gather / GatherElements, MatMul, Equal, no scatter with a reduction, no data-dependent shapes. The
+eager twin of this math is :mod:`passes.tome_math`; keep the two in step.
 
-Inputs of the matching: ``x [B, N, C]``, the partition ``P [N]`` (int64: the ``Na`` src positions,
-then the ``Nb`` dst positions) and its inverse ``Pinv [N]`` (position -> index in ``P``), both graph
-inputs drawn by the runtime each step.
+Inputs of the matching: ``x [B, N, C]``, the partition ``P [N]`` (int64; per band its ``Na`` src
+positions, then its ``Nb`` dst positions) and its inverse ``Pinv [N]`` (position -> index in ``P``),
+both graph inputs drawn by the runtime each step. Every tensor carries a band axis ``K`` (1 for grids
+whose src count fits TensorRT's TopK), and each band merges ``r / K`` of its src tokens.
 """
 
 from __future__ import annotations
@@ -24,11 +25,17 @@ NORM_EPS = 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-    """Static sizes of one merge: N tokens, Na src, Nb dst, r merged away, C channels of the metric."""
+    """Static sizes of one merge: N tokens, Na src (all bands), r merged away (all bands), K bands."""
 
     tokens: int
     num_src: int
     r: int
+    bands: int = 1
+
+    def __post_init__(self) -> None:
+        k = self.bands
+        if self.tokens % k or self.num_src % k or self.r % k:
+            raise ValueError(f"{self} does not split into {k} equal bands")
 
     @property
     def num_dst(self) -> int:
@@ -45,19 +52,23 @@ class MatchState:
 
     geometry: Geometry
     unm_flat: gs.Variable  # [B, Na-r] rows of the batch-flattened input that stay unmerged
-    mrg_flat: gs.Variable  # [B, r] rows that merge into a dst
-    dst_flat: gs.Variable  # [B, Nb] rows of the dst tokens
-    assign: gs.Variable  # [B, Nb, r] float one-hot: merged src j goes to dst i
-    count: gs.Variable  # [B, Nb, 1] float: 1 + number of src merged into each dst
+    mrg_flat: gs.Variable  # [B, K, r/K] rows that merge into a dst
+    dst_flat: gs.Variable  # [B, K, Nb/K] rows of the dst tokens
+    assign: gs.Variable  # [B, K, Nb/K, r/K] float one-hot: merged src j goes to dst i of its band
+    count: gs.Variable  # [B, K, Nb/K, 1] float: 1 + number of src merged into each dst
     map_flat: gs.Variable  # [B, N] row of the batch-flattened merged tensor that each position reads
 
 
 def build_match(em: Emitter, x: gs.Variable, partition: gs.Variable, partition_inv: gs.Variable,
                 geo: Geometry) -> MatchState:
-    """Bipartite soft matching of src onto dst tokens by cosine similarity of ``x``."""
-    n, na, nb, r = geo.tokens, geo.num_src, geo.num_dst, geo.r
-    src_idx = em.op("Slice", [partition, em.ints("zero", [0]), em.ints("na", [na])], hint="src_idx")
-    dst_idx = em.op("Slice", [partition, em.ints("na", [na]), em.ints("n", [n])], hint="dst_idx")
+    """Bipartite soft matching of src onto dst tokens by cosine similarity of ``x``, per band."""
+    k = geo.bands
+    n, na, nb, r = geo.tokens, geo.num_src // k, geo.num_dst // k, geo.r // k  # per band, except n
+    unm_total = k * (na - r)
+    bands = em.op("Reshape", [partition, em.ints("shape", [k, na + nb])])
+    src_idx = em.op("Slice", [bands, em.ints("zero", [0]), em.ints("na", [na]), em.ints("axis", [1])], hint="src_idx")
+    dst_idx = em.op("Slice", [bands, em.ints("na", [na]), em.ints("end", [na + nb]), em.ints("axis", [1])],
+                    hint="dst_idx")
 
     # m = x / max(||x||, eps)
     sq = em.op("Mul", [x, x])
@@ -65,11 +76,11 @@ def build_match(em: Emitter, x: gs.Variable, partition: gs.Variable, partition_i
     norm = em.op("Max", [norm, em.const("eps", np.float32(NORM_EPS))])
     m = em.op("Div", [x, norm], hint="metric")
 
-    # scores[b, i, j] = <m_src_i, m_dst_j>; each src picks its best dst
-    a = em.op("Gather", [m, src_idx], {"axis": 1})
-    b = em.op("Gather", [m, dst_idx], {"axis": 1})
-    scores = em.op("MatMul", [a, em.op("Transpose", [b], {"perm": [0, 2, 1]})], hint="scores")
-    node_max = em.op("ReduceMax", [scores, em.ints("axis", [-1])], {"keepdims": 0})
+    # scores[b, k, i, j] = <m_src_ki, m_dst_kj>; each src picks its best dst in its band
+    a = em.op("Gather", [m, src_idx], {"axis": 1})  # [B, K, Na, C]
+    b = em.op("Gather", [m, dst_idx], {"axis": 1})  # [B, K, Nb, C]
+    scores = em.op("MatMul", [a, em.op("Transpose", [b], {"perm": [0, 1, 3, 2]})], hint="scores")
+    node_max = em.op("ReduceMax", [scores, em.ints("axis", [-1])], {"keepdims": 0})  # [B, K, Na]
     node_idx = em.op("ArgMax", [scores], {"axis": -1, "keepdims": 0})
 
     # order: src sorted by best similarity, descending (ties: lower index first, as torch's stable sort)
@@ -78,46 +89,58 @@ def build_match(em: Emitter, x: gs.Variable, partition: gs.Variable, partition_i
     order_f = em.op("Cast", [order], {"to": onnx.TensorProto.FLOAT})
     _, rank = em.op("TopK", [order_f, em.ints("k", [na])], {"axis": -1, "largest": 0, "sorted": 1}, num_outputs=2)
 
-    unm_order = em.op("Slice", [order, em.ints("r", [r]), em.ints("na", [na]), em.ints("axis", [1])])
-    mrg_order = em.op("Slice", [order, em.ints("zero", [0]), em.ints("r", [r]), em.ints("axis", [1])])
-    mrg_dst = em.op("GatherElements", [node_idx, mrg_order], {"axis": 1})
+    unm_order = em.op("Slice", [order, em.ints("r", [r]), em.ints("na", [na]), em.ints("axis", [2])])
+    mrg_order = em.op("Slice", [order, em.ints("zero", [0]), em.ints("r", [r]), em.ints("axis", [2])])
+    mrg_dst = em.op("GatherElements", [node_idx, mrg_order], {"axis": 2})  # [B, K, r]
 
-    # assign[b, i, j] = (mrg_dst[b, j] == i); count = 1 + sum_j assign  (the dst itself counts once)
-    eq = em.op("Equal", [em.op("Unsqueeze", [mrg_dst, em.ints("axis", [1])]),
+    # assign[b, k, i, j] = (mrg_dst[b, k, j] == i); count = 1 + sum_j assign  (the dst itself counts once)
+    eq = em.op("Equal", [em.op("Unsqueeze", [mrg_dst, em.ints("axis", [2])]),
                          em.ints("dst_range", np.arange(nb).reshape(nb, 1).tolist())])
     assign = em.op("Cast", [eq], {"to": onnx.TensorProto.FLOAT}, hint="assign")
     count = em.op("Add", [em.op("ReduceSum", [assign, em.ints("axis", [-1])], {"keepdims": 1}),
                           em.const("one", np.float32(1.0))], hint="count")
 
-    # per-batch row offsets of the batch-flattened tensors: boff = [[0], [1], ... [B-1]]
+    # token positions of the selected src, then rows of the batch-flattened [B*N, C] input
     batch = em.op("Squeeze", [em.op("Shape", [x], {"start": 0, "end": 1}), em.ints("axis", [0])])
-    boff = em.op("Unsqueeze", [em.op("Range", [em.ints("zero", 0), batch, em.ints("one", 1)]), em.ints("axis", [1])])
-    off_n = em.op("Mul", [boff, em.ints("n", n)])
-    unm_flat = em.op("Add", [em.op("Gather", [src_idx, unm_order], {"axis": 0}), off_n], hint="unm_flat")
-    mrg_flat = em.op("Add", [em.op("Gather", [src_idx, mrg_order], {"axis": 0}), off_n], hint="mrg_flat")
+    boff = em.op("Range", [em.ints("zero", 0), batch, em.ints("one", 1)])  # [B]
+    off_n = em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axes", [1, 2])]), em.ints("n", n)])  # [B, 1, 1]
+    src_b = em.op("Expand", [em.op("Unsqueeze", [src_idx, em.ints("axis", [0])]),
+                             em.op("Concat", [em.op("Shape", [x], {"start": 0, "end": 1}), em.ints("kn", [k, na])],
+                                   {"axis": 0})])  # [B, K, Na]
+    unm_pos = em.op("Add", [em.op("GatherElements", [src_b, unm_order], {"axis": 2}), off_n])
+    # [B, K, Na-r] -> [B, K*(Na-r)]; allowzero keeps a literal 0 when every src merges
+    unm_shape = em.op("Concat", [em.op("Shape", [x], {"start": 0, "end": 1}), em.ints("unm", [unm_total])], {"axis": 0})
+    unm_flat = em.op("Reshape", [unm_pos, unm_shape], {"allowzero": 1}, hint="unm_flat")
+    mrg_flat = em.op("Add", [em.op("GatherElements", [src_b, mrg_order], {"axis": 2}), off_n], hint="mrg_flat")
     dst_flat = em.op("Add", [em.op("Unsqueeze", [dst_idx, em.ints("axis", [0])]), off_n], hint="dst_flat")
 
-    # Unmerge map, in partition order: src of rank k < r read their dst's row (Na-r + dst index),
-    # the others read row k-r; dst j reads row Na-r+j. Pinv puts it back in token order.
+    # Unmerge map, in partition order. Merged layout: [unmerged src of every band, dst of every band].
+    # src of band k with rank q < r read their dst's row U + k*Nb + dst index; the others k*(Na-r) + q-r;
+    # dst j of band k reads U + k*Nb + j. Pinv puts it back in token order.
+    band = np.arange(k, dtype=np.int64).reshape(1, k, 1)
     merged = em.op("Less", [rank, em.ints("r", r)])
-    row_src = em.op("Where", [merged, em.op("Add", [node_idx, em.ints("na_r", na - r)]),
-                              em.op("Sub", [rank, em.ints("r", r)])])
-    row_dst = em.op("Add", [em.op("Mul", [boff, em.ints("zero", 0)]),
-                            em.ints("dst_rows", [list(range(na - r, na - r + nb))])])
-    row_part = em.op("Concat", [row_src, row_dst], {"axis": 1})
+    row_src = em.op("Where", [merged, em.op("Add", [node_idx, em.ints("dst_base", (unm_total + band * nb).tolist())]),
+                              em.op("Add", [rank, em.ints("unm_base", (band * (na - r) - r).tolist())])])
+    dst_rows = (unm_total + band * nb + np.arange(nb).reshape(1, 1, nb)).tolist()
+    row_dst = em.op("Add", [em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axes", [1, 2])]), em.ints("zero", 0)]),
+                            em.ints("dst_rows", dst_rows)])  # [B, K, Nb]
+    row_part = em.op("Reshape", [em.op("Concat", [row_src, row_dst], {"axis": 2}), em.ints("shape", [0, n])])
     row = em.op("Gather", [row_part, partition_inv], {"axis": 1})
-    map_flat = em.op("Add", [row, em.op("Mul", [boff, em.ints("kept", n - r)])], hint="map_flat")
+    off_kept = em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axis", [1])]), em.ints("kept", n - geo.r)])
+    map_flat = em.op("Add", [row, off_kept], hint="map_flat")
     return MatchState(geo, unm_flat, mrg_flat, dst_flat, assign, count, map_flat)
 
 
 def build_merge(em: Emitter, x: gs.Variable, state: MatchState, channels: int) -> gs.Variable:
     """[B, N, C] -> [B, N-r, C]: unmerged src tokens, then each dst averaged with its merged src."""
+    geo = state.geometry
     xf = em.op("Reshape", [x, em.ints("shape", [-1, channels])])
-    unm = em.op("Gather", [xf, state.unm_flat], {"axis": 0})
-    mrg = em.op("Gather", [xf, state.mrg_flat], {"axis": 0})
-    dst = em.op("Gather", [xf, state.dst_flat], {"axis": 0})
+    unm = em.op("Gather", [xf, state.unm_flat], {"axis": 0})  # [B, Na-r, C]
+    mrg = em.op("Gather", [xf, state.mrg_flat], {"axis": 0})  # [B, K, r/K, C]
+    dst = em.op("Gather", [xf, state.dst_flat], {"axis": 0})  # [B, K, Nb/K, C]
     # mean without scatter-reduce: sum into dst with the one-hot assignment, divide by the count
     dst = em.op("Div", [em.op("Add", [dst, em.op("MatMul", [state.assign, mrg])]), state.count])
+    dst = em.op("Reshape", [dst, em.ints("shape", [0, geo.num_dst, channels])])
     return em.op("Concat", [unm, dst], {"axis": 1}, hint="merged")
 
 

@@ -29,10 +29,11 @@ class ToMeTwin:
         sites: module paths to merge around, in execution order within each block.
         num_src: number of src tokens of the partition.
         r: tokens merged away.
+        bands: horizontal bands of the grid, each matched on its own.
     """
 
-    def __init__(self, model: torch.nn.Module, sites: list[str], num_src: int, r: int) -> None:
-        self.model, self.sites, self.num_src, self.r = model, sites, num_src, r
+    def __init__(self, model: torch.nn.Module, sites: list[str], num_src: int, r: int, bands: int = 1) -> None:
+        self.model, self.sites, self.num_src, self.r, self.bands = model, sites, num_src, r, bands
         self.partition: torch.Tensor | None = None
         self.partition_inv: torch.Tensor | None = None
         self._matches: dict[str, tome_math.TorchMatch] = {}
@@ -61,7 +62,8 @@ class ToMeTwin:
             if block not in self._matches:
                 if self.partition is None:
                     raise RuntimeError("ToMeTwin.set_partition() was not called")
-                self._matches[block] = tome_math.match(x, self.partition, self.partition_inv, self.num_src, self.r)
+                self._matches[block] = tome_math.match(x, self.partition, self.partition_inv, self.num_src, self.r,
+                                                      self.bands)
             return rebuild(tome_math.merge(x, self._matches[block]))
         return hook
 

@@ -82,6 +82,7 @@ class PlanTransformer(torch.nn.Module):
         self.family = plan.model["family"]
         self.grid = tuple(plan.model["grid"])
         self.stride = tuple(plan.method.get("params", {}).get("stride", (2, 2)))
+        self.bands = int(plan.method.get("params", {}).get("bands", 1))
         self.timestep_scale = float(plan.model.get("timestep_scale", 1.0))
         self.threads = threads
         self._weights = SharedWeights(plan.dir / plan.manifest["weights"]["file"])
@@ -118,9 +119,7 @@ class PlanTransformer(torch.nn.Module):
         self._gen.steps = 0
 
     def _partition(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.deterministic:
-            return draw_partition(self.grid, self.stride, None)
-        return draw_partition(self.grid, self.stride, self._gen.rng)
+        return draw_partition(self.grid, self.stride, None if self.deterministic else self._gen.rng, self.bands)
 
     def forward(self, hidden_states: torch.Tensor, timestep=None, return_dict: bool = True, **kwargs):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput

@@ -55,3 +55,16 @@ def test_merged_graph_equals_twin_and_differs_from_unmerged(exported, family, gr
         diff = max_abs(merged.infer({**feed, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})["sample"],
                        unmerged.infer(feed)["sample"])
         assert diff > 1e-3, f"{family}: the merged graph computes what the unmerged one does ({diff:.1e})"
+
+
+def test_banded_merge_equals_twin(exported):
+    """Large grids match within bands (TensorRT's TopK limit); forced here with a small band limit."""
+    grid = (6, 6)
+    model, base, d = exported("dit", grid)
+    res = ToMePass(ToMeConfig(0.5, max_src_per_band=9))(base)
+    meta = json.loads(get_model_meta(res.model)["tome"])
+    assert meta["bands"] == 3 and meta["r"] == 18
+    save_checked(res.model, d / "banded.onnx")
+    inputs = example_inputs(model, 2, grid, seed=3)
+    err = tome_fidelity(model, _runner(d, "banded.onnx"), inputs, meta, grid, seed=1)
+    assert err <= METHOD_ATOL, f"banded merge vs twin max abs error {err:.2e}"

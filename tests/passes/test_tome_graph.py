@@ -89,3 +89,41 @@ def test_unmerge_copies_dst_value_to_merged_positions():
     merged, unmerged = sess.run(None, {"x": x, "P": part, "Pinv": inv})
     assert merged.shape == (1, 4, 4)
     assert_close(unmerged, x, 1e-6, "identical tokens survive merge/unmerge")
+
+
+@pytest.mark.parametrize("grid,bands,r,batch", [((8, 8), 2, 20, 2), ((8, 6), 4, 12, 1), ((12, 4), 3, 27, 2)])
+def test_banded_graph_equals_twin(grid, bands, r, batch):
+    """Grids over TensorRT's TopK limit match within bands; forced here on small grids."""
+    n = grid[0] * grid[1]
+    na = n - (grid[0] // 2) * (grid[1] // 2)
+    g = gs.Graph(opset=23)
+    x = gs.Variable("x", np.float32, ["B", n, 8])
+    p, pi = gs.Variable("P", np.int64, [n]), gs.Variable("Pinv", np.int64, [n])
+    g.inputs = [x, p, pi]
+    em = Emitter(g, "t")
+    st = build_match(em, x, p, pi, Geometry(n, na, r, bands))
+    merged = build_merge(em, x, st, 8)
+    unmerged = build_unmerge(em, merged, st, 8)
+    merged.dtype = unmerged.dtype = np.float32
+    merged.shape, unmerged.shape = ["B", n - r, 8], ["B", n, 8]
+    g.outputs = [merged, unmerged]
+    model = gs.export_onnx(g)
+    model.ir_version = 10
+    from passes.trt_check import check_tensorrt
+
+    assert check_tensorrt(model) == []
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(4)
+    xs = rng.standard_normal((batch, n, 8)).astype(np.float32)
+    part, inv = draw_partition(grid, rng=rng, bands=bands)
+    out_m, out_u = sess.run(None, {"x": xs, "P": part, "Pinv": inv})
+    mt = tome_math.match(torch.from_numpy(xs), torch.from_numpy(part), torch.from_numpy(inv), na, r, bands)
+    twin = tome_math.merge(torch.from_numpy(xs), mt)
+    assert_close(out_m, twin.numpy(), METHOD_ATOL, "banded merge")
+    assert_close(out_u, tome_math.unmerge(twin, mt).numpy(), METHOD_ATOL, "banded unmerge")
+    # each band merges only within itself: a merged token's dst lies in the same band
+    band_rows = grid[0] // bands
+    for b in range(batch):
+        for k in range(bands):
+            dst_rows = mt.dst[k] // grid[1]
+            assert ((dst_rows >= k * band_rows) & (dst_rows < (k + 1) * band_rows)).all()
