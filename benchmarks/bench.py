@@ -1,0 +1,281 @@
+"""Speed of ToMe bucket graphs against the unmerged graph, eager PyTorch and the FLOP limit.
+
+    python benchmarks/bench.py --arch dit-xl-2 --px 256 --ratios 0.1,0.2,0.3,0.4,0.5,0.6,0.7
+    python benchmarks/bench.py --arch bundled --ratios 0.3,0.5
+
+Everything in one process (memory in fresh child processes), interleaved runs, medians. Writes
+``RESULTS/<arch>-<px>.json`` and ``.png`` and prints a markdown table. Speed-ups are ratios of two
+latencies measured in the same run; the FLOP-ideal ratio is counted from the graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.measure import interleaved_latency  # noqa: E402
+from export.onnx_export import WEIGHTS_FILE, eager_forward, example_inputs, export_onnx  # noqa: E402
+from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass  # noqa: E402
+from passes.flops import count_flops  # noqa: E402
+from passes.infra import PassManager  # noqa: E402
+from passes.onnxutil import get_model_meta, save_checked  # noqa: E402
+from passes.partition import draw_partition  # noqa: E402
+from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass  # noqa: E402
+from runtime.runners import OrtRunner, SharedWeights  # noqa: E402
+
+logger = logging.getLogger("bench")
+
+# the public facebook/DiT-XL-2-256 transformer config (no download: random weights)
+DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+
+
+def make_model(arch: str, px: int) -> tuple[torch.nn.Module, tuple[int, int]]:
+    from diffusers import DiTTransformer2DModel
+
+    if arch == "dit-xl-2":
+        torch.manual_seed(0)
+        latent = px // 8
+        model = DiTTransformer2DModel(sample_size=latent, **DIT_XL_2).eval()
+        return model, (latent // 2, latent // 2)
+    if arch == "builtin":
+        from export.load import BUILTIN_TINY, load_transformer
+
+        return load_transformer(BUILTIN_TINY), (16, 16)
+    if arch == "bundled":
+        from export.load import BUNDLED, load_transformer
+
+        model = load_transformer(BUNDLED)
+        return model, (16, 16)
+    raise SystemExit(f"unknown --arch {arch!r}: dit-xl-2, bundled or builtin")
+
+
+def matching_share(graph: Path, feed: dict, weights: SharedWeights) -> float:
+    """Share of one forward spent in the inserted ToMe nodes, from onnxruntime's node profile."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(graph.with_suffix(""))
+    keep = weights.initializers(onnx.load(graph, load_external_data=False))
+    for name, value in keep.items():
+        opts.add_initializer(name, value)
+    sess = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        sess.run(None, feed)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    total = sum(e["dur"] for e in nodes)
+    tome = sum(e["dur"] for e in nodes if e["name"].startswith("ditmerge_tome"))
+    return tome / total if total else float("nan")
+
+
+PROBE = """
+import resource, sys, onnx, numpy as np
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from runtime.runners import OrtRunner, SharedWeights
+w = SharedWeights(Path({weights!r}))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+runners = [OrtRunner(Path(g), ["CPUExecutionProvider"], w) for g in {graphs!r}]
+feed = dict(np.load({feed!r}))
+for r in runners:
+    r.activate()
+    r.infer({{k: v for k, v in feed.items() if k in r.input_meta}})
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def peak_rss_mb(graphs: list[Path], weights: Path, feed: dict) -> float:
+    """Peak RSS growth of a fresh process that loads ``graphs`` as sessions sharing ``weights`` and runs
+    each once (measured after the imports, so the interpreter and libraries do not count)."""
+    with tempfile.NamedTemporaryFile(suffix=".npz", delete=False) as f:
+        np.savez(f, **feed)
+    code = PROBE.format(root=str(Path(__file__).resolve().parents[1]), weights=str(weights),
+                        graphs=[str(g) for g in graphs], feed=f.name)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    os.unlink(f.name)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="dit-xl-2", help="dit-xl-2 (random weights, public config) or bundled")
+    p.add_argument("--px", type=int, default=256, help="image size of dit-xl-2: 256 -> 256 tokens, 512 -> 1024")
+    p.add_argument("--ratios", default="0.5", help="ToMe ratios to benchmark, comma-separated")
+    p.add_argument("--locations", default="attn,mlp")
+    p.add_argument("--batch", type=int, default=2, help="2 = one image with classifier-free guidance")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--e2e-steps", type=int, default=10, help="denoising steps of the end-to-end comparison (0: skip)")
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the eager model")
+    p.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--workdir", default=None, help="where graphs are written (default: a temp dir)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("onnxscript", "onnx_ir", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    ratios = [float(r) for r in args.ratios.split(",")]
+    model, grid = make_model(args.arch, args.px)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ditmerge-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    export_onnx(model, work / "base.onnx", grid)
+    base = onnx.load(work / "base.onnx", load_external_data=False)
+    base = PassManager([RemoveNoopSqueezePass(), FreeTokenAxisPass(grid[0] * grid[1])])(base).model
+    save_checked(base, work / "base.onnx")
+    logger.info("exported %s at %dx%d tokens in %.0f s", args.arch, *grid, time.perf_counter() - t0)
+    graphs, metas = {"base": work / "base.onnx"}, {}
+    for r in ratios:
+        res = ToMePass(ToMeConfig(r, locations=tuple(args.locations.split(","))))(base)
+        save_checked(res.model, work / f"tome_{r}.onnx")
+        graphs[f"tome {r}"], metas[f"tome {r}"] = work / f"tome_{r}.onnx", json.loads(get_model_meta(res.model)["tome"])
+    flops = {k: count_flops(onnx.load(g, load_external_data=False)) for k, g in graphs.items()}
+
+    weights = SharedWeights(work / WEIGHTS_FILE)
+    runners = {k: OrtRunner(g, ["CPUExecutionProvider"], weights) for k, g in graphs.items()}
+    inputs = example_inputs(model, args.batch, grid, seed=0)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    part, inv = draw_partition(grid, rng=np.random.default_rng(0))
+    merged_feed = {**feed, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
+    calls = {k: (lambda rn=rn, k=k: rn.infer(merged_feed if k != "base" else feed)) for k, rn in runners.items()}
+    calls["eager torch"] = lambda: eager_forward(model, inputs)
+    if args.torch_compile:
+        try:
+            compiled = torch.compile(model)
+            with torch.no_grad():
+                compiled(inputs["hidden_states"], timestep=inputs["timestep"], class_labels=inputs["class_labels"])
+            calls["torch.compile"] = lambda: compiled(inputs["hidden_states"], timestep=inputs["timestep"],
+                                                      class_labels=inputs["class_labels"])
+        except Exception as e:  # recorded, not fatal: "where it works on this machine"
+            logger.warning("torch.compile failed: %s", str(e).splitlines()[0])
+    logger.info("timing %d variants x %d interleaved repeats", len(calls), args.repeats)
+    with torch.no_grad():
+        lat = interleaved_latency(calls, repeats=args.repeats, warmup=1)
+
+    rows = []
+    for k in graphs:
+        ideal = flops["base"] / flops[k]
+        speed = lat["base"] / lat[k]
+        share = matching_share(graphs[k], merged_feed, weights) if k != "base" else 0.0
+        rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "speedup_vs_unmerged": speed,
+                     "speedup_vs_eager": lat["eager torch"] / lat[k], "flops_rel": flops[k] / flops["base"],
+                     "flop_ideal_speedup": ideal, "share_of_flop_ideal": speed / ideal, "matching_share": share,
+                     "r": metas.get(k, {}).get("r", 0)})
+    for k in ("eager torch", "torch.compile"):
+        if k in lat:
+            rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "speedup_vs_unmerged": lat["base"] / lat[k]})
+
+    best = max(ratios)
+    mem = {"unmerged_mb": peak_rss_mb([graphs["base"]], work / WEIGHTS_FILE, feed),
+           "plan_mb": peak_rss_mb(list(graphs.values()), work / WEIGHTS_FILE, merged_feed),
+           "plan_graphs": len(graphs)}
+    mem["ratio"] = mem["plan_mb"] / mem["unmerged_mb"]
+
+    e2e = {}
+    if args.e2e_steps:
+        e2e = end_to_end(model, runners, f"tome {best}", feed, merged_feed, args.e2e_steps, args.repeats)
+
+    result = {"arch": args.arch, "px": args.px, "tokens": grid[0] * grid[1], "batch": args.batch,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"onnxruntime CPU fp32",
+              "rows": rows, "memory": mem, "end_to_end": e2e, "repeats": args.repeats}
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    stem = results / f"{args.arch}-{args.px}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    chart(result, stem.with_suffix(".png"))
+    print(table(result))
+    return result
+
+
+def end_to_end(model, runners, merged_key: str, feed: dict, merged_feed: dict, steps: int, repeats: int) -> dict:
+    """A denoising loop of ``steps`` forwards: unmerged graph vs merged graph vs eager PyTorch."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler()
+
+    def loop(forward):
+        sched.set_timesteps(steps)
+        x = feed["hidden_states"].copy()
+        for t in sched.timesteps:
+            out = forward(x, t)
+            x = sched.step(torch.from_numpy(np.asarray(out[:, : x.shape[1]])), t, torch.from_numpy(x)).prev_sample.numpy()
+        return x
+
+    def ort_forward(key):
+        base_feed = merged_feed if key != "base" else feed
+        return lambda x, t: runners[key].infer({**base_feed, "hidden_states": x,
+                                                 "timestep": np.full_like(feed["timestep"], int(t))})["sample"]
+
+    def eager(x, t):
+        with torch.no_grad():
+            return model(torch.from_numpy(x), timestep=torch.full((len(x),), int(t)),
+                         class_labels=torch.from_numpy(feed["class_labels"])).sample.numpy()
+
+    lat = interleaved_latency({"unmerged": lambda: loop(ort_forward("base")),
+                               "merged": lambda: loop(ort_forward(merged_key)),
+                               "eager torch": lambda: loop(eager)}, repeats=max(1, repeats // 2), warmup=0)
+    return {"steps": steps, "variant": merged_key, "seconds": lat, "speedup_vs_unmerged": lat["unmerged"] / lat["merged"],
+            "speedup_vs_eager": lat["eager torch"] / lat["merged"]}
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['arch']} at {result['px']} px ({result['tokens']} tokens), batch {result['batch']}, "
+             f"{result['machine']}", "",
+             "| variant | latency ms | speed-up vs unmerged | vs eager | FLOPs vs full | FLOP-ideal | share of ideal "
+             "| matching share |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        f = lambda key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
+        lines.append(f"| {r['variant']} | {r['latency_ms']:.1f} | {r['speedup_vs_unmerged']:.2f}x | "
+                     f"{f('speedup_vs_eager', '.2f')} | {f('flops_rel', '.3f')} | {f('flop_ideal_speedup', '.2f')} | "
+                     f"{f('share_of_flop_ideal', '.0%')} | {f('matching_share', '.1%')} |")
+    m = result["memory"]
+    lines += ["", f"memory (peak RSS growth after imports): unmerged model {m['unmerged_mb']:.0f} MB; plan of {m['plan_graphs']} graphs "
+                  f"{m['plan_mb']:.0f} MB ({m['ratio']:.2f}x)"]
+    if result["end_to_end"]:
+        e = result["end_to_end"]
+        s = e["seconds"]
+        lines.append(f"end to end, {e['steps']} steps, {e['variant']}: {s['merged']:.2f} s vs unmerged "
+                     f"{s['unmerged']:.2f} s ({e['speedup_vs_unmerged']:.2f}x) vs eager {s['eager torch']:.2f} s "
+                     f"({e['speedup_vs_eager']:.2f}x)")
+    return "\n".join(lines)
+
+
+def chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tome = [r for r in result["rows"] if r["variant"].startswith("tome")]
+    ratios = [float(r["variant"].split()[1]) for r in tome]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ratios, [r["speedup_vs_unmerged"] for r in tome], "o-", label="measured (onnxruntime CPU)")
+    ax.plot(ratios, [r["flop_ideal_speedup"] for r in tome], "k--", label="FLOP-ideal")
+    ax.set_xlabel("ToMe ratio")
+    ax.set_ylabel("speed-up vs unmerged graph")
+    ax.set_title(f"{result['arch']} {result['px']} px, {result['tokens']} tokens, batch {result['batch']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
