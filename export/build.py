@@ -24,7 +24,7 @@ from export.onnx_export import WEIGHTS_FILE, example_inputs, export_onnx
 from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass
 from passes.errors import DitmergeError
 from passes.flops import count_flops
-from passes.infra import PassManager
+from passes.infra import PassManager, PassResult
 from passes.onnxutil import get_model_meta, save_checked
 from passes.partition import draw_partition, plan_bands
 from passes.trt_check import TENSORRT_MIN_VERSION, check_tensorrt
@@ -113,20 +113,21 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
     if out.exists() and any(out.iterdir()) and not (out / PLAN_FILE).exists() and not (out / ".staging").exists():
         raise DitmergeError(f"--out {out} is a non-empty directory that holds no plan; choose an empty or new one")
     stage = out / ".staging"
-    if stage.exists():
-        shutil.rmtree(stage)
     created = not out.exists()
-    stage.mkdir(parents=True)
+    stage.mkdir(parents=True, exist_ok=True)
     try:
         manifest = _build(model=model, method=method, specs=specs, buckets=buckets, stage=stage,
                           locations=locations, grid=grid, text_len=text_len,
                           num_train_timesteps=num_train_timesteps, measure=measure, repeats=repeats,
                           quality_samples=quality_samples, quality_steps=quality_steps,
                           engines=engines, precision=precision, progress=progress)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+    except DitmergeError:
+        shutil.rmtree(stage, ignore_errors=True)  # a user error: nothing worth resuming
         if created and not any(out.iterdir()):
             out.rmdir()
+        raise
+    except BaseException:
+        logger.warning("build interrupted; %s keeps the finished steps and the next run resumes from them", stage)
         raise
     _publish(stage, out)
     logger.info("plan written to %s in %.1f s", out, time.perf_counter() - t_start)
@@ -138,6 +139,8 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
            measure: bool, repeats: int, quality_samples: int, quality_steps: int, engines: bool, precision: str,
            progress: bool) -> dict:
     """Everything of :func:`build_plan` that writes into the staging directory."""
+    done = StageProgress(stage, {"model": model, "fingerprint": fingerprint(model), "grid": list(grid) if grid else None,
+                                 "text_len": text_len, "format_version": FORMAT_VERSION})
     steps = tqdm(total=3 + len(specs) + (2 if measure else 0), desc="ditmerge export", unit="step",
                  disable=not progress, leave=False)
     steps.set_postfix_str("loading model")
@@ -150,16 +153,22 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
     steps.update()
 
     # 1. Export the unmerged graph, weights in one file every bucket graph shares
-    steps.set_postfix_str("exporting to ONNX")
-    export_onnx(torch_model, stage / BASE_GRAPH, grid, text_len)
-    steps.update()
-
     # 2. Cleanups the exporter owes us (PixArt's invalid Squeeze, token counts baked into reshapes)
-    steps.set_postfix_str("cleaning up")
-    base = onnx.load(stage / BASE_GRAPH, load_external_data=False)
     n_tokens = grid[0] * grid[1]
-    base = PassManager([RemoveNoopSqueezePass(), FreeTokenAxisPass(n_tokens)]).__call__(base).model
-    save_checked(base, stage / BASE_GRAPH)
+    if done.finished("base", [BASE_GRAPH, WEIGHTS_FILE]):
+        logger.info("resuming: reusing the exported %s", BASE_GRAPH)
+        base = onnx.load(stage / BASE_GRAPH, load_external_data=False)
+        steps.update(2)
+    else:
+        steps.set_postfix_str("exporting to ONNX")
+        export_onnx(torch_model, stage / BASE_GRAPH, grid, text_len)
+        steps.update()
+        steps.set_postfix_str("cleaning up")
+        base = onnx.load(stage / BASE_GRAPH, load_external_data=False)
+        base = PassManager([RemoveNoopSqueezePass(), FreeTokenAxisPass(n_tokens)]).__call__(base).model
+        save_checked(base, stage / BASE_GRAPH)
+        done.record("base", [BASE_GRAPH, WEIGHTS_FILE])
+        steps.update()
     base_flops = count_flops(base)
     base_trt = [str(v) for v in check_tensorrt(base)]
     steps.update()
@@ -169,10 +178,18 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
     tome_meta: dict[int, dict] = {}
     for i, spec in enumerate(specs):
         steps.set_postfix_str(f"bucket {i}: tome ratio {spec.ratio}")
-        res = ToMePass(dataclasses.replace(config, ratio=spec.ratio), bucket=i)(base)
+        tome_pass = ToMePass(dataclasses.replace(config, ratio=spec.ratio), bucket=i)
+        graph = f"bucket_{i}.onnx"
+        step = json.dumps({"graph": graph, **tome_pass.stamp()}, sort_keys=True)
+        if done.finished(step, [graph]):
+            logger.info("resuming: reusing %s", graph)
+            res = PassResult(onnx.load(stage / graph, load_external_data=False), True)
+        else:
+            res = tome_pass(base)
+            if res.modified:
+                save_checked(res.model, stage / graph)
+                done.record(step, [graph])
         if res.modified:
-            graph = f"bucket_{i}.onnx"
-            save_checked(res.model, stage / graph)
             meta = json.loads(get_model_meta(res.model)["tome"])
             tome_meta[i] = meta
             r, flops, trt = meta["r"], count_flops(res.model), [str(v) for v in check_tensorrt(res.model)]
@@ -247,7 +264,53 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
     steps.close()
     (stage / "report.md").write_text(render_report(manifest))
     (stage / PLAN_FILE).write_text(json.dumps(manifest, indent=2))
+    done.path.unlink()
     return manifest
+
+
+class StageProgress:
+    """What an earlier, interrupted build already finished in the staging directory.
+
+    Keyed by the build's inputs (model and its files, grid, text length): a different key starts over.
+    A step counts as finished only while every file it wrote still has the hash recorded for it.
+    """
+
+    FILE = "progress.json"
+
+    def __init__(self, stage: Path, key: dict) -> None:
+        self.stage, self.path = stage, stage / self.FILE
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if data.get("key") != key:
+            for f in stage.iterdir():
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+            data = {"key": key, "done": {}}
+        self.data = data
+        self._write()
+
+    def finished(self, step: str, files: list[str]) -> bool:
+        digests = self.data["done"].get(step)
+        return digests is not None and all((self.stage / f).is_file() and sha256_file(self.stage / f) == digests.get(f)
+                                           for f in files)
+
+    def record(self, step: str, files: list[str]) -> None:
+        self.data["done"][step] = {f: sha256_file(self.stage / f) for f in files}
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(self.FILE + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def fingerprint(source: str) -> list:
+    """A cheap identity of the model's files (names, sizes, mtimes); the source itself for hub ids."""
+    from export.load import BUNDLED, BUNDLED_DIR
+
+    folder = BUNDLED_DIR / "tiny-dit" if source == BUNDLED else Path(source)
+    if not folder.is_dir():
+        return [source]
+    return sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                  for f in folder.rglob("*") if f.is_file())
 
 
 def _publish(stage: Path, out: Path) -> None:
