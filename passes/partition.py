@@ -47,10 +47,15 @@ def draw_partition(grid: tuple[int, int], stride: tuple[int, int] = (2, 2), rng:
 
 
 def plan_bands(grid: tuple[int, int], stride: tuple[int, int] = (2, 2), max_src: int = 3840) -> int:
-    """The fewest equal bands (whole cell rows each) whose src count fits ``max_src``; 0 if none does."""
+    """The fewest equal bands (whole cell rows each) whose src count fits ``max_src``; 0 if none does.
+
+    One band (no banding) works for any grid, odd sizes included: leftover rows and columns are src.
+    """
     h, w = grid
     sy = stride[0]
-    for bands in range(1, h // sy + 1):
+    if h * w - num_dst(grid, stride) <= max_src:
+        return 1
+    for bands in range(2, h // sy + 1):
         if h % bands or (h // bands) % sy:
             continue
         band_tokens = (h // bands) * w

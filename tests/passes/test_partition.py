@@ -31,6 +31,7 @@ def test_bands_fit_tensorrt_topk():
     from passes.partition import plan_bands
 
     assert plan_bands((16, 16)) == 1  # 192 src
+    assert plan_bands((3, 3)) == 1 and plan_bands((5, 7)) == 1  # odd grids need no bands
     assert plan_bands((64, 64)) == 1  # 3072 src: Flux / SD3 at 1024 px
     assert plan_bands((128, 128)) == 4  # 12288 src -> 4 bands of 3072
     assert plan_bands((8, 8), max_src=20) == 4
