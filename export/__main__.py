@@ -20,6 +20,13 @@ def _grid(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratios must be numbers like 0.3,0.5, got {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -43,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
                         "(default: onnxruntime)")
     p.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"),
                    help="TensorRT engine precision (default: fp16)")
+    p.add_argument("--sweep", type=_ratios, default=(), help="uniform ratios to compare for quality against speed, e.g. 0.3,0.5 "
+                                               "(adds a table and quality_speed.png to the report)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.add_argument("--print-python", action="store_true", help="print the equivalent library call and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -55,13 +64,14 @@ def main(argv: list[str] | None = None) -> int:
                   locations=tuple(s.strip() for s in args.locations.split(",") if s.strip()), grid=args.grid,
                   text_len=args.text_len, measure=args.measure, repeats=args.repeats,
                   quality_samples=args.quality_samples, quality_steps=args.quality_steps,
-                  backend=args.backend, precision=args.precision, progress=args.progress)
+                  backend=args.backend, precision=args.precision,
+                  sweep=args.sweep, progress=args.progress)
     if args.print_python:
         print("from export import build_plan\n\nbuild_plan(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
         return 0
 
     def run() -> None:
-        from export.build import bucket_table, build_plan, quality_table
+        from export.build import bucket_table, build_plan, quality_table, sweep_table
 
         if args.repeats < 1:
             raise DitmergeError(f"--repeats must be at least 1, got {args.repeats}")
@@ -76,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         if "quality" in rep:
             print()
             print(quality_table(rep["quality"]))
+        if "sweep" in rep:
+            print()
+            print(sweep_table(rep["sweep"]))
 
     return run_cli(run, args.verbose)
 

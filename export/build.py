@@ -71,7 +71,8 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
                out: str | Path = "plan", locations: Sequence[str] = DEFAULT_LOCATIONS,
                grid: tuple[int, int] | None = None, text_len: int = 8, num_train_timesteps: int = 1000,
                measure: bool = True, repeats: int = 20, quality_samples: int = 50, quality_steps: int = 50,
-               backend: str = "onnxruntime", precision: str = "fp16", progress: bool = True) -> dict:
+               backend: str = "onnxruntime", precision: str = "fp16", sweep: Sequence[float] = (),
+               progress: bool = True) -> dict:
     """Build a plan directory for ``model`` and return its manifest.
 
     Args:
@@ -92,6 +93,8 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
         backend: "onnxruntime" (graphs only), "trt" (also TensorRT engines; fails without TensorRT and a
             GPU) or "auto" (engines where TensorRT and a GPU exist).
         precision: precision of TensorRT engines: fp32, fp16 or bf16.
+        sweep: extra uniform ratios (every timestep) whose quality and end-to-end speed are measured
+            against the unmerged plan and plotted (``quality_speed.png``); their graphs are not kept.
         progress: show progress bars.
     """
     t_start = time.perf_counter()
@@ -120,7 +123,7 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
                           locations=locations, grid=grid, text_len=text_len,
                           num_train_timesteps=num_train_timesteps, measure=measure, repeats=repeats,
                           quality_samples=quality_samples, quality_steps=quality_steps,
-                          engines=engines, precision=precision, progress=progress)
+                          engines=engines, precision=precision, sweep=tuple(sweep), progress=progress)
     except DitmergeError:
         shutil.rmtree(stage, ignore_errors=True)  # a user error: nothing worth resuming
         if created and not any(out.iterdir()):
@@ -137,7 +140,7 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
 def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
            locations: Sequence[str], grid: tuple[int, int] | None, text_len: int, num_train_timesteps: int,
            measure: bool, repeats: int, quality_samples: int, quality_steps: int, engines: bool, precision: str,
-           progress: bool) -> dict:
+           sweep: tuple[float, ...], progress: bool) -> dict:
     """Everything of :func:`build_plan` that writes into the staging directory."""
     done = StageProgress(stage, {"model": model, "fingerprint": fingerprint(model), "grid": list(grid) if grid else None,
                                  "text_len": text_len, "format_version": FORMAT_VERSION})
@@ -260,12 +263,74 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
 
         manifest["report"]["quality"] = measure_quality(Plan(stage, manifest), samples=quality_samples,
                                                         steps=quality_steps, grid_png=stage / "samples.png")
+        if sweep:
+            steps.set_postfix_str(f"quality/speed sweep over ratios {list(sweep)}")
+            manifest["report"]["sweep"] = _sweep(stage, manifest, base, config, sweep, quality_samples, quality_steps)
     steps.update()
     steps.close()
     (stage / "report.md").write_text(render_report(manifest))
     (stage / PLAN_FILE).write_text(json.dumps(manifest, indent=2))
     done.path.unlink()
     return manifest
+
+
+def _sweep(stage: Path, manifest: dict, base: onnx.ModelProto, config: ToMeConfig, ratios: tuple[float, ...],
+           samples: int, steps: int) -> list[dict]:
+    """Quality and end-to-end speed of uniform-ratio graphs against the unmerged plan, plus a plot."""
+    import copy
+
+    from export.report_quality import measure_quality
+    from runtime.plan import Plan
+
+    rows = []
+    for ratio in ratios:
+        dataclasses.replace(config, ratio=ratio).validate(tuple(manifest["model"]["grid"]))
+        res = ToMePass(dataclasses.replace(config, ratio=ratio), bucket="sweep")(base)
+        view = copy.deepcopy(manifest)
+        if res.modified:
+            graph = f".sweep_{ratio}.onnx"
+            save_checked(res.model, stage / graph)
+            view["buckets"] = [{**b, "graph": graph} for b in view["buckets"]]
+        else:
+            view["buckets"] = [{**b, "graph": BASE_GRAPH} for b in view["buckets"]]
+        q = measure_quality(Plan(stage, view), samples=samples, steps=steps)
+        rows.append({"ratio": ratio, "r": json.loads(get_model_meta(res.model)["tome"])["r"] if res.modified else 0, **q})
+        if res.modified:
+            (stage / graph).unlink()
+    plot_quality_speed(rows, stage / "quality_speed.png")
+    return rows
+
+
+def plot_quality_speed(rows: list[dict], path: Path) -> None:
+    """PSNR against end-to-end speed-up, one point per ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = [r["e2e_speedup"] for r in rows]
+    y = [r["psnr_db"]["mean"] for r in rows]
+    ax.plot(x, y, "o-")
+    for r, xi, yi in zip(rows, x, y):
+        ax.annotate(f"r={r['ratio']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("end-to-end speed-up vs unmerged plan")
+    ax.set_ylabel("PSNR vs unmerged images (dB)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep_table(rows: list[dict]) -> str:
+    out = ["| ratio | r | PSNR dB mean / worst | SSIM mean / worst | FID merged (unmerged) | class acc. merged (unmerged) "
+           "| e2e speed-up |", "|---|---|---|---|---|---|---|"]
+    for q in rows:
+        fid = f"{q['fid_merged']:.2f} ({q['fid_unmerged']:.2f})" if "fid_merged" in q else "-"
+        acc = f"{q['class_accuracy_merged']:.3f} ({q['class_accuracy_unmerged']:.3f})" if "fid_merged" in q else "-"
+        out.append(f"| {q['ratio']:g} | {q['r']} | {q['psnr_db']['mean']:.2f} / {q['psnr_db']['worst']:.2f} | "
+                   f"{q['ssim']['mean']:.4f} / {q['ssim']['worst']:.4f} | {fid} | {acc} | {q['e2e_speedup']:.2f}x |")
+    return "\n".join(out)
 
 
 class StageProgress:
@@ -324,7 +389,7 @@ def _publish(stage: Path, out: Path) -> None:
     stage.rmdir()
     # graphs of an older plan that this one no longer references
     manifest = json.loads((out / PLAN_FILE).read_text())
-    current = {PLAN_FILE, "report.md", "samples.png", WEIGHTS_FILE, BASE_GRAPH} | {
+    current = {PLAN_FILE, "report.md", "samples.png", "quality_speed.png", WEIGHTS_FILE, BASE_GRAPH} | {
         b["graph"] for b in manifest["buckets"]} | {e["file"] for e in manifest.get("engines", {}).values()}
     for name in keep:
         if name.endswith((".onnx", ".engine")) and name not in current:
@@ -361,6 +426,9 @@ def render_report(manifest: dict) -> str:
     if "quality" in rep:
         lines += ["## Quality and end-to-end speed: merged plan vs unmerged plan", "", quality_table(rep["quality"]), "",
                   "![unmerged (top) vs merged (bottom), same seeds](samples.png)", ""]
+    if "sweep" in rep:
+        lines += ["## Quality against speed: uniform ratios vs the unmerged plan", "", sweep_table(rep["sweep"]), "",
+                  "![PSNR against end-to-end speed-up](quality_speed.png)", ""]
     return "\n".join(lines)
 
 

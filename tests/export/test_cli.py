@@ -57,7 +57,8 @@ def test_print_python_shows_the_library_call(tmp_path):
 def test_help_documents_every_flag(tmp_path):
     out = _run("export", "--help", cwd=tmp_path).stdout
     for flag in ("--model", "--method", "--buckets", "--out", "--locations", "--grid", "--text-len", "--no-measure",
-                 "--repeats", "--quality-samples", "--quality-steps", "--no-progress", "--print-python"):
+                 "--repeats", "--quality-samples", "--quality-steps", "--backend", "--precision", "--sweep", "--no-progress",
+                 "--print-python"):
         assert flag in out
 
 
