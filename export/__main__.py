@@ -42,9 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-len", type=int, default=8, help="prompt tokens of text-conditioned models (default: 8)")
     p.add_argument("--no-measure", dest="measure", action="store_false", help="skip fidelity and latency measurement")
     p.add_argument("--repeats", type=int, default=20, help="timed forwards per graph for latency medians (default: 20)")
-    p.add_argument("--quality-samples", type=int, default=50,
+    p.add_argument("--quality-samples", type=int, default=20,
                    help="seeded generations for the quality report (class-conditional pixel models; 0: skip)")
-    p.add_argument("--quality-steps", type=int, default=50, help="denoising steps of those generations (default: 50)")
+    p.add_argument("--quality-steps", type=int, default=25, help="denoising steps of those generations (default: 25)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "auto", "trt"),
                    help="trt: also build TensorRT engines (needs tensorrt and a GPU); auto: where possible "
                         "(default: onnxruntime)")

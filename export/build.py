@@ -70,7 +70,7 @@ def _json_config(config) -> dict:
 def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = DEFAULT_BUCKETS,
                out: str | Path = "plan", locations: Sequence[str] = DEFAULT_LOCATIONS,
                grid: tuple[int, int] | None = None, text_len: int = 8, num_train_timesteps: int = 1000,
-               measure: bool = True, repeats: int = 20, quality_samples: int = 50, quality_steps: int = 50,
+               measure: bool = True, repeats: int = 20, quality_samples: int = 20, quality_steps: int = 25,
                backend: str = "onnxruntime", precision: str = "fp16", sweep: Sequence[float] = (),
                progress: bool = True) -> dict:
     """Build a plan directory for ``model`` and return its manifest.
