@@ -65,20 +65,26 @@ def ort_providers(backend: str) -> list[str]:
     available = ort.get_available_providers()
     if backend == "auto":
         # CUDA only where a device answers: onnxruntime-gpu lists it even on machines without a GPU
-        try:
-            import torch
-
-            has_gpu = torch.cuda.is_available()
-        except ImportError:
-            has_gpu = False
-        return (["CUDAExecutionProvider"] if has_gpu and "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+        return (["CUDAExecutionProvider"] if _gpu_visible() and "CUDAExecutionProvider" in available else []) + [
+            "CPUExecutionProvider"]
     if backend not in ORT_PROVIDERS:
         raise DitmergeError(f"unknown backend {backend!r}; choose from auto, {', '.join(ORT_PROVIDERS)}")
     provider = ORT_PROVIDERS[backend]
+    if backend in ("cuda", "ort-trt") and not _gpu_visible():
+        raise DitmergeError(f"backend {backend!r} needs a CUDA GPU, and none is visible; use backend 'cpu' or 'auto'")
     if provider not in available:
         raise DitmergeError(f"backend {backend!r} needs onnxruntime's {provider}, but this onnxruntime offers "
                             f"{', '.join(available)}")
     return [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
+
+
+def _gpu_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 class SharedWeights:

@@ -32,6 +32,11 @@ def test_python_m_export_with_no_arguments_builds_a_valid_plan(tmp_path):
     assert all(b["fidelity_max_abs"] <= 1e-4 for b in manifest["buckets"])
     assert plan.bucket_for(999).index == 0 and plan.bucket_for(0).index == 2
     assert not (tmp_path / "plan" / ".staging").exists()
+    if manifest["model"]["source"] == "bundled:tiny-dit":  # the trained default: the report carries quality
+        q = manifest["report"]["quality"]
+        assert q["samples"] == 20 and 0 < q["ssim"]["worst"] <= q["ssim"]["mean"] <= 1 and q["e2e_speedup"] > 0
+        assert "fid_merged" in q and (tmp_path / "plan" / "samples.png").stat().st_size > 0
+        assert "## Quality and end-to-end speed" in (tmp_path / "plan" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -67,7 +72,7 @@ def test_failed_build_leaves_no_staging_and_keeps_the_previous_plan(tmp_path):
     from passes.errors import DitmergeError
 
     out = tmp_path / "plan"
-    build_plan(buckets="0", out=out, measure=False, progress=False)
+    build_plan("builtin:tiny-dit", buckets="0", out=out, measure=False, progress=False)
     before = (out / "plan.json").read_text()
     with pytest.raises(DitmergeError, match="outside"):
         build_plan(buckets="0.9", out=out, measure=False, progress=False)

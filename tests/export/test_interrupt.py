@@ -15,7 +15,7 @@ from runtime.plan import Plan
 
 
 def _start(out):
-    return subprocess.Popen([sys.executable, "-m", "export", "--buckets", "0.5,0.4,0.3", "--out", str(out),
+    return subprocess.Popen([sys.executable, "-m", "export", "--model", "builtin:tiny-dit", "--buckets", "0.5,0.4,0.3", "--out", str(out),
                              "--no-measure", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "TQDM_DISABLE": "1"})
 
@@ -33,7 +33,7 @@ def _kill_when(proc, path, timeout=240):
 @pytest.mark.slow
 def test_killed_builds_keep_the_previous_plan_and_resume(tmp_path):
     out = tmp_path / "plan"
-    build_plan(buckets="0.2", out=out, measure=False, progress=False)
+    build_plan("builtin:tiny-dit", buckets="0.2", out=out, measure=False, progress=False)
     previous = (out / "plan.json").read_text()
     for point in ("weights.bin", "bucket_0.onnx", "bucket_1.onnx"):
         _kill_when(_start(out), out / ".staging" / point)

@@ -115,6 +115,9 @@ def test_runtime_errors_are_clear(plans):
         tf(x, timestep=torch.tensor([10, 10]))
     with pytest.raises(DitmergeError, match="unknown backend"):
         runtime.load(plans / "merged", backend="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DitmergeError, match="backend 'cuda' needs a CUDA GPU"):
+            runtime.load(plans / "merged", backend="cuda")
 
 
 def test_damaged_plans_are_refused(plans, tmp_path):
@@ -132,3 +135,11 @@ def test_damaged_plans_are_refused(plans, tmp_path):
         runtime.load(bad)
     with pytest.raises(DitmergeError, match="plan.json is missing"):
         runtime.load(tmp_path)
+    # a TensorRT engine recorded in the plan is hash-checked like the graphs
+    shutil.rmtree(bad)
+    shutil.copytree(plans / "merged", bad)
+    (bad / "bucket_0.fp16.0123.engine").write_bytes(b"not the engine that was built")
+    engines = {"bucket_0.onnx": {"file": "bucket_0.fp16.0123.engine", "sha256": "0" * 64}}
+    (bad / "plan.json").write_text(json.dumps({**manifest, "engines": engines}))
+    with pytest.raises(DitmergeError, match="bucket_0.fp16.0123.engine does not match the hash"):
+        runtime.load(bad)

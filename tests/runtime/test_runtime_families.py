@@ -31,7 +31,7 @@ def test_pixart_plan_stands_in_for_the_transformer(tmp_path):
 @pytest.fixture(scope="module")
 def merged_plan(tmp_path_factory):
     out = tmp_path_factory.mktemp("conc") / "plan"
-    build_plan(buckets="0.5,0.3", out=out, measure=False, progress=False)
+    build_plan("builtin:tiny-dit", buckets="0.5,0.3", out=out, measure=False, progress=False)
     return out
 
 

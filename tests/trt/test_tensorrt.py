@@ -42,7 +42,7 @@ def test_auto_backend_falls_back_to_onnxruntime(tmp_path):
     import runtime
     from export.build import build_plan
 
-    manifest = build_plan(buckets="0.5", out=tmp_path / "p", backend="auto", measure=False, progress=False)
+    manifest = build_plan("builtin:tiny-dit", buckets="0.5", out=tmp_path / "p", backend="auto", measure=False, progress=False)
     assert "engines" not in manifest
     tf = runtime.load(tmp_path / "p", backend="auto")
     assert not tf.use_trt
@@ -62,7 +62,7 @@ def test_engines_match_onnxruntime_and_eager(tmp_path, precision):
     from export.quality import psnr
     from runtime.generate import sample_classes
 
-    build_plan(buckets="999-500:0.5,499-0:0", out=tmp_path / "p", backend="trt", precision=precision,
+    build_plan("builtin:tiny-dit", buckets="999-500:0.5,499-0:0", out=tmp_path / "p", backend="trt", precision=precision,
                measure=False, progress=False)
     trt_tf = runtime.load(tmp_path / "p", backend="trt", deterministic=True)
     ort_tf = runtime.load(tmp_path / "p", backend="cpu", deterministic=True)
@@ -82,10 +82,10 @@ def test_engines_match_onnxruntime_and_eager(tmp_path, precision):
 def test_engines_are_cached_by_key_and_weight_stripped(tmp_path):
     from export.build import build_plan
 
-    m1 = build_plan(buckets="0.5", out=tmp_path / "p", backend="trt", measure=False, progress=False)
+    m1 = build_plan("builtin:tiny-dit", buckets="0.5", out=tmp_path / "p", backend="trt", measure=False, progress=False)
     engine = tmp_path / "p" / next(iter(m1["engines"].values()))["file"]
     mtime = engine.stat().st_mtime_ns
-    m2 = build_plan(buckets="0.5", out=tmp_path / "p", backend="trt", measure=False, progress=False)
+    m2 = build_plan("builtin:tiny-dit", buckets="0.5", out=tmp_path / "p", backend="trt", measure=False, progress=False)
     assert m2["engines"] == m1["engines"] and engine.stat().st_mtime_ns == mtime  # reused, not rebuilt
     from export.trt_build import build_engine
 
