@@ -6,7 +6,7 @@ import dataclasses
 
 from passes.errors import DitmergeError
 
-DEFAULT_BUCKETS = "0.5,0.4,0.3"  # noisy -> clean: merge most while the layout forms (SDTM, DiffCR)
+DEFAULT_BUCKETS = "0.3,0.2,0.1"  # noisy -> clean: merge most while the layout forms (SDTM, DiffCR)
 
 
 @dataclasses.dataclass(frozen=True)

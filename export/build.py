@@ -153,6 +153,7 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
     config = ToMeConfig(ratio=0.0, locations=tuple(locations))
     for spec in specs:
         dataclasses.replace(config, ratio=spec.ratio).validate(grid)
+    bands = plan_bands(grid, config.stride, config.max_src_per_band)
     steps.update()
 
     # 1. Export the unmerged graph, weights in one file every bucket graph shares
@@ -168,7 +169,7 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
         steps.update()
         steps.set_postfix_str("cleaning up")
         base = onnx.load(stage / BASE_GRAPH, load_external_data=False)
-        base = PassManager([RemoveNoopSqueezePass(), FreeTokenAxisPass(n_tokens)]).__call__(base).model
+        base = PassManager([RemoveNoopSqueezePass(), FreeTokenAxisPass(n_tokens)])(base).model
         save_checked(base, stage / BASE_GRAPH)
         done.record("base", [BASE_GRAPH, WEIGHTS_FILE])
         steps.update()
@@ -217,7 +218,7 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
             else:
                 res.fidelity_max_abs = report["export_fidelity_max_abs"]
         feed = feed_of(inputs)
-        part, inv = draw_partition(grid, config.stride, None, plan_bands(grid, config.stride, config.max_src_per_band))
+        part, inv = draw_partition(grid, config.stride, None, bands)
         calls = {g: (lambda rn=rn: rn.infer({**feed, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
                                             if PARTITION_INPUT in rn.input_meta else feed))
                  for g, rn in runners.items()}
@@ -240,12 +241,12 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
                   "scheduler": scheduler_config(model)},
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(stage / WEIGHTS_FILE)},
         "method": {"name": method, "params": {"locations": list(config.locations), "stride": list(config.stride),
-                                              "bands": plan_bands(grid, config.stride, config.max_src_per_band)}},
+                                              "bands": bands}},
         "schedule": {"buckets": buckets},
         "base": {"graph": BASE_GRAPH, "sha256": sha256_file(stage / BASE_GRAPH), "flops": base_flops,
                  "tensorrt_check": base_trt},
         "buckets": [{**dataclasses.asdict(r), "sha256": sha256_file(stage / r.graph), "engines": {},
-                     "tome": tome_meta.get(r.index)} for r in results],
+                     "tome": tome_meta.get(r.index)} for r in results],  # engines: per backend, filled below
         "report": report,
     }
     if engines:
@@ -254,6 +255,8 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
         steps.set_postfix_str("building TensorRT engines")
         manifest["engines"] = build_plan_engines(stage, manifest, precision=precision, reuse_from=stage.parent,
                                                  progress=progress)
+        for b in manifest["buckets"]:
+            b["engines"]["tensorrt"] = manifest["engines"][b["graph"]]
     cfg = manifest["model"]["config"]
     if (measure and quality_samples > 0 and cfg.get("in_channels") == 3 and cfg.get("num_embeds_ada_norm")
             and any(b["r"] for b in manifest["buckets"])):

@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 PARTITION_INPUT = "tome_partition"
 PARTITION_INV_INPUT = "tome_partition_inv"
 LOCATIONS = ("attn", "xattn", "joint", "mlp")
-DEFAULT_LOCATIONS = ("attn", "joint", "mlp")
+# Attention only by default, as tomesd: on the bundled model merging the MLP as well dropped sample class
+# accuracy from 0.75 to 0.30 at ratio 0.3 (attention only: 0.70); see the README's quality table.
+DEFAULT_LOCATIONS = ("attn", "joint")
 TOPK_LIMIT = 3840  # TensorRT's largest TopK K
 
 

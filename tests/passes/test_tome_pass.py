@@ -30,7 +30,7 @@ def test_ratio_zero_inserts_nothing(exported):
 
 def test_merges_every_block_and_stamps_provenance(exported):
     _, base, _ = exported("dit", GRID)
-    res = ToMePass(ToMeConfig(0.5), bucket=3)(base)
+    res = ToMePass(ToMeConfig(0.5, locations=("attn", "joint", "mlp")), bucket=3)(base)
     assert res.modified
     meta = json.loads(get_model_meta(res.model)["tome"])
     assert meta["sites"] == ["transformer_blocks.0.attn1", "transformer_blocks.0.ff",
