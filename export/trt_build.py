@@ -19,7 +19,8 @@ import logging
 from pathlib import Path
 
 from passes.errors import DitmergeError
-from passes.trt_check import TENSORRT_MIN_VERSION, assert_tensorrt_ready
+from passes.trt_check import assert_tensorrt_ready
+from runtime.trt_runner import gpu_name, tensorrt_status
 
 logger = logging.getLogger(__name__)
 
@@ -27,38 +28,10 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 TIMING_CACHE = "timing.cache"
 
 
-def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split(".")[:2] if x.isdigit())
-
-
-def tensorrt_status() -> tuple[bool, str]:
-    """(usable, why not): tensorrt importable, recent enough, and a CUDA GPU visible."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return False, "the tensorrt package is not installed (pip install 'ditmerge[trt]')"
-    if _version_tuple(trt.__version__) < _version_tuple(TENSORRT_MIN_VERSION):
-        return False, f"tensorrt {trt.__version__} is older than the supported {TENSORRT_MIN_VERSION}"
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return False, "no CUDA GPU is visible to torch"
-    except ImportError:
-        return False, "torch is not installed"
-    return True, ""
-
-
 def require_tensorrt() -> None:
     ok, why = tensorrt_status()
     if not ok:
         raise DitmergeError(f"--backend trt needs TensorRT on a GPU: {why}; use --backend auto to fall back to onnxruntime")
-
-
-def gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu"
 
 
 def engine_key(graph_sha256: str, precision: str, trt_version: str, gpu: str, strip: bool = True) -> str:

@@ -61,7 +61,7 @@ def _parse_list(text: str) -> list[str]:
     return [s.strip().strip("'\"") for s in text[1:-1].split(",") if s.strip()]
 
 
-def _kind(attr: str, block_class: str, module_class: str) -> str:
+def _kind(attr: str, block_class: str) -> str:
     if attr == "ff":
         return "mlp"
     if attr == "attn2":
@@ -95,7 +95,7 @@ def find_sites(model: onnx.ModelProto, num_tokens: int) -> list[Site]:
     ``model`` must carry shapes (run shape inference first) and the exporter's scope metadata.
     """
     members: dict[str, list[onnx.NodeProto]] = collections.OrderedDict()
-    info: dict[str, tuple[str, str, str, str]] = {}
+    info: dict[str, tuple[str, str, str, str]] = {}  # scope -> (block path, index, attribute, block class)
     for node in model.graph.node:
         scopes, classes = _node_scopes(node)
         for i, scope in enumerate(scopes):
@@ -105,8 +105,7 @@ def find_sites(model: onnx.ModelProto, num_tokens: int) -> list[Site]:
             members.setdefault(scope, []).append(node)
             if scope not in info:
                 block_class = classes[i - 1] if 0 < i <= len(classes) else ""
-                module_class = classes[i] if i < len(classes) else ""
-                info[scope] = (m.group(1), m.group(3), m.group(4), block_class + "|" + module_class)
+                info[scope] = (m.group(1), m.group(3), m.group(4), block_class)
 
     producers = {o: n.name for n in model.graph.node for o in n.output}
     consumers: dict[str, set[str]] = collections.defaultdict(set)
@@ -123,10 +122,9 @@ def find_sites(model: onnx.ModelProto, num_tokens: int) -> list[Site]:
 
     sites = []
     for scope, nodes in members.items():
-        block_path, index, attr, classes = info[scope]
-        block_class, module_class = classes.split("|")
+        block_path, index, attr, block_class = info[scope]
         path = scope[scope.index(block_path):]
-        site = Site(path=path, block=block_path, index=int(index), kind=_kind(attr, block_class, module_class),
+        site = Site(path=path, block=block_path, index=int(index), kind=_kind(attr, block_class),
                     nodes=[n.name for n in nodes])
         names = set(site.nodes)
         ins, outs = [], []

@@ -53,11 +53,14 @@ def generate(plan: str, class_label: list[int], steps: int, guidance: float, see
     return paths
 
 
+def serve_unavailable() -> None:
+    raise DitmergeError("serving behind Ray Serve is not available in this version; load plans with runtime.load()")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
-        return run_cli(lambda: (_ for _ in ()).throw(DitmergeError(
-            "serving behind Ray Serve is not available in this version; load plans with runtime.load()")))
+        return run_cli(serve_unavailable)
     return run_cli(lambda: generate(args.plan, args.class_label, args.steps, args.guidance, args.seed, args.backend,
                                     args.out, args.progress))
 

@@ -210,7 +210,7 @@ def _use_tensorrt(plan: Plan, backend: str) -> bool:
     has_engines = all(b.graph in plan.manifest.get("engines", {}) for b in plan.buckets)
     if backend == "auto" and not has_engines:
         return False
-    from export.trt_build import gpu_name, tensorrt_status
+    from runtime.trt_runner import gpu_name, tensorrt_status
 
     ok, why = tensorrt_status()
     if not ok:

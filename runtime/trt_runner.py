@@ -9,9 +9,38 @@ from pathlib import Path
 import numpy as np
 
 from passes.errors import DitmergeError
+from passes.trt_check import TENSORRT_MIN_VERSION
 from runtime.runners import Runner
 
 logger = logging.getLogger(__name__)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")[:2] if x.isdigit())
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(usable, why not): tensorrt importable, recent enough, and a CUDA GPU visible."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return False, "the tensorrt package is not installed (pip install 'ditmerge[trt]')"
+    if _version_tuple(trt.__version__) < _version_tuple(TENSORRT_MIN_VERSION):
+        return False, f"tensorrt {trt.__version__} is older than the supported {TENSORRT_MIN_VERSION}"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is visible to torch"
+    except ImportError:
+        return False, "torch is not installed"
+    return True, ""
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu"
 
 
 class TrtRunner(Runner):
