@@ -85,24 +85,28 @@ def matching_share(graph: Path, feed: dict, weights: SharedWeights) -> float:
 
 
 PROBE = """
-import resource, sys, onnx, numpy as np
+import sys, onnx, numpy as np
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from runtime.runners import OrtRunner, SharedWeights
+def rss_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
 w = SharedWeights(Path({weights!r}))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = rss_kb()
 runners = [OrtRunner(Path(g), ["CPUExecutionProvider"], w) for g in {graphs!r}]
 feed = dict(np.load({feed!r}))
 for r in runners:
     r.activate()
     r.infer({{k: v for k, v in feed.items() if k in r.input_meta}})
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(rss_kb() - before)
 """
 
 
 def peak_rss_mb(graphs: list[Path], weights: Path, feed: dict) -> float:
-    """Peak RSS growth of a fresh process that loads ``graphs`` as sessions sharing ``weights`` and runs
-    each once (measured after the imports, so the interpreter and libraries do not count)."""
+    """Resident memory growth of a fresh process that loads ``graphs`` as sessions sharing ``weights`` and
+    runs each once (from after the imports, so the interpreter and libraries do not count)."""
     with tempfile.NamedTemporaryFile(suffix=".npz", delete=False) as f:
         np.savez(f, **feed)
     code = PROBE.format(root=str(Path(__file__).resolve().parents[1]), weights=str(weights),
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the eager model")
     p.add_argument("--results", default=str(Path(__file__).parent / "results"))
     p.add_argument("--workdir", default=None, help="where graphs are written (default: a temp dir)")
+    p.add_argument("--reuse-export", action="store_true", help="reuse base.onnx already exported in --workdir")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch"):
@@ -134,11 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ditmerge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    export_onnx(model, work / "base.onnx", grid)
-    base = onnx.load(work / "base.onnx", load_external_data=False)
-    base = PassManager([RemoveNoopSqueezePass(), FreeTokenAxisPass(grid[0] * grid[1])])(base).model
-    save_checked(base, work / "base.onnx")
-    logger.info("exported %s at %dx%d tokens in %.0f s", args.arch, *grid, time.perf_counter() - t0)
+    if args.reuse_export and (work / "base.onnx").exists():
+        base = onnx.load(work / "base.onnx", load_external_data=False)
+    else:
+        export_onnx(model, work / "base.onnx", grid)
+        base = onnx.load(work / "base.onnx", load_external_data=False)
+        base = PassManager([RemoveNoopSqueezePass(), FreeTokenAxisPass(grid[0] * grid[1])])(base).model
+        save_checked(base, work / "base.onnx")
+        logger.info("exported %s at %dx%d tokens in %.0f s", args.arch, *grid, time.perf_counter() - t0)
     graphs, metas = {"base": work / "base.onnx"}, {}
     for r in ratios:
         res = ToMePass(ToMeConfig(r, locations=tuple(args.locations.split(","))))(base)
@@ -184,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     mem = {"unmerged_mb": peak_rss_mb([graphs["base"]], work / WEIGHTS_FILE, feed),
            "plan_mb": peak_rss_mb(list(graphs.values()), work / WEIGHTS_FILE, merged_feed),
            "plan_graphs": len(graphs)}
-    mem["ratio"] = mem["plan_mb"] / mem["unmerged_mb"]
+    mem["ratio"] = mem["plan_mb"] / mem["unmerged_mb"] if mem["unmerged_mb"] > 0 else float("nan")
 
     e2e = {}
     if args.e2e_steps:
@@ -245,7 +253,7 @@ def table(result: dict) -> str:
                      f"{f('speedup_vs_eager', '.2f')} | {f('flops_rel', '.3f')} | {f('flop_ideal_speedup', '.2f')} | "
                      f"{f('share_of_flop_ideal', '.0%')} | {f('matching_share', '.1%')} |")
     m = result["memory"]
-    lines += ["", f"memory (peak RSS growth after imports): unmerged model {m['unmerged_mb']:.0f} MB; plan of {m['plan_graphs']} graphs "
+    lines += ["", f"memory (resident growth after imports): unmerged model {m['unmerged_mb']:.0f} MB; plan of {m['plan_graphs']} graphs "
                   f"{m['plan_mb']:.0f} MB ({m['ratio']:.2f}x)"]
     if result["end_to_end"]:
         e = result["end_to_end"]
