@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.measure import interleaved_latency  # noqa: E402
+from export.measure import feed_of, interleaved_latency  # noqa: E402
 from export.onnx_export import WEIGHTS_FILE, eager_forward, example_inputs, export_onnx  # noqa: E402
 from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass  # noqa: E402
 from passes.flops import count_flops  # noqa: E402
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     weights = SharedWeights(work / WEIGHTS_FILE)
     runners = {k: OrtRunner(g, ["CPUExecutionProvider"], weights) for k, g in graphs.items()}
     inputs = example_inputs(model, args.batch, grid, seed=0)
-    feed = {k: v.numpy() for k, v in inputs.items()}
+    feed = feed_of(inputs)
     part, inv = draw_partition(grid, rng=np.random.default_rng(0))
     merged_feed = {**feed, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
     calls = {k: (lambda rn=rn, k=k: rn.infer(merged_feed if k != "base" else feed)) for k, rn in runners.items()}

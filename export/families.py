@@ -22,7 +22,6 @@ class Family:
     example_inputs: Callable[[torch.nn.Module, int, tuple[int, int], int, torch.Generator], dict[str, torch.Tensor]]
     # model.forward keyword arguments from the flat graph inputs
     call: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-    patch: Callable[[torch.nn.Module], int]  # patch size
     default_grid: Callable[[torch.nn.Module], tuple[int, int]]
     timestep_scale: float = 1.0  # transformer timestep = scheduler timestep * scale
     batch_inputs: tuple[str, ...] = ()  # inputs whose first axis is the batch
@@ -116,18 +115,16 @@ def _square_grid(model) -> tuple[int, int]:
 
 
 FAMILIES = {
-    "DiTTransformer2DModel": Family("dit", "DiTTransformer2DModel", _dit_inputs, _dit_call,
-                                    lambda m: m.config.patch_size, _square_grid,
+    "DiTTransformer2DModel": Family("dit", "DiTTransformer2DModel", _dit_inputs, _dit_call, _square_grid,
                                     batch_inputs=("hidden_states", "timestep", "class_labels")),
     "PixArtTransformer2DModel": Family("pixart", "PixArtTransformer2DModel", _pixart_inputs, _pixart_call,
-                                       lambda m: m.config.patch_size, _square_grid,
+                                       _square_grid,
                                        batch_inputs=("hidden_states", "encoder_hidden_states", "encoder_attention_mask",
                                                      "timestep", "resolution", "aspect_ratio")),
-    "SD3Transformer2DModel": Family("sd3", "SD3Transformer2DModel", _sd3_inputs, _sd3_call,
-                                    lambda m: m.config.patch_size, _square_grid,
+    "SD3Transformer2DModel": Family("sd3", "SD3Transformer2DModel", _sd3_inputs, _sd3_call, _square_grid,
                                     batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")),
     "FluxTransformer2DModel": Family("flux", "FluxTransformer2DModel", _flux_inputs, _flux_call,
-                                     lambda m: 1, lambda m: (64, 64), timestep_scale=1e-3,
+                                     lambda m: (64, 64), timestep_scale=1e-3,
                                      batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections",
                                                    "timestep", "guidance")),
 }

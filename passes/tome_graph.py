@@ -41,10 +41,6 @@ class Geometry:
     def num_dst(self) -> int:
         return self.tokens - self.num_src
 
-    @property
-    def kept(self) -> int:
-        return self.tokens - self.r
-
 
 @dataclasses.dataclass
 class MatchState:
