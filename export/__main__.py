@@ -7,6 +7,7 @@ import sys
 
 from export.buckets import DEFAULT_BUCKETS
 from export.load import DEFAULT_MODEL
+from export.methods import available_methods
 from passes.cli import run_cli
 from passes.errors import DitmergeError
 from passes.tome import DEFAULT_LOCATIONS, LOCATIONS
@@ -27,17 +28,27 @@ def _ratios(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"ratios must be numbers like 0.3,0.5, got {text!r}") from None
 
 
+def _option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"options look like KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id (e.g. facebook/DiT-XL-2-256), local diffusers folder, or builtin:tiny-dit (default)")
-    p.add_argument("--method", default="tome", help="merge method (default: tome)")
+    p.add_argument("--method", default="tome", help=f"merge method: {', '.join(available_methods())} (default: tome)")
+    p.add_argument("--option", "-o", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="a method option, repeatable (e.g. -o switch_step=20 for sdtm); see the method's docs")
     p.add_argument("--buckets", default=DEFAULT_BUCKETS,
                    help="ratio per timestep bucket: '0.5,0.4,0.3' (equal spans, noisiest first) or "
                         "'999-600:0.5,599-0:0.3' (default: %(default)s)")
     p.add_argument("--out", default="plan", help="plan directory (default: ./plan)")
-    p.add_argument("--locations", default=",".join(DEFAULT_LOCATIONS),
-                   help=f"where to merge, comma-separated from {', '.join(LOCATIONS)} (default: %(default)s)")
+    p.add_argument("--locations", default=None,
+                   help=f"where ToMe merges, comma-separated from {', '.join(LOCATIONS)} "
+                        f"(default: {','.join(DEFAULT_LOCATIONS)})")
     p.add_argument("--grid", type=_grid, default=None, help="token grid ROWSxCOLS (default: the model's native size)")
     p.add_argument("--text-len", type=int, default=8, help="prompt tokens of text-conditioned models (default: 8)")
     p.add_argument("--no-measure", dest="measure", action="store_false", help="skip fidelity and latency measurement")
@@ -61,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     kwargs = dict(model=args.model, method=args.method, buckets=args.buckets, out=args.out,
-                  locations=tuple(s.strip() for s in args.locations.split(",") if s.strip()), grid=args.grid,
+                  locations=tuple(s.strip() for s in args.locations.split(",") if s.strip()) if args.locations else None,
+                  options=dict(args.options), grid=args.grid,
                   text_len=args.text_len, measure=args.measure, repeats=args.repeats,
                   quality_samples=args.quality_samples, quality_steps=args.quality_steps,
                   backend=args.backend, precision=args.precision,

@@ -16,25 +16,23 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from export.buckets import DEFAULT_BUCKETS, parse_buckets
+from export.buckets import DEFAULT_BUCKETS, BucketSpec
 from export.families import family_of
 from export.load import DEFAULT_MODEL, load_transformer, scheduler_config
-from export.measure import export_fidelity, feed_of, interleaved_latency, tome_fidelity
+from export.measure import export_fidelity, feed_of, interleaved_latency
+from export.methods import MAIN, BucketGraphs, BuildContext, Method, get_method
 from export.onnx_export import WEIGHTS_FILE, example_inputs, export_onnx
 from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass
 from passes.errors import DitmergeError
 from passes.flops import count_flops
-from passes.infra import PassManager, PassResult
-from passes.onnxutil import get_model_meta, save_checked
-from passes.partition import draw_partition, plan_bands
+from passes.infra import PassManager
+from passes.onnxutil import save_checked
 from passes.trt_check import TENSORRT_MIN_VERSION, check_tensorrt
-from passes.tome import DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
 from runtime.plan import FORMAT_VERSION, PLAN_FILE, sha256_file
 from runtime.runners import OrtRunner, SharedWeights
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tome",)
 BACKENDS = ("onnxruntime", "auto", "trt")
 BASE_GRAPH = "base.onnx"
 
@@ -50,9 +48,11 @@ class BucketResult:
     graph: str
     flops_rel: float
     tensorrt_check: list[str] = dataclasses.field(default_factory=list)  # violations; empty: TensorRT will take it
-    fidelity_max_abs: float | None = None
-    latency_ms: float | None = None
+    fidelity_max_abs: float | None = None  # the worst variant
+    latency_ms: float | None = None  # the main variant
     speedup: float | None = None
+    fidelity: dict[str, float] = dataclasses.field(default_factory=dict)  # per variant
+    variant_latency_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _versions() -> dict[str, str]:
@@ -68,7 +68,8 @@ def _json_config(config) -> dict:
 
 
 def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = DEFAULT_BUCKETS,
-               out: str | Path = "plan", locations: Sequence[str] = DEFAULT_LOCATIONS,
+               out: str | Path = "plan", locations: Sequence[str] | None = None,
+               options: dict[str, object] | None = None,
                grid: tuple[int, int] | None = None, text_len: int = 8, num_train_timesteps: int = 1000,
                measure: bool = True, repeats: int = 20, quality_samples: int = 20, quality_steps: int = 25,
                backend: str = "onnxruntime", precision: str = "fp16", sweep: Sequence[float] = (),
@@ -77,11 +78,12 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
 
     Args:
         model: a hub id, a local diffusers folder, or ``builtin:tiny-dit``.
-        method: the merge method; only "tome" so far.
+        method: the merge method, a module of :mod:`export.methods` (tome, ...).
         buckets: ratios per timestep bucket, "0.5,0.3" (equal spans, noisiest first) or "999-500:0.5,499-0:0.3".
         out: the plan directory; an existing plan there is replaced only once the new one is complete.
         locations: where ToMe merges: attn (self-attention), xattn (cross-attention queries), joint
-            (MMDiT image stream), mlp.
+            (MMDiT image stream), mlp; short for ``options={"locations": ...}``.
+        options: the method's options (see its ``defaults``); strings are converted to their types.
         grid: token grid (rows, cols); the model's native size when None.
         text_len: prompt length of text-conditioned models.
         num_train_timesteps: the timestep range the buckets cover.
@@ -98,9 +100,11 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
         progress: show progress bars.
     """
     t_start = time.perf_counter()
-    if method not in METHODS:
-        raise DitmergeError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    specs = parse_buckets(buckets, num_train_timesteps)
+    options = dict(options or {})
+    if locations is not None:
+        options["locations"] = tuple(locations)
+    meth = get_method(method, options)
+    specs = meth.bucket_specs(buckets, num_train_timesteps, model)
     if backend not in BACKENDS:
         raise DitmergeError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     from export.trt_build import PRECISIONS, require_tensorrt, tensorrt_status
@@ -119,8 +123,7 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
     created = not out.exists()
     stage.mkdir(parents=True, exist_ok=True)
     try:
-        manifest = _build(model=model, method=method, specs=specs, buckets=buckets, stage=stage,
-                          locations=locations, grid=grid, text_len=text_len,
+        manifest = _build(model=model, meth=meth, specs=specs, buckets=buckets, stage=stage, grid=grid, text_len=text_len,
                           num_train_timesteps=num_train_timesteps, measure=measure, repeats=repeats,
                           quality_samples=quality_samples, quality_steps=quality_steps,
                           engines=engines, precision=precision, sweep=tuple(sweep), progress=progress)
@@ -137,8 +140,7 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
     return manifest
 
 
-def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
-           locations: Sequence[str], grid: tuple[int, int] | None, text_len: int, num_train_timesteps: int,
+def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, grid: tuple[int, int] | None, text_len: int, num_train_timesteps: int,
            measure: bool, repeats: int, quality_samples: int, quality_steps: int, engines: bool, precision: str,
            sweep: tuple[float, ...], progress: bool) -> dict:
     """Everything of :func:`build_plan` that writes into the staging directory."""
@@ -150,10 +152,8 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
     torch_model = load_transformer(model)
     family = family_of(torch_model)
     grid = tuple(grid) if grid else family.default_grid(torch_model)
-    config = ToMeConfig(ratio=0.0, locations=tuple(locations))
-    for spec in specs:
-        dataclasses.replace(config, ratio=spec.ratio).validate(grid)
-    bands = plan_bands(grid, config.stride, config.max_src_per_band)
+    meth.validate(specs, grid)
+    method = meth.name
     steps.update()
 
     # 1. Export the unmerged graph, weights in one file every bucket graph shares
@@ -177,31 +177,25 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
     base_trt = [str(v) for v in check_tensorrt(base)]
     steps.update()
 
-    # 3. One graph per bucket
+    # 3. The method's graphs for each bucket
+    ctx = BuildContext(torch_model=torch_model, family=family, grid=grid, text_len=text_len,
+                       num_train_timesteps=num_train_timesteps, base=base, stage=stage, progress=progress)
+    meth.prepare(ctx)
     results: list[BucketResult] = []
-    tome_meta: dict[int, dict] = {}
+    built: dict[int, BucketGraphs] = {}
+    files: dict[int, dict[str, str]] = {}
     for i, spec in enumerate(specs):
-        steps.set_postfix_str(f"bucket {i}: tome ratio {spec.ratio}")
-        tome_pass = ToMePass(dataclasses.replace(config, ratio=spec.ratio), bucket=i)
-        graph = f"bucket_{i}.onnx"
-        step = json.dumps({"graph": graph, **tome_pass.stamp()}, sort_keys=True)
-        if done.finished(step, [graph]):
-            logger.info("resuming: reusing %s", graph)
-            res = PassResult(onnx.load(stage / graph, load_external_data=False), True)
-        else:
-            res = tome_pass(base)
-            if res.modified:
-                save_checked(res.model, stage / graph)
-                done.record(step, [graph])
-        if res.modified:
-            meta = json.loads(get_model_meta(res.model)["tome"])
-            tome_meta[i] = meta
-            r, flops, trt = meta["r"], count_flops(res.model), [str(v) for v in check_tensorrt(res.model)]
-        else:
-            graph, r, flops, trt = BASE_GRAPH, 0, base_flops, base_trt
+        steps.set_postfix_str(f"bucket {i}: {method} ratio {spec.ratio}")
+        bg, names = _bucket_graphs(meth, ctx, spec, i, done)
+        built[i], files[i] = bg, names
+        main = names[MAIN]
+        flops = base_flops if main == BASE_GRAPH else count_flops(bg.graphs[MAIN])
+        trt = sorted({str(v) for name, g in bg.graphs.items() if g is not None for v in check_tensorrt(g)}) or (
+            base_trt if main == BASE_GRAPH else [])
         if trt:
             logger.warning("bucket %d would not build with TensorRT: %s", i, "; ".join(trt[:3]))
-        results.append(BucketResult(i, spec.t_lo, spec.t_hi, spec.ratio, r, n_tokens - r, graph, flops / base_flops, trt))
+        results.append(BucketResult(i, spec.t_lo, spec.t_hi, spec.ratio, bg.r, bg.kept_tokens, main,
+                                    flops / base_flops, trt))
         steps.update()
 
     # 4. Measure: fidelity against eager PyTorch, latency against the unmerged graph (same backend)
@@ -209,24 +203,27 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
     if measure:
         steps.set_postfix_str("measuring fidelity and latency")
         weights = SharedWeights(stage / WEIGHTS_FILE)
-        runners = {g: OrtRunner(stage / g, ["CPUExecutionProvider"], weights) for g in {r.graph for r in results} | {BASE_GRAPH}}
+        graphs = {BASE_GRAPH} | {g for names in files.values() for g in names.values()}
+        runners = {g: OrtRunner(stage / g, ["CPUExecutionProvider"], weights) for g in graphs}
         inputs = example_inputs(torch_model, 2, grid, text_len, seed=1)
         report["export_fidelity_max_abs"] = export_fidelity(torch_model, runners[BASE_GRAPH], inputs)
-        for res in results:
-            if res.index in tome_meta:
-                res.fidelity_max_abs = tome_fidelity(torch_model, runners[res.graph], inputs, tome_meta[res.index], grid)
-            else:
-                res.fidelity_max_abs = report["export_fidelity_max_abs"]
         feed = feed_of(inputs)
-        part, inv = draw_partition(grid, config.stride, None, bands)
-        calls = {g: (lambda rn=rn: rn.infer({**feed, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
-                                            if PARTITION_INPUT in rn.input_meta else feed))
-                 for g, rn in runners.items()}
+        calls = {BASE_GRAPH: lambda: runners[BASE_GRAPH].infer(feed)}
+        for res in results:
+            bg = built[res.index]
+            res.fidelity = {}
+            for variant, g in files[res.index].items():
+                res.fidelity[variant] = (report["export_fidelity_max_abs"] if g == BASE_GRAPH else
+                                         meth.fidelity(ctx, bg.meta, variant, runners[g].infer, inputs))
+                extra = meth.extra_feed(ctx, bg.meta, variant, 2)
+                calls.setdefault(g, lambda rn=runners[g], extra=extra: rn.infer({**feed, **extra}))
+            res.fidelity_max_abs = max(res.fidelity.values())
         lat = interleaved_latency(calls, repeats=repeats)
         report["base_latency_ms"] = lat[BASE_GRAPH] * 1e3
         for res in results:
             res.latency_ms = lat[res.graph] * 1e3
             res.speedup = lat[BASE_GRAPH] / lat[res.graph]
+            res.variant_latency_ms = {v: lat[g] * 1e3 for v, g in files[res.index].items()}
         for rn in runners.values():
             rn.deactivate()
         steps.update()
@@ -240,13 +237,13 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
                   "num_train_timesteps": num_train_timesteps, "config": _json_config(torch_model.config),
                   "scheduler": scheduler_config(model)},
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(stage / WEIGHTS_FILE)},
-        "method": {"name": method, "params": {"locations": list(config.locations), "stride": list(config.stride),
-                                              "bands": bands}},
+        "method": {"name": method, "params": meth.params()},
         "schedule": {"buckets": buckets},
         "base": {"graph": BASE_GRAPH, "sha256": sha256_file(stage / BASE_GRAPH), "flops": base_flops,
                  "tensorrt_check": base_trt},
         "buckets": [{**dataclasses.asdict(r), "sha256": sha256_file(stage / r.graph), "engines": {},
-                     "tome": tome_meta.get(r.index)} for r in results],  # engines: per backend, filled below
+                     "graphs": {v: {"file": g, "sha256": sha256_file(stage / g)} for v, g in files[r.index].items()},
+                     "method_meta": built[r.index].meta} for r in results],  # engines: filled below
         "report": report,
     }
     if engines:
@@ -268,7 +265,7 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
                                                         steps=quality_steps, grid_png=stage / "samples.png")
         if sweep:
             steps.set_postfix_str(f"quality/speed sweep over ratios {list(sweep)}")
-            manifest["report"]["sweep"] = _sweep(stage, manifest, base, config, sweep, quality_samples, quality_steps)
+            manifest["report"]["sweep"] = _sweep(stage, manifest, meth, ctx, sweep, quality_samples, quality_steps)
     steps.update()
     steps.close()
     (stage / "report.md").write_text(render_report(manifest))
@@ -277,31 +274,60 @@ def _build(model: str, method: str, specs: list, buckets: str, stage: Path,
     return manifest
 
 
-def _sweep(stage: Path, manifest: dict, base: onnx.ModelProto, config: ToMeConfig, ratios: tuple[float, ...],
+def _sweep(stage: Path, manifest: dict, meth: Method, ctx: BuildContext, ratios: tuple[float, ...],
            samples: int, steps: int) -> list[dict]:
-    """Quality and end-to-end speed of uniform-ratio graphs against the unmerged plan, plus a plot."""
+    """Quality and end-to-end speed of uniform-ratio plans against the unmerged plan, plus a plot."""
     import copy
 
     from export.report_quality import measure_quality
     from runtime.plan import Plan
 
     rows = []
+    t_max = manifest["model"]["num_train_timesteps"] - 1
     for ratio in ratios:
-        dataclasses.replace(config, ratio=ratio).validate(tuple(manifest["model"]["grid"]))
-        res = ToMePass(dataclasses.replace(config, ratio=ratio), bucket="sweep")(base)
+        spec = BucketSpec(0, t_max, ratio)
+        meth.validate([spec], ctx.grid)
+        bg = meth.build_bucket(ctx, spec, "sweep")
+        names = {}
+        for variant, g in bg.graphs.items():
+            names[variant] = BASE_GRAPH if g is None else f".sweep_{ratio}_{variant}.onnx"
+            if g is not None:
+                save_checked(g, stage / names[variant])
         view = copy.deepcopy(manifest)
-        if res.modified:
-            graph = f".sweep_{ratio}.onnx"
-            save_checked(res.model, stage / graph)
-            view["buckets"] = [{**b, "graph": graph} for b in view["buckets"]]
-        else:
-            view["buckets"] = [{**b, "graph": BASE_GRAPH} for b in view["buckets"]]
+        view["buckets"] = [{**b, "graph": names[MAIN], "method_meta": bg.meta,
+                            "graphs": {v: {"file": f, "sha256": ""} for v, f in names.items()}} for b in view["buckets"]]
         q = measure_quality(Plan(stage, view), samples=samples, steps=steps)
-        rows.append({"ratio": ratio, "r": json.loads(get_model_meta(res.model)["tome"])["r"] if res.modified else 0, **q})
-        if res.modified:
-            (stage / graph).unlink()
+        rows.append({"ratio": ratio, "r": bg.r, **q})
+        for f in set(names.values()) - {BASE_GRAPH}:
+            (stage / f).unlink()
     plot_quality_speed(rows, stage / "quality_speed.png")
     return rows
+
+
+def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int,
+                   done: StageProgress) -> tuple[BucketGraphs, dict[str, str]]:
+    """Build (or, when an interrupted build finished it, reload) a bucket's graphs; save them staged."""
+    key = json.dumps({"graphs": index, **meth.stamp(spec, index)}, sort_keys=True, default=str)
+    record = done.data["done"].get(key)
+    if record is not None and "variants" in record:
+        names = record["variants"]
+        files = sorted(set(names.values()) - {BASE_GRAPH})
+        if done.finished(key + "#files", files):
+            logger.info("resuming: reusing %s", ", ".join(files) or BASE_GRAPH)
+            graphs = {v: None if f == BASE_GRAPH else onnx.load(ctx.stage / f, load_external_data=False)
+                      for v, f in names.items()}
+            return BucketGraphs(graphs, record["meta"], record["r"], record["kept_tokens"]), names
+    bg = meth.build_bucket(ctx, spec, index)
+    names = {}
+    for variant, g in bg.graphs.items():
+        names[variant] = BASE_GRAPH if g is None else (f"bucket_{index}.onnx" if variant == MAIN
+                                                       else f"bucket_{index}_{variant}.onnx")
+        if g is not None:
+            save_checked(g, ctx.stage / names[variant])
+    done.record(key + "#files", sorted(set(names.values()) - {BASE_GRAPH}))
+    done.data["done"][key] = {"variants": names, "meta": bg.meta, "r": bg.r, "kept_tokens": bg.kept_tokens}
+    done._write()
+    return bg, names
 
 
 def plot_quality_speed(rows: list[dict], path: Path) -> None:
@@ -393,7 +419,8 @@ def _publish(stage: Path, out: Path) -> None:
     # graphs of an older plan that this one no longer references
     manifest = json.loads((out / PLAN_FILE).read_text())
     current = {PLAN_FILE, "report.md", "samples.png", "quality_speed.png", WEIGHTS_FILE, BASE_GRAPH} | {
-        b["graph"] for b in manifest["buckets"]} | {e["file"] for e in manifest.get("engines", {}).values()}
+        b["graph"] for b in manifest["buckets"]} | {e["file"] for e in manifest.get("engines", {}).values()} | {
+        v["file"] for b in manifest["buckets"] for v in b.get("graphs", {}).values()}
     for name in keep:
         if name.endswith((".onnx", ".engine")) and name not in current:
             (out / name).unlink()

@@ -119,6 +119,8 @@ def build_plan_engines(plan_dir: Path, manifest: dict, precision: str = "fp16", 
     if reuse_from and (reuse_from / TIMING_CACHE).exists() and not (plan_dir / TIMING_CACHE).exists():
         shutil.copy2(reuse_from / TIMING_CACHE, plan_dir / TIMING_CACHE)
     graphs = {b["graph"]: b["sha256"] for b in manifest["buckets"]}
+    for b in manifest["buckets"]:
+        graphs.update({v["file"]: v["sha256"] for v in b.get("graphs", {}).values()})
     engines = {}
     for graph, digest in tqdm(graphs.items(), desc="TensorRT engines", disable=not progress, leave=False):
         key = engine_key(digest, precision, trt.__version__, gpu, strip)

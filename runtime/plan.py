@@ -9,7 +9,7 @@ from pathlib import Path
 
 from passes.errors import DitmergeError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: buckets may hold several graph variants and method metadata (1 still reads)
 PLAN_FILE = "plan.json"
 
 
@@ -27,8 +27,10 @@ class Bucket:
     t_lo: int
     t_hi: int
     ratio: float
-    graph: str
+    graph: str  # the main variant
     sha256: str
+    graphs: dict = dataclasses.field(default_factory=dict, compare=False)  # variant -> file
+    meta: dict = dataclasses.field(default_factory=dict, compare=False)  # the method's, for its runtime policy
 
     def covers(self, t: float) -> bool:
         """Integer timesteps t_lo..t_hi, and the continuous range [t_lo, t_hi + 1) for float schedules."""
@@ -41,7 +43,9 @@ class Plan:
     def __init__(self, directory: Path, manifest: dict) -> None:
         self.dir = directory
         self.manifest = manifest
-        self.buckets = [Bucket(b["index"], b["t_lo"], b["t_hi"], b["ratio"], b["graph"], b["sha256"])
+        self.buckets = [Bucket(b["index"], b["t_lo"], b["t_hi"], b["ratio"], b["graph"], b["sha256"],
+                               {k: v["file"] for k, v in b.get("graphs", {}).items()} or {"main": b["graph"]},
+                               b.get("method_meta", b.get("tome")) or {})
                         for b in manifest["buckets"]]
 
     @property
@@ -68,6 +72,8 @@ class Plan:
                                 f"{FORMAT_VERSION}: upgrade ditmerge or rebuild the plan")
         plan = cls(directory, manifest)
         files = {b.graph: b.sha256 for b in plan.buckets}
+        for b in manifest["buckets"]:
+            files.update({v["file"]: v["sha256"] for v in b.get("graphs", {}).values()})
         files[manifest["weights"]["file"]] = manifest["weights"]["sha256"]
         files.update({e["file"]: e["sha256"] for e in manifest.get("engines", {}).values()})
         for name, digest in files.items():

@@ -1,8 +1,9 @@
 """A plan that stands in for ``pipe.transformer`` in a diffusers pipeline.
 
-Each call picks the bucket whose timestep range holds the call's timestep and runs that bucket's
-session. Cross-step state (the seeded partition stream) belongs to one generation: it resets when the
-timestep goes up (a new denoising loop) or on :meth:`PlanTransformer.reset`, and each thread has its own.
+Each call picks the bucket whose timestep range holds the call's timestep; the method's runtime policy
+(:mod:`runtime.policies`) picks which of the bucket's graph variants runs and with which extra inputs.
+Cross-step state (the seeded random stream, caches, counters) belongs to one generation: it resets when
+the timestep goes up (a new denoising loop) or on :meth:`PlanTransformer.reset`, and each thread has its own.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import numpy as np
 import torch
 
 from passes.errors import DitmergeError
-from passes.partition import draw_partition
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
 from runtime.plan import Plan
+from runtime.policies import GenState, policy_for
 from runtime.runners import OrtRunner, SharedWeights, ort_providers
 
 logger = logging.getLogger(__name__)
@@ -52,9 +52,8 @@ def _family_feed(family: str, hidden_states, timestep, kw: dict) -> dict[str, ob
 
 
 class _Generation(threading.local):
-    rng: np.random.Generator | None = None
+    state: GenState | None = None
     last_t: float | None = None
-    steps: int = 0
 
 
 class PlanTransformer(torch.nn.Module):
@@ -64,7 +63,7 @@ class PlanTransformer(torch.nn.Module):
         plan: the loaded plan.
         backend: "auto" (CUDA when a GPU answers, else CPU), "cpu", "cuda" or "ort-trt".
         seed: seeds the partition stream of each generation.
-        deterministic: use the fixed top-left partition instead of a random one.
+        deterministic: no random draws at run time (ToMe: the fixed top-left partition).
         threads: onnxruntime intra-op threads (0: onnxruntime's default).
     """
 
@@ -78,11 +77,10 @@ class PlanTransformer(torch.nn.Module):
         self.use_trt = _use_tensorrt(plan, backend)
         self.providers = ort_providers("auto" if backend in ("trt", "auto") else backend)
         self.seed, self.deterministic = seed, deterministic
+        self.policy = policy_for(plan, deterministic)
         self.config = FrozenDict(plan.model["config"])
         self.family = plan.model["family"]
         self.grid = tuple(plan.model["grid"])
-        self.stride = tuple(plan.method.get("params", {}).get("stride", (2, 2)))
-        self.bands = int(plan.method.get("params", {}).get("bands", 1))
         self.timestep_scale = float(plan.model.get("timestep_scale", 1.0))
         self.threads = threads
         self._weights = SharedWeights(plan.dir / plan.manifest["weights"]["file"])
@@ -113,13 +111,11 @@ class PlanTransformer(torch.nn.Module):
             return self._runners[graph]
 
     def reset(self, seed: int | None = None) -> None:
-        """Start a new generation: a fresh partition stream for this thread."""
-        self._gen.rng = np.random.default_rng(self.seed if seed is None else seed)
+        """Start a new generation on this thread: a fresh random stream and empty method state."""
+        seed = self.seed if seed is None else seed
+        self._gen.state = GenState(seed=seed, rng=np.random.default_rng(seed))
         self._gen.last_t = None
-        self._gen.steps = 0
-
-    def _partition(self) -> tuple[np.ndarray, np.ndarray]:
-        return draw_partition(self.grid, self.stride, None if self.deterministic else self._gen.rng, self.bands)
+        self.policy.start(self._gen.state)
 
     def forward(self, hidden_states: torch.Tensor, timestep=None, return_dict: bool = True, **kwargs):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -133,30 +129,44 @@ class PlanTransformer(torch.nn.Module):
         bucket = self.plan.bucket_for(float(t_train[0]))
         if any(not bucket.covers(float(v)) for v in t_train):
             raise DitmergeError(f"the timesteps of one call {t_train.tolist()} fall in different buckets")
-        if self._gen.rng is None or (self._gen.last_t is not None and t_train[0] > self._gen.last_t):
+        if self._gen.state is None or (self._gen.last_t is not None and t_train[0] > self._gen.last_t):
             self.reset()
         self._gen.last_t = float(t_train[0])
-        self._gen.steps += 1
+        state = self._gen.state
 
-        runner = self.runner(bucket.graph)
-        inputs = self._inputs[bucket.graph]
-        feed = self._feed(inputs, _family_feed(self.family, hidden_states, timestep, kwargs))
-        if PARTITION_INPUT in inputs:
-            feed[PARTITION_INPUT], feed[PARTITION_INV_INPUT] = self._partition()
+        batch = int(np.shape(_np(hidden_states))[0])
+        variant, extra = self.policy.select(state, bucket, batch)
+        graph = bucket.graphs.get(variant)
+        if graph is None:
+            raise DitmergeError(f"bucket {bucket.index} of the plan has no {variant!r} graph (it has "
+                                f"{', '.join(bucket.graphs)}); rebuild the plan")
+        runner = self.runner(graph)
+        feed = self._feed(self._inputs[graph], _family_feed(self.family, hidden_states, timestep, kwargs), extra)
         device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
         if self.use_trt:
-            sample = runner.infer_torch(feed)["sample"].to(device)
+            outputs = runner.infer_torch(feed)
+            sample = outputs["sample"].to(device)
         else:
-            sample = torch.from_numpy(runner.infer(feed)["sample"]).to(device)
+            outputs = runner.infer(feed)
+            sample = torch.from_numpy(outputs["sample"]).to(device)
+        if len(outputs) > 1:
+            self.policy.update(state, bucket, variant, {k: _np(v) for k, v in outputs.items() if k != "sample"})
+        state.steps += 1
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
     @staticmethod
-    def _feed(inputs: dict[str, tuple[np.dtype, list]], values: dict[str, object]) -> dict[str, np.ndarray]:
-        """Check names, ranks, static dims, batch and dtypes against the graph; cast where lossless."""
+    def _feed(inputs: dict[str, tuple[np.dtype, list]], values: dict[str, object],
+              extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Check names, ranks, static dims, batch and dtypes against the graph; cast where lossless.
+
+        ``extra`` holds the policy's inputs (partitions, caches), passed through as they are.
+        """
+        extra = extra or {}
         feed: dict[str, np.ndarray] = {}
         batch = None
         for name, (want, shape) in inputs.items():
-            if name in (PARTITION_INPUT, PARTITION_INV_INPUT):
+            if name in extra:
+                feed[name] = np.ascontiguousarray(extra[name])
                 continue
             value = values.get(name)
             if value is None:
@@ -207,7 +217,7 @@ def _use_tensorrt(plan: Plan, backend: str) -> bool:
     """TensorRT for "trt" (or "auto" when the plan has engines and TensorRT runs here); refuse stale engines."""
     if backend not in ("trt", "auto"):
         return False
-    has_engines = all(b.graph in plan.manifest.get("engines", {}) for b in plan.buckets)
+    has_engines = all(g in plan.manifest.get("engines", {}) for b in plan.buckets for g in b.graphs.values())
     if backend == "auto" and not has_engines:
         return False
     from runtime.trt_runner import gpu_name, tensorrt_status

@@ -1,0 +1,61 @@
+"""The runtime half of a merge method: per denoising step, which graph variant runs with which inputs.
+
+A policy sees one generation at a time through :class:`GenState` (one per thread, reset when a new
+denoising loop starts): the step count, a seeded random stream, and a dict for method state (caches,
+counters) that carries from one step to the next. Policies live in ``runtime/policies/<method>.py``
+and define ``POLICY``; a method without one runs its buckets' main graph with no extra inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import numpy as np
+
+from passes.errors import DitmergeError
+
+MAIN = "main"
+
+
+@dataclasses.dataclass
+class GenState:
+    """One generation's cross-step state."""
+
+    seed: int
+    rng: np.random.Generator
+    steps: int = 0  # calls made so far in this generation
+    data: dict = dataclasses.field(default_factory=dict)
+
+
+class StepPolicy:
+    """Base policy: every step runs the bucket's main graph with no extra inputs."""
+
+    def __init__(self, plan, deterministic: bool = False) -> None:
+        self.plan = plan
+        self.deterministic = deterministic  # fixed partitions / no random draws, for reproducible checks
+        self.grid = tuple(plan.model["grid"])
+        self.params = plan.method.get("params", {})
+
+    def start(self, state: GenState) -> None:
+        """A new generation begins (state is fresh)."""
+
+    def select(self, state: GenState, bucket, batch: int) -> tuple[str, dict[str, np.ndarray]]:
+        """The variant to run at this step and its extra inputs."""
+        return MAIN, {}
+
+    def update(self, state: GenState, bucket, variant: str, outputs: dict[str, np.ndarray]) -> None:
+        """Take what the step's graph returned beyond ``sample`` into the generation's state."""
+
+
+def policy_for(plan, deterministic: bool = False) -> StepPolicy:
+    name = plan.method.get("name", "")
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        return StepPolicy(plan, deterministic)
+    if not hasattr(module, "POLICY"):
+        raise DitmergeError(f"runtime policy module for method {name!r} defines no POLICY")
+    return module.POLICY(plan, deterministic)
