@@ -95,7 +95,7 @@ def rss_kb():
             return int(line.split()[1])
 w = SharedWeights(Path({weights!r}))
 before = rss_kb()
-runners = [OrtRunner(Path(g), ["CPUExecutionProvider"], w) for g in {graphs!r}]
+runners = [OrtRunner(Path(g), ["CPUExecutionProvider"], w, prepack={prepack!r}) for g in {graphs!r}]
 feed = dict(np.load({feed!r}))
 for r in runners:
     r.activate()
@@ -104,13 +104,13 @@ print(rss_kb() - before)
 """
 
 
-def peak_rss_mb(graphs: list[Path], weights: Path, feed: dict) -> float:
+def peak_rss_mb(graphs: list[Path], weights: Path, feed: dict, prepack: bool = True) -> float:
     """Resident memory growth of a fresh process that loads ``graphs`` as sessions sharing ``weights`` and
     runs each once (from after the imports, so the interpreter and libraries do not count)."""
     with tempfile.NamedTemporaryFile(suffix=".npz", delete=False) as f:
         np.savez(f, **feed)
     code = PROBE.format(root=str(Path(__file__).resolve().parents[1]), weights=str(weights),
-                        graphs=[str(g) for g in graphs], feed=f.name)
+                        graphs=[str(g) for g in graphs], feed=f.name, prepack=prepack)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     os.unlink(f.name)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--e2e-steps", type=int, default=10, help="denoising steps of the end-to-end comparison (0: skip)")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the eager model")
+    p.add_argument("--no-prepack", action="store_true",
+                   help="also time every graph with onnxruntime's weight prepacking off (shares one weight copy)")
     p.add_argument("--results", default=str(Path(__file__).parent / "results"))
     p.add_argument("--workdir", default=None, help="where graphs are written (default: a temp dir)")
     p.add_argument("--reuse-export", action="store_true", help="reuse base.onnx already exported in --workdir")
@@ -160,7 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
     feed = feed_of(inputs)
     part, inv = draw_partition(grid, rng=np.random.default_rng(0))
     merged_feed = {**feed, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
-    calls = {k: (lambda rn=rn, k=k: rn.infer(merged_feed if k != "base" else feed)) for k, rn in runners.items()}
+    if args.no_prepack:
+        runners.update({f"{k} no-prepack": OrtRunner(g, ["CPUExecutionProvider"], weights, prepack=False)
+                        for k, g in graphs.items()})
+    calls = {k: (lambda rn=rn, k=k: rn.infer(merged_feed if not k.startswith("base") else feed))
+             for k, rn in runners.items()}
     calls["eager torch"] = lambda: eager_forward(model, inputs)
     if args.torch_compile:
         try:
@@ -176,14 +182,16 @@ def main(argv: list[str] | None = None) -> dict:
         lat = interleaved_latency(calls, repeats=args.repeats, warmup=1)
 
     rows = []
-    for k in graphs:
-        ideal = flops["base"] / flops[k]
-        speed = lat["base"] / lat[k]
-        share = matching_share(graphs[k], merged_feed, weights) if k != "base" else 0.0
+    for k in runners:
+        g = k.removesuffix(" no-prepack")
+        base_key = "base no-prepack" if k.endswith("no-prepack") else "base"
+        ideal = flops["base"] / flops[g]
+        speed = lat[base_key] / lat[k]
+        share = matching_share(graphs[g], merged_feed, weights) if k in metas else 0.0
         rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "speedup_vs_unmerged": speed,
-                     "speedup_vs_eager": lat["eager torch"] / lat[k], "flops_rel": flops[k] / flops["base"],
+                     "speedup_vs_eager": lat["eager torch"] / lat[k], "flops_rel": flops[g] / flops["base"],
                      "flop_ideal_speedup": ideal, "share_of_flop_ideal": speed / ideal, "matching_share": share,
-                     "r": metas.get(k, {}).get("r", 0)})
+                     "r": metas.get(g, {}).get("r", 0)})
     for k in ("eager torch", "torch.compile"):
         if k in lat:
             rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "speedup_vs_unmerged": lat["base"] / lat[k]})
@@ -193,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
            "plan_mb": peak_rss_mb(list(graphs.values()), work / WEIGHTS_FILE, merged_feed),
            "plan_graphs": len(graphs)}
     mem["ratio"] = mem["plan_mb"] / mem["unmerged_mb"] if mem["unmerged_mb"] > 0 else float("nan")
+    if args.no_prepack:
+        mem["plan_no_prepack_mb"] = peak_rss_mb(list(graphs.values()), work / WEIGHTS_FILE, merged_feed, prepack=False)
+        mem["ratio_no_prepack"] = mem["plan_no_prepack_mb"] / mem["unmerged_mb"]
 
     e2e = {}
     if args.e2e_steps:
@@ -254,7 +265,9 @@ def table(result: dict) -> str:
                      f"{f('share_of_flop_ideal', '.0%')} | {f('matching_share', '.1%')} |")
     m = result["memory"]
     lines += ["", f"memory (resident growth after imports): unmerged model {m['unmerged_mb']:.0f} MB; plan of {m['plan_graphs']} graphs "
-                  f"{m['plan_mb']:.0f} MB ({m['ratio']:.2f}x)"]
+                  f"{m['plan_mb']:.0f} MB ({m['ratio']:.2f}x)" + (
+                      f"; with prepacking off {m['plan_no_prepack_mb']:.0f} MB ({m['ratio_no_prepack']:.2f}x of the "
+                      "unmerged model with prepacking)" if "plan_no_prepack_mb" in m else "")]
     if result["end_to_end"]:
         e = result["end_to_end"]
         s = e["seconds"]
@@ -270,7 +283,7 @@ def chart(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tome = [r for r in result["rows"] if r["variant"].startswith("tome")]
+    tome = [r for r in result["rows"] if r["variant"].startswith("tome") and "no-prepack" not in r["variant"]]
     ratios = [float(r["variant"].split()[1]) for r in tome]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ratios, [r["speedup_vs_unmerged"] for r in tome], "o-", label="measured (onnxruntime CPU)")

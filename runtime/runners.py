@@ -127,9 +127,10 @@ class OrtRunner(Runner):
     name = "onnxruntime"
 
     def __init__(self, graph_path: Path, providers: list[str], weights: SharedWeights | None = None,
-                 threads: int = 0) -> None:
+                 threads: int = 0, prepack: bool = True) -> None:
         super().__init__()
         self.graph_path, self.providers, self.weights, self.threads = graph_path, providers, weights, threads
+        self.prepack = prepack
         self.session = None
         self._lock = threading.Lock()
 
@@ -143,6 +144,10 @@ class OrtRunner(Runner):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        if not self.prepack:
+            # Prepacked MatMul weights are a private copy per session: a plan of N bucket sessions would hold
+            # the weights N + 1 times. Without prepacking every session reads the one shared weights file.
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         self._keep = {}
         if self.weights is not None:
             proto = onnx.load(self.graph_path, load_external_data=False)

@@ -65,10 +65,12 @@ class PlanTransformer(torch.nn.Module):
         seed: seeds the partition stream of each generation.
         deterministic: no random draws at run time (ToMe: the fixed top-left partition).
         threads: onnxruntime intra-op threads (0: onnxruntime's default).
+        prepack: let onnxruntime prepack MatMul weights per session (faster, but each session holds its own
+            packed copy of the weights); False shares one copy among all the plan's sessions.
     """
 
     def __init__(self, plan: Plan, backend: str = "auto", seed: int = 0, deterministic: bool = False,
-                 threads: int = 0) -> None:
+                 threads: int = 0, prepack: bool = True) -> None:
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
@@ -82,7 +84,7 @@ class PlanTransformer(torch.nn.Module):
         self.family = plan.model["family"]
         self.grid = tuple(plan.model["grid"])
         self.timestep_scale = float(plan.model.get("timestep_scale", 1.0))
-        self.threads = threads
+        self.threads, self.prepack = threads, prepack
         self._weights = SharedWeights(plan.dir / plan.manifest["weights"]["file"])
         self._runners: dict[str, object] = {}
         self._inputs: dict[str, dict[str, tuple[np.dtype, list]]] = {}
@@ -106,7 +108,8 @@ class PlanTransformer(torch.nn.Module):
                     info = self.plan.engines(graph)
                     self._runners[graph] = TrtRunner(self.plan.dir / info["file"], self.plan.dir / graph, info["strip"])
                 else:
-                    self._runners[graph] = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads)
+                    self._runners[graph] = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads,
+                                                     self.prepack)
                 self._inputs[graph] = graph_inputs(self.plan.dir / graph)
             return self._runners[graph]
 
@@ -243,7 +246,7 @@ def _use_tensorrt(plan: Plan, backend: str) -> bool:
 
 
 def load(plan_dir: str | Path, backend: str = "auto", seed: int = 0, deterministic: bool = False,
-         verify: bool = True, threads: int = 0) -> PlanTransformer:
+         verify: bool = True, threads: int = 0, prepack: bool = True) -> PlanTransformer:
     """Load a plan; the result can replace ``pipe.transformer`` in a diffusers pipeline."""
     return PlanTransformer(Plan.load(plan_dir, verify=verify), backend=backend, seed=seed,
-                           deterministic=deterministic, threads=threads)
+                           deterministic=deterministic, threads=threads, prepack=prepack)
