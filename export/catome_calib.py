@@ -117,7 +117,7 @@ def derive_r(per_block: dict[str, list[int]], statistic: str, num_src: int, band
     """The bucket's r: ``statistic`` over every count of every merge point, rounded, clamped to the src
     count and floored to a multiple of the band count. Returns (r, the statistic's value)."""
     value = summarize([c for cs in per_block.values() for c in cs], statistic)
-    r = min(int(round(value)), num_src) // bands * bands
+    r = min(round(value), num_src) // bands * bands
     return max(r, 0), value
 
 

@@ -15,13 +15,21 @@ bucket's calibrated value) instead of the per-call count of pairs above the thre
 
 from __future__ import annotations
 
-import onnx_graphsurgeon as gs
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from passes.errors import DitmergeError
 from passes.graphbuild import Emitter
 from passes.tome import ToMeConfig, ToMePass
-from passes.tome_graph import INDEX_NAMES, Geometry, MatchIndices, MatchState, build_match_indices, build_state, index_shapes
+from passes.tome_graph import (
+    INDEX_NAMES,
+    Geometry,
+    MatchIndices,
+    MatchState,
+    build_match_indices,
+    build_state,
+    index_shapes,
+)
 
 INDEX_PREFIX = "catome_idx/"
 VARIANTS = ("match", "apply")

@@ -45,7 +45,7 @@ PAPER_SCHEDULE_STEPS = 50
 
 class CaToMe(Method):
     name = "catome"
-    defaults = {
+    defaults: dict[str, object] = {  # noqa: RUF012 (read-only, as Method.defaults)
         "threshold": 0.7,  # the paper's recommended T
         "statistic": "mean",  # over the bucket's counts: mean, median, max, min or pNN
         "calib_samples": 8,
