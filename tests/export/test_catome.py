@@ -54,8 +54,8 @@ def test_statistics_and_r():
 def test_calibration_counts_follow_the_threshold():
     model = tiny_dit(sample_size=8, num_classes=10)
     specs = parse_buckets("0,0")
-    args = dict(model=model, family=family_of(model), blocks=BLOCKS, specs=specs, grid=(4, 4), stride=(2, 2), bands=1,
-                samples=2, steps=4, guidance=4.0, seed=0, scheduler_config=None)
+    args = {"model": model, "family": family_of(model), "blocks": BLOCKS, "specs": specs, "grid": (4, 4),
+            "stride": (2, 2), "bands": 1, "samples": 2, "steps": 4, "guidance": 4.0, "seed": 0, "scheduler_config": None}
     every = count_trajectories(threshold=-2.0, **args)
     none = count_trajectories(threshold=2.0, **args)
     for per_block in every:  # 2 samples x 2 of the 4 steps per bucket, per merge point
@@ -63,6 +63,15 @@ def test_calibration_counts_follow_the_threshold():
     assert all(c == [0] * 4 for per_block in none for c in per_block.values())
     with pytest.raises(DitmergeError, match="no calibration step"):
         count_trajectories(threshold=0.5, **{**args, "specs": parse_buckets("0,0,0,0,0"), "steps": 2})
+
+
+def test_calibration_runs_on_a_text_conditioned_family():
+    from tests.helpers import tiny_pixart
+
+    model = tiny_pixart(sample_size=8)
+    counts = count_trajectories(model, family_of(model), BLOCKS, parse_buckets("0"), (4, 4), (2, 2), 1, threshold=-2.0,
+                                samples=2, steps=3, guidance=4.0, seed=0, scheduler_config=None)
+    assert all(c == [12] * 6 for c in counts[0].values())
 
 
 def test_options_are_checked():
