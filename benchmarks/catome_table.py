@@ -152,7 +152,7 @@ def render(res: dict) -> str:
               "(unmerged) | class acc. (unmerged) | e2e speed-up vs unmerged |"),
              "|---|---|---|---|---|---|---|"]
     for name, q in res["rows"].items():
-        runs = ", ".join(f"{v} {c}" for v, c in sorted(q["variants"].items()))
+        runs = ", ".join(f"{v} {c}" for v, c in sorted(q["variants"].items())) or f"main {q['steps']} (matches in each)"
         lines.append(f"| {name} | {runs} | {q['psnr_db']['mean']:.2f} / {q['psnr_db']['worst']:.2f} | "
                      f"{q['ssim']['mean']:.4f} / {q['ssim']['worst']:.4f} | "
                      f"{q.get('fid_merged', float('nan')):.1f} ({q.get('fid_unmerged', float('nan')):.1f}) | "
