@@ -21,7 +21,7 @@ from passes.infra import GraphPass, PassResult
 from passes.locate import Site, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, get_model_meta, import_graph, infer_shapes, provenance, set_model_meta
 from passes.partition import num_dst, plan_bands
-from passes.tome_graph import Geometry, build_match, build_merge, build_unmerge
+from passes.tome_graph import Geometry, MatchState, build_match, build_merge, build_unmerge
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class ToMeConfig:
     locations: tuple[str, ...] = DEFAULT_LOCATIONS
     stride: tuple[int, int] = (2, 2)
     max_src_per_band: int = TOPK_LIMIT  # TensorRT's TopK limit; more src tokens match within bands of the grid
+    r: int | None = None  # tokens removed, exactly (calibrated methods); None: int(N * ratio)
 
     def validate(self, grid: tuple[int, int]) -> None:
         if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool):
@@ -64,6 +65,10 @@ class ToMeConfig:
         bad = [loc for loc in self.locations if loc not in LOCATIONS]
         if bad or not self.locations:
             raise DitmergeError(f"unknown merge locations {bad or '(none)'}; choose from {', '.join(LOCATIONS)}")
+        n = grid[0] * grid[1]
+        if self.r is not None and not 0 <= self.r <= n - num_dst(grid, self.stride):
+            raise DitmergeError(f"r={self.r} is outside [0, {n - num_dst(grid, self.stride)}] (the src tokens of a "
+                                f"{grid[0]}x{grid[1]} grid with {self.stride[0]}x{self.stride[1]} cells)")
 
 
 def graph_grid(model: onnx.ModelProto) -> tuple[int, int]:
@@ -74,10 +79,26 @@ def graph_grid(model: onnx.ModelProto) -> tuple[int, int]:
     return h, w
 
 
+def merge_sites(model: onnx.ModelProto, locations: tuple[str, ...]) -> tuple[list[Site], list[Site], list[Site],
+                                                                           onnx.ModelProto]:
+    """The sites ToMe merges at ``locations`` (in execution order per block), those it must skip, all sites,
+    and the shape-inferred model they were found in."""
+    grid = graph_grid(model)
+    n = grid[0] * grid[1]
+    shaped = infer_shapes(model)
+    sites = find_sites(shaped, n)
+    if not any(s.kind in ("attn", "joint", "xattn", "mlp") for s in sites):
+        raise DitmergeError("no attention or feed-forward module found in the graph (is it a diffusers DiT export?)")
+    chosen = [s for s in sites if s.kind in locations and s.ok]
+    skipped = [s for s in sites if s.kind in locations and not s.ok]
+    return chosen, skipped, sites, shaped
+
+
 class ToMePass(GraphPass):
     """Insert ToMe at ``config.ratio``; ratio 0 inserts nothing; a second run is a no-op."""
 
     name = "tome"
+    MERGE_PASSES = ("tome", "catome")  # passes that merge tokens; a graph carries at most one of them
 
     def __init__(self, config: ToMeConfig, bucket: int | str = "") -> None:
         self.config = config
@@ -91,7 +112,7 @@ class ToMePass(GraphPass):
         cfg = self.config
         grid = graph_grid(model)
         cfg.validate(grid)
-        stamps = [s for s in provenance(model) if s.get("pass") == self.name]
+        stamps = [s for s in provenance(model) if s.get("pass") in self.MERGE_PASSES]
         if stamps:
             if all(s == self.stamp() for s in stamps):
                 return PassResult(model, False)
@@ -102,27 +123,20 @@ class ToMePass(GraphPass):
         if bands == 0:
             raise DitmergeError(f"a {grid[0]}x{grid[1]} grid cannot be cut into equal bands of whole "
                                 f"{cfg.stride[0]}-row cells with at most {cfg.max_src_per_band} src tokens each")
-        r = merged_count(cfg.ratio, n, na) // bands * bands
+        r = (merged_count(cfg.ratio, n, na) if cfg.r is None else cfg.r) // bands * bands
         if r == 0:
             return PassResult(model, False)
         geo = Geometry(tokens=n, num_src=na, r=r, bands=bands)
 
         model = FreeTokenAxisPass(n)(model).model
-        shaped = infer_shapes(model)
-        sites = find_sites(shaped, n)
-        if not any(s.kind in ("attn", "joint", "xattn", "mlp") for s in sites):
-            raise DitmergeError("no attention or feed-forward module found in the graph (is it a diffusers DiT export?)")
-        chosen = [s for s in sites if s.kind in cfg.locations and s.ok]
-        skipped = [s for s in sites if s.kind in cfg.locations and not s.ok]
+        chosen, skipped, sites, shaped = merge_sites(model, cfg.locations)
         shapes = tensor_shapes(shaped)
 
         graph, meta = import_graph(model)
         tensors = graph.tensors()
         nodes = {nd.name: nd for nd in graph.nodes}
-        part = gs.Variable(PARTITION_INPUT, dtype=np.int64, shape=[n])
-        part_inv = gs.Variable(PARTITION_INV_INPUT, dtype=np.int64, shape=[n])
-        graph.inputs.extend([part, part_inv])
-        em = Emitter(graph, "ditmerge_tome")
+        em = Emitter(graph, f"ditmerge_{self.name}")
+        self._start(graph, n)
 
         states: dict[str, object] = {}
         for site in chosen:
@@ -130,9 +144,9 @@ class ToMePass(GraphPass):
             y = tensors[site.image_output]
             channels_in = int(shapes[site.image_input][1][2])
             channels_out = int(shapes[site.image_output][1][2])
-            em.prefix = f"ditmerge_tome/{site.path}"
+            em.prefix = f"ditmerge_{self.name}/{site.path}"
             if site.block not in states:
-                states[site.block] = build_match(em, x, part, part_inv, geo)
+                states[site.block] = self._block_state(em, site.block, x, geo)
             state = states[site.block]
             merged = build_merge(em, x, state, channels_in)
             inside = set(site.nodes)
@@ -149,10 +163,24 @@ class ToMePass(GraphPass):
         set_model_meta(out, tome={"ratio": cfg.ratio, "r": r, "num_src": na, "tokens": n, "stride": list(cfg.stride),
                                   "bands": bands,
                                   "locations": list(cfg.locations),
-                                  "sites": [s.path for s in chosen]})
+                                  "sites": [s.path for s in chosen]}, **self._extra_meta())
         out = infer_shapes(out)
         _summarize(chosen, skipped, sites, cfg.locations, r, n)
         return PassResult(out, True)
+
+    # Hooks for passes built on this one (CA-ToMe's match and apply variants)
+    def _start(self, graph: gs.Graph, n: int) -> None:
+        """Add the graph inputs every block's matching reads: the partition and its inverse."""
+        self._part = gs.Variable(PARTITION_INPUT, dtype=np.int64, shape=[n])
+        self._part_inv = gs.Variable(PARTITION_INV_INPUT, dtype=np.int64, shape=[n])
+        graph.inputs.extend([self._part, self._part_inv])
+
+    def _block_state(self, em: Emitter, block: str, x: gs.Variable, geo: Geometry) -> MatchState:
+        """The matching of one block, on its first merged sublayer's input ``x``."""
+        return build_match(em, x, self._part, self._part_inv, geo)
+
+    def _extra_meta(self) -> dict:
+        return {}
 
 
 def _summarize(chosen: list[Site], skipped: list[Site], sites: list[Site], locations: tuple[str, ...], r: int, n: int) -> None:

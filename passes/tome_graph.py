@@ -55,9 +55,42 @@ class MatchState:
     map_flat: gs.Variable  # [B, N] row of the batch-flattened merged tensor that each position reads
 
 
+@dataclasses.dataclass
+class MatchIndices:
+    """The outcome of one matching as batch-local int64 index tensors: all a merge needs, nothing of ``x``.
+
+    CA-ToMe caches these across steps (graph outputs of its match variant, inputs of its apply variant).
+    """
+
+    unm: gs.Variable  # [B, Na-r] token positions of the src tokens that stay unmerged
+    mrg: gs.Variable  # [B, K, r/K] token positions of the src tokens that merge
+    mrg_dst: gs.Variable  # [B, K, r/K] which dst of its band each merged src goes to
+    dst: gs.Variable  # [K, Nb/K] token positions of the dst tokens
+    row: gs.Variable  # [B, N] row of the (per-sample) merged tensor that each position reads on unmerge
+
+    def as_dict(self) -> dict[str, gs.Variable]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+INDEX_NAMES = tuple(f.name for f in dataclasses.fields(MatchIndices))
+
+
+def index_shapes(geo: Geometry) -> dict[str, list[int | str]]:
+    """Shapes of :class:`MatchIndices`; ``"B"`` is the batch axis."""
+    k = geo.bands
+    return {"unm": ["B", geo.num_src - geo.r], "mrg": ["B", k, geo.r // k], "mrg_dst": ["B", k, geo.r // k],
+            "dst": [k, geo.num_dst // k], "row": ["B", geo.tokens]}
+
+
 def build_match(em: Emitter, x: gs.Variable, partition: gs.Variable, partition_inv: gs.Variable,
                 geo: Geometry) -> MatchState:
     """Bipartite soft matching of src onto dst tokens by cosine similarity of ``x``, per band."""
+    return build_state(em, x, build_match_indices(em, x, partition, partition_inv, geo), geo)
+
+
+def build_match_indices(em: Emitter, x: gs.Variable, partition: gs.Variable, partition_inv: gs.Variable,
+                        geo: Geometry) -> MatchIndices:
+    """The similarity and sorting half of the matching: ``x`` and the partition -> index tensors."""
     k = geo.bands
     n, na, nb, r = geo.tokens, geo.num_src // k, geo.num_dst // k, geo.r // k  # per band, except n
     unm_total = k * (na - r)
@@ -87,28 +120,17 @@ def build_match(em: Emitter, x: gs.Variable, partition: gs.Variable, partition_i
 
     unm_order = em.op("Slice", [order, em.ints("r", [r]), em.ints("na", [na]), em.ints("axis", [2])])
     mrg_order = em.op("Slice", [order, em.ints("zero", [0]), em.ints("r", [r]), em.ints("axis", [2])])
-    mrg_dst = em.op("GatherElements", [node_idx, mrg_order], {"axis": 2})  # [B, K, r]
+    mrg_dst = em.op("GatherElements", [node_idx, mrg_order], {"axis": 2}, hint="mrg_dst")  # [B, K, r]
 
-    # assign[b, k, i, j] = (mrg_dst[b, k, j] == i); count = 1 + sum_j assign  (the dst itself counts once)
-    eq = em.op("Equal", [em.op("Unsqueeze", [mrg_dst, em.ints("axis", [2])]),
-                         em.ints("dst_range", np.arange(nb).reshape(nb, 1).tolist())])
-    assign = em.op("Cast", [eq], {"to": onnx.TensorProto.FLOAT}, hint="assign")
-    count = em.op("Add", [em.op("ReduceSum", [assign, em.ints("axis", [-1])], {"keepdims": 1}),
-                          em.const("one", np.float32(1.0))], hint="count")
-
-    # token positions of the selected src, then rows of the batch-flattened [B*N, C] input
-    batch = em.op("Squeeze", [em.op("Shape", [x], {"start": 0, "end": 1}), em.ints("axis", [0])])
-    boff = em.op("Range", [em.ints("zero", 0), batch, em.ints("one", 1)])  # [B]
-    off_n = em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axes", [1, 2])]), em.ints("n", n)])  # [B, 1, 1]
+    # token positions of the selected src
     src_b = em.op("Expand", [em.op("Unsqueeze", [src_idx, em.ints("axis", [0])]),
                              em.op("Concat", [em.op("Shape", [x], {"start": 0, "end": 1}), em.ints("kn", [k, na])],
                                    {"axis": 0})])  # [B, K, Na]
-    unm_pos = em.op("Add", [em.op("GatherElements", [src_b, unm_order], {"axis": 2}), off_n])
     # [B, K, Na-r] -> [B, K*(Na-r)]; allowzero keeps a literal 0 when every src merges
     unm_shape = em.op("Concat", [em.op("Shape", [x], {"start": 0, "end": 1}), em.ints("unm", [unm_total])], {"axis": 0})
-    unm_flat = em.op("Reshape", [unm_pos, unm_shape], {"allowzero": 1}, hint="unm_flat")
-    mrg_flat = em.op("Add", [em.op("GatherElements", [src_b, mrg_order], {"axis": 2}), off_n], hint="mrg_flat")
-    dst_flat = em.op("Add", [em.op("Unsqueeze", [dst_idx, em.ints("axis", [0])]), off_n], hint="dst_flat")
+    unm = em.op("Reshape", [em.op("GatherElements", [src_b, unm_order], {"axis": 2}), unm_shape], {"allowzero": 1},
+                hint="unm")
+    mrg = em.op("GatherElements", [src_b, mrg_order], {"axis": 2}, hint="mrg")
 
     # Unmerge map, in partition order. Merged layout: [unmerged src of every band, dst of every band].
     # src of band k with rank q < r read their dst's row U + k*Nb + dst index; the others k*(Na-r) + q-r;
@@ -118,12 +140,36 @@ def build_match(em: Emitter, x: gs.Variable, partition: gs.Variable, partition_i
     row_src = em.op("Where", [merged, em.op("Add", [node_idx, em.ints("dst_base", (unm_total + band * nb).tolist())]),
                               em.op("Add", [rank, em.ints("unm_base", (band * (na - r) - r).tolist())])])
     dst_rows = (unm_total + band * nb + np.arange(nb).reshape(1, 1, nb)).tolist()
-    row_dst = em.op("Add", [em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axes", [1, 2])]), em.ints("zero", 0)]),
-                            em.ints("dst_rows", dst_rows)])  # [B, K, Nb]
+    row_dst = em.op("Expand", [em.ints("dst_rows", dst_rows),
+                               em.op("Concat", [em.op("Shape", [x], {"start": 0, "end": 1}), em.ints("knb", [k, nb])],
+                                     {"axis": 0})])  # [B, K, Nb]
     row_part = em.op("Reshape", [em.op("Concat", [row_src, row_dst], {"axis": 2}), em.ints("shape", [0, n])])
-    row = em.op("Gather", [row_part, partition_inv], {"axis": 1})
+    row = em.op("Gather", [row_part, partition_inv], {"axis": 1}, hint="row")
+    return MatchIndices(unm, mrg, mrg_dst, dst_idx, row)
+
+
+def build_state(em: Emitter, x: gs.Variable, idx: MatchIndices, geo: Geometry) -> MatchState:
+    """Index tensors -> what merge/unmerge read: rows of the batch-flattened ``x``, one-hot assignment, counts.
+
+    Cheap (no similarity): the apply variant of CA-ToMe runs only this on cached indices.
+    """
+    k = geo.bands
+    n, nb = geo.tokens, geo.num_dst // k
+    batch = em.op("Squeeze", [em.op("Shape", [x], {"start": 0, "end": 1}), em.ints("axis", [0])])
+    boff = em.op("Range", [em.ints("zero", 0), batch, em.ints("one", 1)])  # [B]
+    off_n = em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axes", [1, 2])]), em.ints("n", n)])  # [B, 1, 1]
+    unm_flat = em.op("Add", [idx.unm, em.op("Squeeze", [off_n, em.ints("axis", [2])])], hint="unm_flat")
+    mrg_flat = em.op("Add", [idx.mrg, off_n], hint="mrg_flat")
+    dst_flat = em.op("Add", [em.op("Unsqueeze", [idx.dst, em.ints("axis", [0])]), off_n], hint="dst_flat")
+
+    # assign[b, k, i, j] = (mrg_dst[b, k, j] == i); count = 1 + sum_j assign  (the dst itself counts once)
+    eq = em.op("Equal", [em.op("Unsqueeze", [idx.mrg_dst, em.ints("axis", [2])]),
+                         em.ints("dst_range", np.arange(nb).reshape(nb, 1).tolist())])
+    assign = em.op("Cast", [eq], {"to": onnx.TensorProto.FLOAT}, hint="assign")
+    count = em.op("Add", [em.op("ReduceSum", [assign, em.ints("axis", [-1])], {"keepdims": 1}),
+                          em.const("one", np.float32(1.0))], hint="count")
     off_kept = em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axis", [1])]), em.ints("kept", n - geo.r)])
-    map_flat = em.op("Add", [row, off_kept], hint="map_flat")
+    map_flat = em.op("Add", [idx.row, off_kept], hint="map_flat")
     return MatchState(geo, unm_flat, mrg_flat, dst_flat, assign, count, map_flat)
 
 

@@ -23,6 +23,23 @@ class TorchMatch:
     assign: torch.Tensor  # [B, K, Nb/K, r/K]
     count: torch.Tensor  # [B, K, Nb/K, 1]
     row: torch.Tensor  # [B, N] row of the merged tensor each position reads
+    mrg_dst: torch.Tensor | None = None  # [B, K, r/K] dst (index within its band) of each merged src
+
+    def indices(self) -> dict[str, torch.Tensor]:
+        """The index tensors of :class:`passes.tome_graph.MatchIndices`, by name."""
+        return {"unm": self.unm, "mrg": self.mrg, "mrg_dst": self.mrg_dst, "dst": self.dst, "row": self.row}
+
+
+def best_match(x: torch.Tensor, partition: torch.Tensor, num_src: int, bands: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each src token's best cosine similarity to a dst of its band and that dst's index: ``[B, K, Na]`` each."""
+    n = x.shape[1]
+    k = bands
+    na, nb = num_src // k, (n - num_src) // k
+    per_band = partition.view(k, na + nb)
+    src_idx, dst_idx = per_band[:, :na], per_band[:, na:]
+    m = x / x.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
+    scores = m[:, src_idx] @ m[:, dst_idx].transpose(-1, -2)  # [B, K, Na, Nb]
+    return scores.amax(-1), scores.argmax(-1)
 
 
 def match(x: torch.Tensor, partition: torch.Tensor, partition_inv: torch.Tensor, num_src: int, r: int,
@@ -33,23 +50,27 @@ def match(x: torch.Tensor, partition: torch.Tensor, partition_inv: torch.Tensor,
     unm_total = k * (na - rb)
     per_band = partition.view(k, na + nb)
     src_idx, dst_idx = per_band[:, :na], per_band[:, na:]
-    m = x / x.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
-    scores = m[:, src_idx] @ m[:, dst_idx].transpose(-1, -2)  # [B, K, Na, Nb]
-    node_max = scores.amax(-1)
-    node_idx = scores.argmax(-1)
+    node_max, node_idx = best_match(x, partition, num_src, bands)
     order = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
     rank = torch.sort(order, dim=-1, stable=True).indices
     unm_order, mrg_order = order[..., rb:], order[..., :rb]
     mrg_dst = node_idx.gather(-1, mrg_order)
-    assign = (mrg_dst[:, :, None, :] == torch.arange(nb, device=x.device)[:, None]).to(x.dtype)
-    count = assign.sum(-1, keepdim=True) + 1
     src_b = src_idx.expand(b, k, na)
     band = torch.arange(k, device=x.device).view(1, k, 1)
     row_src = torch.where(rank < rb, node_idx + unm_total + band * nb, rank + band * (na - rb) - rb)
     row_dst = (unm_total + band * nb + torch.arange(nb, device=x.device).view(1, 1, nb)).expand(b, k, nb)
     row = torch.cat([row_src, row_dst], -1).reshape(b, n)[:, partition_inv]
-    return TorchMatch(r, num_src, src_b.gather(-1, unm_order).reshape(b, unm_total), src_b.gather(-1, mrg_order),
-                      dst_idx, assign, count, row)
+    return from_indices(src_b.gather(-1, unm_order).reshape(b, unm_total), src_b.gather(-1, mrg_order), mrg_dst,
+                        dst_idx, row, num_src, x.dtype)
+
+
+def from_indices(unm: torch.Tensor, mrg: torch.Tensor, mrg_dst: torch.Tensor, dst: torch.Tensor, row: torch.Tensor,
+                 num_src: int, dtype: torch.dtype = torch.float32) -> TorchMatch:
+    """A matching rebuilt from its index tensors (CA-ToMe's cache): one-hot assignment and counts."""
+    nb = dst.shape[-1]
+    assign = (mrg_dst[:, :, None, :] == torch.arange(nb, device=mrg_dst.device)[:, None]).to(dtype)
+    count = assign.sum(-1, keepdim=True) + 1
+    return TorchMatch(mrg.shape[1] * mrg.shape[2], num_src, unm, mrg, dst, assign, count, row, mrg_dst)
 
 
 def merge(x: torch.Tensor, mt: TorchMatch) -> torch.Tensor:

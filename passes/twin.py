@@ -60,12 +60,15 @@ class ToMeTwin:
         def hook(_module, args, kwargs):
             x, rebuild = _image_arg(args, kwargs)
             if block not in self._matches:
-                if self.partition is None:
-                    raise RuntimeError("ToMeTwin.set_partition() was not called")
-                self._matches[block] = tome_math.match(x, self.partition, self.partition_inv, self.num_src, self.r,
-                                                      self.bands)
+                self._matches[block] = self._match(block, x)
             return rebuild(tome_math.merge(x, self._matches[block]))
         return hook
+
+    def _match(self, block: str, x: torch.Tensor) -> tome_math.TorchMatch:
+        """The matching of ``block`` for input ``x`` (subclasses may reuse cached indices)."""
+        if self.partition is None:
+            raise RuntimeError("ToMeTwin.set_partition() was not called")
+        return tome_math.match(x, self.partition, self.partition_inv, self.num_src, self.r, self.bands)
 
     def _post(self, block: str):
         def hook(_module, _args, _kwargs, output):

@@ -136,6 +136,7 @@ class PlanTransformer(torch.nn.Module):
             self.reset()
         self._gen.last_t = float(t_train[0])
         state = self._gen.state
+        state.t = float(t_train[0])
 
         batch = int(np.shape(_np(hidden_states))[0])
         variant, extra = self.policy.select(state, bucket, batch)

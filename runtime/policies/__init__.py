@@ -25,6 +25,7 @@ class GenState:
     seed: int
     rng: np.random.Generator
     steps: int = 0  # calls made so far in this generation
+    t: float | None = None  # the current call's timestep on the training scale (0..num_train_timesteps-1)
     data: dict = dataclasses.field(default_factory=dict)
 
 

@@ -1,0 +1,222 @@
+"""CA-ToMe (cached adaptive token merging, methods.md §4) as a plan method.
+
+Per bucket two graphs (:mod:`passes.catome`): ``match`` (ToMe, plus each block's matching as outputs)
+and ``main``, the *apply* variant (merges with cached indices fed as inputs; no similarity). The runtime
+policy (:mod:`runtime.policies.catome`) runs ``match`` at the checkpoint steps and ``main`` in between.
+
+Buckets: ``--buckets`` gives only the timestep ranges (``"0,0,0"`` or the default spec: three equal
+spans); its ratios are ignored. Each bucket's ``r`` comes from threshold calibration in :meth:`prepare`
+(:mod:`export.catome_calib`): the eager model denoises ``calib_samples`` seeded samples in
+``calib_steps`` DDIM steps, each step counts per merge point the src tokens whose best match reaches
+``threshold``, and ``r`` is ``statistic`` (default: the mean, as methods.md's fixed-bucket recipe) of
+the bucket's counts. The calibrated ratio ``r / N`` replaces the spec's ratio in the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from export.buckets import BucketSpec, parse_buckets
+from export.catome_calib import block_summary, check_statistic, count_trajectories, derive_r
+from export.measure import feed_of, max_abs
+from export.methods import MAIN, BucketGraphs, BuildContext, Method
+from export.onnx_export import eager_forward, example_inputs
+from passes.catome import CaToMePass, index_name
+from passes.catome_twin import CaToMeTwin, from_feed, to_feed
+from passes.errors import DitmergeError
+from passes.onnxutil import get_model_meta
+from passes.partition import draw_partition, num_dst, plan_bands
+from passes.tome import DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, merge_sites
+from passes.tome_graph import INDEX_NAMES
+
+logger = logging.getLogger(__name__)
+
+MATCH = "match"
+# The paper's best checkpoint schedule (CONFIG_3 of the released code): recompute the matching at these
+# steps of a 50-step run, reuse it in between. The released code passes step i + 1, so its matches
+# actually land one step later (and step 0 matches only because the cache is empty); we use the listed
+# steps. Runs with another step count map the schedule by progress through the trajectory (see the policy).
+PAPER_SCHEDULE = (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49)
+PAPER_SCHEDULE_STEPS = 50
+
+
+class CaToMe(Method):
+    name = "catome"
+    defaults: dict[str, object] = {  # noqa: RUF012 (read-only, as Method.defaults)
+        "threshold": 0.7,  # the paper's recommended T
+        "statistic": "mean",  # over the bucket's counts: mean, median, max, min or pNN
+        "calib_samples": 8,
+        "calib_steps": 25,
+        "calib_guidance": 4.0,
+        "calib_seed": 0,
+        "schedule": PAPER_SCHEDULE,
+        "schedule_steps": PAPER_SCHEDULE_STEPS,
+        "cache": True,  # False: match at every step (CA-ToMe without the cache)
+        "locations": DEFAULT_LOCATIONS,  # the paper merges self-attention only
+        "stride": (2, 2),
+    }
+
+    def __init__(self, options: dict[str, object] | None = None) -> None:
+        super().__init__(options)
+        self.specs: list[BucketSpec] = []
+        self.source = ""
+        self.calibration: dict[int, dict] = {}
+        self._feeds: dict[tuple, dict[str, np.ndarray]] = {}
+
+    def config(self, r: int) -> ToMeConfig:
+        return ToMeConfig(ratio=0.0, locations=tuple(self.options["locations"]),
+                          stride=tuple(int(s) for s in self.options["stride"]), r=r)
+
+    def params(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}
+
+    def bucket_specs(self, buckets: str, num_train_timesteps: int, model: str) -> list[BucketSpec]:
+        """Timestep ranges from ``--buckets``; the ratios are placeholders until :meth:`prepare` calibrates."""
+        self.source = model
+        self.specs = parse_buckets(buckets, num_train_timesteps)
+        if any(s.ratio for s in self.specs):
+            logger.info("catome: the ratios of --buckets %r are ignored; r per bucket comes from calibration", buckets)
+        return self.specs
+
+    def validate(self, specs: list[BucketSpec], grid: tuple[int, int]) -> None:
+        o = self.options
+        self.config(0).validate(grid)
+        check_statistic(str(o["statistic"]))
+        if o["calib_samples"] < 1 or o["calib_steps"] < 1:
+            raise DitmergeError(f"calib_samples and calib_steps must be at least 1, got {o['calib_samples']} and "
+                                f"{o['calib_steps']}")
+        steps = int(o["schedule_steps"])
+        sched = [int(s) for s in o["schedule"]]
+        if steps < 1 or not sched or any(not 0 <= s < steps for s in sched):
+            raise DitmergeError(f"schedule {sched} must be step indices in 0..{steps - 1} (schedule_steps={steps})")
+
+    def bands(self, grid: tuple[int, int]) -> int:
+        cfg = self.config(0)
+        return plan_bands(grid, cfg.stride, cfg.max_src_per_band)
+
+    def prepare(self, ctx: BuildContext) -> None:
+        """Calibrate r per bucket; the plan records the counts (``method_meta.calibration``)."""
+        from export.load import scheduler_config
+
+        o = self.options
+        cfg = self.config(0)
+        chosen, _, _, _ = merge_sites(ctx.base, cfg.locations)
+        if not chosen:
+            raise DitmergeError(f"catome found no module to merge at {list(cfg.locations)}")
+        blocks: dict[str, str] = {}
+        for site in chosen:  # the matching runs on the input of a block's first merged module
+            blocks.setdefault(site.block, site.path)
+        num_src = ctx.tokens - num_dst(ctx.grid, cfg.stride)
+        bands = self.bands(ctx.grid)
+        counts = count_trajectories(ctx.torch_model, ctx.family, blocks, self.specs, ctx.grid, cfg.stride, bands,
+                                    float(o["threshold"]), int(o["calib_samples"]), int(o["calib_steps"]),
+                                    float(o["calib_guidance"]), int(o["calib_seed"]),
+                                    scheduler_config(self.source) if self.source else None, ctx.text_len)
+        for i, (spec, per_block) in enumerate(zip(self.specs, counts)):
+            r, value = derive_r(per_block, str(o["statistic"]), num_src, bands)
+            self.calibration[i] = {"threshold": float(o["threshold"]), "statistic": o["statistic"],
+                                   "statistic_value": value, "r": r, "num_src": num_src,
+                                   "merge_points": {b: block_summary(c) for b, c in per_block.items()}}
+            # the plan's ratio column shows the calibrated ratio (the build loop reads this list after prepare)
+            self.specs[i] = BucketSpec(spec.t_lo, spec.t_hi, r / ctx.tokens)
+            logger.info("catome: bucket %d [%d, %d]: %s of src tokens with a match >= %g is %.1f -> r = %d of %d",
+                        i, spec.t_lo, spec.t_hi, o["statistic"], o["threshold"], value, r, ctx.tokens)
+
+    def _r(self, ctx: BuildContext, spec: BucketSpec, index: int | str) -> int:
+        if isinstance(index, int) and index in self.calibration:
+            return self.calibration[index]["r"]
+        num_src = ctx.tokens - num_dst(ctx.grid, self.config(0).stride)  # a uniform sweep: the spec's ratio
+        return min(int(ctx.tokens * spec.ratio), num_src)
+
+    def build_bucket(self, ctx: BuildContext, spec: BucketSpec, index: int) -> BucketGraphs:
+        r = self._r(ctx, spec, index)
+        cfg = self.config(r)
+        calib = self.calibration.get(index) if isinstance(index, int) else None
+        match = CaToMePass(cfg, "match", bucket=index)(ctx.base)
+        if not match.modified:
+            meta = {"r": 0, "stride": list(cfg.stride), "bands": self.bands(ctx.grid), "calibration": calib}
+            return BucketGraphs({MAIN: None}, meta, 0, ctx.tokens)
+        apply = CaToMePass(cfg, "apply", bucket=index)(ctx.base)
+        tome = _meta(match.model, "tome")
+        blocks = list(_meta(match.model, "catome")["indices"])
+        meta = {**tome, "variants": {MAIN: "apply", MATCH: "match"}, "blocks": blocks,
+                "index_names": [index_name(b, k) for b in blocks for k in INDEX_NAMES], "calibration": calib}
+        return BucketGraphs({MAIN: apply.model, MATCH: match.model}, meta, tome["r"], ctx.tokens - tome["r"])
+
+    def extra_feed(self, ctx: BuildContext, meta: dict, variant: str, batch: int,
+                   seed: int | None = None) -> dict[str, np.ndarray]:
+        if not meta.get("r"):
+            return {}
+        if variant == MATCH:
+            rng = None if seed is None else np.random.default_rng(seed)
+            part, inv = draw_partition(ctx.grid, tuple(meta["stride"]), rng, meta.get("bands", 1))
+            return {PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
+        # apply: a real matching, taken by the twin on other inputs (as a cached step would be)
+        key = (meta["r"], tuple(meta["blocks"]), batch, seed)
+        if key not in self._feeds:
+            inputs = example_inputs(ctx.torch_model, batch, ctx.grid, ctx.text_len, seed=1000 + (seed or 0))
+            _, indices = twin_forward(ctx.torch_model, meta, ctx.grid, inputs, seed=seed or 0)
+            self._feeds[key] = to_feed(indices)
+        return self._feeds[key]
+
+    def fidelity(self, ctx: BuildContext, meta: dict, variant: str, run, inputs: dict[str, torch.Tensor]) -> float:
+        if not meta.get("r"):
+            return max_abs(run(feed_of(inputs))["sample"], eager_forward(ctx.torch_model, inputs).numpy())
+        batch = len(inputs["hidden_states"])
+        if variant == MATCH:
+            return match_fidelity(ctx.torch_model, run, inputs, meta, ctx.grid, seed=0)
+        cached = self.extra_feed(ctx, meta, MAIN, batch, seed=0)
+        return apply_fidelity(ctx.torch_model, run, inputs, meta, cached)
+
+
+def _meta(model, key: str) -> dict:
+    import json
+
+    return json.loads(get_model_meta(model)[key])
+
+
+def twin_forward(model: torch.nn.Module, meta: dict, grid: tuple[int, int], inputs: dict[str, torch.Tensor],
+                 seed: int = 0, cached: dict[str, dict[str, torch.Tensor]] | None = None
+                 ) -> tuple[np.ndarray, dict[str, dict[str, torch.Tensor]]]:
+    """The eager twin's output and the matching it used: matched on a seeded partition, or ``cached``."""
+    bands = meta.get("bands", 1)
+    twin = CaToMeTwin(model, meta["sites"], meta["num_src"], meta["r"], bands, cached=cached)
+    if cached is None:
+        part, inv = draw_partition(grid, tuple(meta["stride"]), np.random.default_rng(seed), bands)
+        twin.set_partition(torch.from_numpy(part), torch.from_numpy(inv))
+    with twin.installed():
+        out = eager_forward(model, inputs).numpy()
+    return out, (cached if cached is not None else twin.recorded)
+
+
+def match_fidelity(model: torch.nn.Module, run, inputs: dict[str, torch.Tensor], meta: dict, grid: tuple[int, int],
+                   seed: int = 0) -> float:
+    """Match variant vs twin with the same partition: max abs error of ``sample``; a differing index counts
+    as its difference (so a wrong matching cannot pass)."""
+    bands = meta.get("bands", 1)
+    part, inv = draw_partition(grid, tuple(meta["stride"]), np.random.default_rng(seed), bands)
+    out = run({**feed_of(inputs), PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})
+    ref, indices = twin_forward(model, meta, grid, inputs, seed=seed)
+    err = max_abs(out["sample"], ref)
+    for name, want in to_feed(indices).items():
+        got = np.asarray(out[name])
+        if got.shape != want.shape:
+            return float("inf")
+        if want.size:
+            err = max(err, max_abs(got, want))
+    return err
+
+
+def apply_fidelity(model: torch.nn.Module, run, inputs: dict[str, torch.Tensor], meta: dict,
+                   cached: dict[str, np.ndarray]) -> float:
+    """Apply variant with ``cached`` indices vs the twin merging with those same indices."""
+    out = run({**feed_of(inputs), **cached})["sample"]
+    ref, _ = twin_forward(model, meta, (0, 0), inputs, cached=from_feed(cached, meta["blocks"]))
+    return max_abs(out, ref)
+
+
+METHOD = CaToMe
+__all__ = ["METHOD", "CaToMe", "apply_fidelity", "match_fidelity", "twin_forward"]

@@ -1,0 +1,75 @@
+"""CA-ToMe at run time: match at the checkpoint steps, merge with the cached matching in between.
+
+The cache (each block's index tensors, as the match variant returned them) lives in the generation's
+state, so it starts empty for every generation. A step runs the ``match`` variant when
+
+- it is the first step to reach a checkpoint of the schedule,
+- the cache is empty, was taken in another bucket (whose r differs, so its indices do not fit), or at
+  another batch size, or
+- the plan was built with ``cache=False`` (CA-ToMe without the cache: ToMe with a calibrated r);
+
+every other step runs ``main`` (the apply variant) fed from the cache.
+
+The schedule is given as steps of a ``schedule_steps``-step run (the paper's: 50). Other step counts map
+it by progress through the trajectory, p = (T - 1 - t) / T for the call's timestep t: a step matches
+when p passes the next checkpoint c / schedule_steps. For 50 DDIM steps this is exactly the listed
+steps, for 20 steps the same fractions of the trajectory.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+from passes.catome import INDEX_PREFIX
+from passes.partition import draw_partition
+from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+from runtime.policies import MAIN, GenState, StepPolicy
+
+MATCH = "match"
+PAPER_SCHEDULE = (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49)  # as export.methods.catome
+
+
+class CaToMePolicy(StepPolicy):
+    def __init__(self, plan, deterministic: bool = False) -> None:
+        super().__init__(plan, deterministic)
+        self.stride = tuple(self.params.get("stride", (2, 2)))
+        self.cache = bool(self.params.get("cache", True))
+        self.schedule_steps = int(self.params.get("schedule_steps", 50))
+        self.checkpoints = sorted(int(s) / self.schedule_steps for s in self.params.get("schedule", PAPER_SCHEDULE))
+        self.num_train_timesteps = int(plan.model.get("num_train_timesteps", 1000))
+
+    def progress(self, state: GenState) -> float:
+        """How far through the trajectory this call is, in [0, 1)."""
+        if state.t is None:
+            return state.steps / self.schedule_steps
+        return (self.num_train_timesteps - 1 - state.t) / self.num_train_timesteps
+
+    def select(self, state: GenState, bucket, batch: int) -> tuple[str, dict[str, np.ndarray]]:
+        log = state.data.setdefault("log", [])  # (call, bucket, variant): which graphs ran, for reports and tests
+        if not bucket.meta.get("r") or MATCH not in bucket.graphs:
+            log.append((state.steps, bucket.index, MAIN))
+            return MAIN, {}
+        reached = bisect.bisect_right(self.checkpoints, self.progress(state) + 1e-9)
+        due = reached > state.data.get("reached", 0)
+        state.data["reached"] = max(reached, state.data.get("reached", 0))
+        cached = state.data.get("cache")
+        if (self.cache and not due and cached is not None and cached["bucket"] == bucket.index
+                and cached["batch"] == batch):
+            log.append((state.steps, bucket.index, MAIN))
+            return MAIN, cached["indices"]
+        bands = int(bucket.meta.get("bands", 1))
+        part, inv = draw_partition(self.grid, self.stride, None if self.deterministic else state.rng, bands)
+        state.data["batch"] = batch
+        log.append((state.steps, bucket.index, MATCH))
+        return MATCH, {PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
+
+    def update(self, state: GenState, bucket, variant: str, outputs: dict[str, np.ndarray]) -> None:
+        if variant != MATCH:
+            return
+        indices = {k: np.ascontiguousarray(v) for k, v in outputs.items() if k.startswith(INDEX_PREFIX)}
+        state.data["cache"] = {"bucket": bucket.index, "batch": state.data["batch"], "indices": indices}
+
+
+POLICY = CaToMePolicy

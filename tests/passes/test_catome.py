@@ -1,0 +1,127 @@
+"""CA-ToMe's match and apply graph variants: structure, TensorRT, and equality with the eager twin.
+
+before (eager twin) -> transform (CaToMePass) -> structure (index I/O) -> after (ORT) -> compare, fp32.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.measure import feed_of, max_abs
+from export.methods.catome import apply_fidelity, match_fidelity, twin_forward
+from export.onnx_export import example_inputs
+from passes import tome_math
+from passes.catome import INDEX_PREFIX, CaToMePass
+from passes.catome_twin import to_feed
+from passes.errors import DitmergeError
+from passes.onnxutil import PROVENANCE_KEY, get_model_meta, save_checked
+from passes.partition import draw_partition
+from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
+from passes.trt_check import check_tensorrt
+from runtime.runners import OrtRunner, SharedWeights
+from tests.helpers import METHOD_ATOL
+
+GRID = (4, 4)
+
+
+def _variants(base, r: int, **cfg):
+    return {v: CaToMePass(ToMeConfig(0.0, r=r, **cfg), v, bucket=0)(base).model for v in ("match", "apply")}
+
+
+def _meta(model) -> dict:
+    meta = json.loads(get_model_meta(model)["tome"])
+    meta["blocks"] = list(json.loads(get_model_meta(model)["catome"])["indices"])
+    return meta
+
+
+def _runner(d, model, name):
+    save_checked(model, d / name)
+    return OrtRunner(d / name, ["CPUExecutionProvider"], SharedWeights(d / "weights.bin"))
+
+
+def test_indices_rebuild_the_matching_they_came_from():
+    torch.manual_seed(0)
+    x = torch.randn(2, 36, 8)
+    part, inv = (torch.from_numpy(a) for a in draw_partition((6, 6), rng=np.random.default_rng(1), bands=3))
+    mt = tome_math.match(x, part, inv, num_src=27, r=9, bands=3)
+    again = tome_math.from_indices(**mt.indices(), num_src=27)
+    merged = tome_math.merge(x, mt)
+    assert torch.equal(tome_math.merge(x, again), merged)
+    assert torch.equal(tome_math.unmerge(merged, again), tome_math.unmerge(merged, mt))
+    assert torch.equal(again.assign, mt.assign) and torch.equal(again.count, mt.count)
+
+
+def test_variants_expose_and_take_the_indices_and_pass_the_tensorrt_check(exported):
+    _, base, _ = exported("dit", GRID)
+    g = _variants(base, r=5)
+    blocks = ["transformer_blocks.0", "transformer_blocks.1"]
+    names = {f"{INDEX_PREFIX}{b}/{k}" for b in blocks for k in ("unm", "mrg", "mrg_dst", "dst", "row")}
+    outs = {o.name: o for o in g["match"].graph.output}
+    ins = {i.name: i for i in g["apply"].graph.input}
+    assert set(outs) == names | {"sample"}
+    assert names <= set(ins) and not {PARTITION_INPUT, PARTITION_INV_INPUT} & set(ins)
+    assert {i.name for i in g["match"].graph.input} >= {PARTITION_INPUT, PARTITION_INV_INPUT}
+    for name in names:  # static apart from the batch axis, int64, the same on both sides
+        dims_in = [d.dim_value or d.dim_param for d in ins[name].type.tensor_type.shape.dim]
+        dims_out = [d.dim_value or d.dim_param for d in outs[name].type.tensor_type.shape.dim]
+        assert dims_in == dims_out and all(isinstance(d, int) for d in dims_in[1:])
+        assert ins[name].type.tensor_type.elem_type == outs[name].type.tensor_type.elem_type == 7
+    shapes = {n.split("/")[-1]: [d.dim_value or d.dim_param for d in ins[n].type.tensor_type.shape.dim]
+              for n in names if n.startswith(f"{INDEX_PREFIX}{blocks[0]}/")}
+    assert shapes == {"unm": ["batch", 7], "mrg": ["batch", 1, 5], "mrg_dst": ["batch", 1, 5], "dst": [1, 4],
+                      "row": ["batch", 16]}
+    # apply computes no similarity: no sort, no arg-max among the inserted nodes
+    inserted = [n.op_type for n in g["apply"].graph.node if any(p.key == PROVENANCE_KEY for p in n.metadata_props)]
+    assert inserted and not {"TopK", "ArgMax", "ReduceMax"} & set(inserted)
+    assert check_tensorrt(g["match"]) == [] and check_tensorrt(g["apply"]) == []
+
+
+def test_pass_contract(exported):
+    _, base, _ = exported("dit", GRID)
+    assert not CaToMePass(ToMeConfig(0.0, r=0), "match")(base).modified
+    match = CaToMePass(ToMeConfig(0.0, r=5), "match")(base).model
+    assert not CaToMePass(ToMeConfig(0.0, r=5), "match")(match).modified
+    with pytest.raises(DitmergeError, match="already carries a ToMe merge"):
+        CaToMePass(ToMeConfig(0.0, r=5), "apply")(match)
+    with pytest.raises(DitmergeError, match="already carries a ToMe merge"):
+        CaToMePass(ToMeConfig(0.0, r=5), "match")(ToMePass(ToMeConfig(0.5))(base).model)
+    with pytest.raises(DitmergeError, match="unknown CA-ToMe variant"):
+        CaToMePass(ToMeConfig(0.0, r=5), "cached")
+    with pytest.raises(DitmergeError, match=r"r=13 is outside \[0, 12\]"):
+        CaToMePass(ToMeConfig(0.0, r=13), "match")(base)
+
+
+@pytest.mark.parametrize("family,grid,band_limit", [("dit", (4, 4), 3840), ("dit", (6, 6), 9), ("pixart", (4, 4), 3840)],
+                         ids=["dit-4x4", "dit-6x6-banded", "pixart-4x4"])
+def test_match_and_apply_equal_the_twin(exported, tmp_path, family, grid, band_limit):
+    model, base, d = exported(family, grid)
+    n = grid[0] * grid[1]
+    g = _variants(base, r=n // 2 - n // 8, locations=("attn", "xattn", "joint", "mlp"), max_src_per_band=band_limit)
+    meta = _meta(g["match"])
+    assert meta["bands"] == (3 if band_limit == 9 else 1)
+    match, apply = _runner(d, g["match"], f"m{band_limit}.onnx"), _runner(d, g["apply"], f"a{band_limit}.onnx")
+    step_a = example_inputs(model, 2, grid, seed=21)  # the checkpoint step whose matching is cached
+    step_b = example_inputs(model, 2, grid, seed=22)  # a later step that reuses it
+
+    # match variant vs twin, same partition: the sample and every index tensor
+    assert match_fidelity(model, match.infer, step_a, meta, grid, seed=3) <= METHOD_ATOL
+    # apply variant with indices cached at step A, run on step B, vs the twin merging with the same indices
+    _, cached = twin_forward(model, meta, grid, step_a, seed=3)
+    err = apply_fidelity(model, apply.infer, step_b, meta, to_feed(cached))
+    assert err <= METHOD_ATOL, f"{family} {grid}: apply vs twin max abs error {err:.2e}"
+
+    # the graph's own outputs are the cache: apply on the same step with them reproduces match
+    part, inv = draw_partition(grid, rng=np.random.default_rng(3), bands=meta["bands"])
+    out_a = match.infer({**feed_of(step_a), PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})
+    cache = {k: v for k, v in out_a.items() if k.startswith(INDEX_PREFIX)}
+    assert max_abs(apply.infer({**feed_of(step_a), **cache})["sample"], out_a["sample"]) <= METHOD_ATOL
+    # ... and on step B it merges differently from a fresh matching (the cache is really used) and from no merge
+    fresh = match.infer({**feed_of(step_b), PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})["sample"]
+    reused = apply.infer({**feed_of(step_b), **cache})["sample"]
+    unmerged = OrtRunner(d / "base.onnx", ["CPUExecutionProvider"], SharedWeights(d / "weights.bin")).infer(
+        feed_of(step_b))["sample"]
+    assert max_abs(reused, fresh) > 1e-3 and max_abs(reused, unmerged) > 1e-3
