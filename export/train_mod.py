@@ -176,7 +176,7 @@ def fine_tune(out: Path, model: str = BUNDLED, steps: int = 300, target: float =
             step += 1
             window.append((float(diff.detach()), float(loss.detach())))
             bar.update()
-            bar.set_postfix(loss=f"{float(diff):.4f}", ratio=f"{float(routing.mean_ratio().detach()):.3f}", lam=f"{lam_now:.2g}")
+            bar.set_postfix(loss=f"{float(diff.detach()):.4f}", ratio=f"{float(routing.mean_ratio().detach()):.3f}", lam=f"{lam_now:.2g}")
             if step % log_every == 0 or step == steps:
                 spent = time.perf_counter() - t0
                 entry = {"step": step, "diffusion_loss": float(np.mean([w[0] for w in window])),
