@@ -34,8 +34,12 @@ def unmerged_view(plan: Plan) -> Plan:
 
 
 def measure_quality(plan: Plan, samples: int = 50, steps: int = 50, guidance: float = 4.0, latency_repeats: int = 3,
-                    grid_png: Path | None = None, progress: bool = False) -> dict:
-    """Generate ``samples`` images (classes round-robin) through the unmerged and the merged plan."""
+                    grid_png: Path | None = None, progress: bool = False, classifier: bool | None = None) -> dict:
+    """Generate ``samples`` images (classes round-robin) through the unmerged and the merged plan.
+
+    ``classifier``: score with the bundled crop classifier (FID, class accuracy); None: only for the bundled
+    model itself, True: also for a model fine-tuned from it (e.g. by ``export.train_mod``).
+    """
     merged_tf = PlanTransformer(plan, backend="cpu")
     ref_tf = PlanTransformer(unmerged_view(plan), backend="cpu")
     num_classes = merged_tf.config.num_embeds_ada_norm
@@ -48,7 +52,7 @@ def measure_quality(plan: Plan, samples: int = 50, steps: int = 50, guidance: fl
     report = {"samples": samples, "steps": steps, "guidance": guidance, "psnr_db": summarize(p, "min"),
               "ssim": summarize(s, "min")}
 
-    classifier = _bundled_classifier(plan)
+    classifier = _bundled_classifier(plan, any_source=bool(classifier)) if classifier is not False else None
     if classifier is not None:
         from export.classifier import predict
         from export.photos import heldout
@@ -74,13 +78,13 @@ def measure_quality(plan: Plan, samples: int = 50, steps: int = 50, guidance: fl
     return report
 
 
-def _bundled_classifier(plan: Plan):
+def _bundled_classifier(plan: Plan, any_source: bool = False):
     from export.classifier import CLASSIFIER_FILE, load_classifier
     from export.photos import CLASSES
 
     cfg = plan.model["config"]
     if (cfg.get("in_channels") != 3 or cfg.get("num_embeds_ada_norm") != len(CLASSES)
-            or not plan.model["source"].startswith("bundled:") or not CLASSIFIER_FILE.is_file()):
+            or not (any_source or plan.model["source"].startswith("bundled:")) or not CLASSIFIER_FILE.is_file()):
         return None
     return load_classifier()
 
