@@ -21,7 +21,7 @@ import re
 
 import onnx
 
-from passes.atedm_graph import PruneGeometry, build_importance, build_prune, build_refill, static_scores
+from passes.atedm_graph import REFILLS, PruneGeometry, build_importance, build_prune, build_refill, static_scores
 from passes.cleanup import FreeTokenAxisPass
 from passes.errors import DitmergeError
 from passes.graphbuild import Emitter
@@ -50,6 +50,7 @@ class ATEDMConfig:
     # "gwpr", or "static": a fixed dither pattern instead of the attention (ablation: quality, and the
     # importance's share of the latency)
     importance: str = "gwpr"
+    refill: str = "delta"  # "delta" or "copy"; see passes.atedm_graph
 
     def validate(self, grid: tuple[int, int], num_blocks: int | None = None) -> None:
         if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool) or not 0 <= self.ratio < 1:
@@ -65,6 +66,8 @@ class ATEDMConfig:
             raise DitmergeError(f"iterations must be a positive integer, got {self.iterations!r}")
         if self.importance not in IMPORTANCE:
             raise DitmergeError(f"importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        if self.refill not in REFILLS:
+            raise DitmergeError(f"refill must be one of {', '.join(REFILLS)}, got {self.refill!r}")
         if not isinstance(self.prune_layer, int) or self.prune_layer < 0:
             raise DitmergeError(f"prune_layer must be a block index >= 0, got {self.prune_layer!r}")
         if num_blocks is not None and self.prune_layer > num_blocks - 2:
@@ -129,7 +132,7 @@ class ATEDMPass(GraphPass):
         c = self.config
         return {"pass": self.name, "method": "atedm", "bucket": self.bucket, "ratio": c.ratio,
                 "prune_layer": c.prune_layer, "stride": c.stride, "iterations": c.iterations,
-                "importance": c.importance}
+                "importance": c.importance, "refill": c.refill}
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         cfg = self.config
@@ -183,7 +186,7 @@ class ATEDMPass(GraphPass):
                 nd.inputs = [pruned if t is x else t for t in nd.inputs]
         em.prefix = "ditmerge_atedm/refill"
         before = len(em.inserted)
-        refilled = build_refill(em, y, state, channels)
+        refilled = build_refill(em, y, state, channels, cfg.refill)
         refill_nodes = set(em.inserted[before:])
         for nd in list(y.outputs):
             if nd.name not in last.nodes and nd.name not in refill_nodes:
@@ -192,7 +195,7 @@ class ATEDMPass(GraphPass):
         set_model_meta(out, atedm={"ratio": cfg.ratio, "tokens": n, "kept": geo.kept, "prune_layer": cfg.prune_layer,
                                    "prune_block": prune_block.path, "last_block": last.path,
                                    "attention": attn.name, "stride": cfg.stride, "iterations": cfg.iterations,
-                                   "importance": cfg.importance, "sample_rows": len(geo.sample_rows), "blocks": len(blocks)})
+                                   "importance": cfg.importance, "refill": cfg.refill, "sample_rows": len(geo.sample_rows), "blocks": len(blocks)})
         out = infer_shapes(out)
         logger.info("atedm: %s keeps %d of %d tokens (importance from %d query rows, %d WPR iterations); "
                     "%d blocks run pruned, refill before the output layer", prune_block.path, geo.kept, n,

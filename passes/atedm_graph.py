@@ -16,6 +16,12 @@ math is :mod:`passes.atedm_math`; keep the two in step.
    batch-flattened ``[B*N, C]`` tensor (kept tokens come in descending score order).
 3. Refill. Each pruned position reads the kept token most similar to it (cosine on ``x``, the pruning
    point), each kept position its own row: one ``[B, N]`` map and one Gather back to ``[B, N, C]``.
+   ``copy`` refills the kept token's final features (the paper's refill); ``delta`` refills what the
+   later blocks added to it, on top of the pruned token's own stream at the pruning point
+   ``x[p] + (y[j] - x[keep[j]])`` (exact for kept positions up to rounding). In the SD-XL UNet the
+   paper prunes in, the attention block's outer residual keeps every position's own input under the
+   copied features; a DiT has no such residual around its block stack, and a plain copy replaces a
+   pruned position's noise prediction by another position's.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ class PruneState:
 
     geometry: PruneGeometry
     keep_flat: gs.Variable  # [B, k] rows of the batch-flattened [B*N, C] stream that are kept
+    x: gs.Variable  # [B, N, C] the stream at the pruning point
+    pruned: gs.Variable  # [B, k, C] its kept tokens
     map_flat: gs.Variable  # [B, N] row of the batch-flattened [B*k, C] kept stream each position reads
 
 
@@ -121,10 +129,16 @@ def build_prune(em: Emitter, x: gs.Variable, scores: gs.Variable, geo: PruneGeom
 
     src = em.op("Where", [is_kept, slot, best])
     map_flat = em.op("Add", [src, em.op("Mul", [boff, em.ints("k", kk)])], hint="map_flat")  # [B, N]
-    return pruned, PruneState(geo, keep_flat, map_flat)
+    return pruned, PruneState(geo, keep_flat, x, pruned, map_flat)
 
 
-def build_refill(em: Emitter, y: gs.Variable, state: PruneState, channels: int) -> gs.Variable:
-    """``[B, k, C]`` -> ``[B, N, C]``: one Gather of the batch-flattened kept stream."""
+REFILLS = ("delta", "copy")
+
+
+def build_refill(em: Emitter, y: gs.Variable, state: PruneState, channels: int, mode: str = "delta") -> gs.Variable:
+    """``[B, k, C]`` -> ``[B, N, C]``: one Gather of the batch-flattened kept stream (or of its update)."""
+    if mode == "delta":
+        y = em.op("Sub", [y, state.pruned], hint="update")
     yf = em.op("Reshape", [y, em.ints("shape", [-1, channels])])
-    return em.op("Gather", [yf, state.map_flat], {"axis": 0}, hint="refilled")
+    out = em.op("Gather", [yf, state.map_flat], {"axis": 0}, hint="refilled")
+    return em.op("Add", [state.x, out], hint="refilled") if mode == "delta" else out

@@ -50,6 +50,8 @@ def prune(x: torch.Tensor, pr: TorchPrune) -> torch.Tensor:
     return x.gather(1, pr.keep[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def refill(y: torch.Tensor, pr: TorchPrune) -> torch.Tensor:
-    """[B, k, C] -> [B, N, C]."""
+def refill(y: torch.Tensor, pr: TorchPrune, x: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, k, C] -> [B, N, C]; with ``x`` (the stream at the pruning point) the "delta" refill."""
+    if x is not None:
+        return x + (y - prune(x, pr)).gather(1, pr.row[..., None].expand(-1, -1, y.shape[-1]))
     return y.gather(1, pr.row[..., None].expand(-1, -1, y.shape[-1]))

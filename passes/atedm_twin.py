@@ -27,15 +27,18 @@ class ATEDMTwin:
         stride: every ``stride``-th query row enters the importance.
         iterations: WPR iterations.
         static: fixed scores ``[1, 1, N]`` instead of the attention's (the "static" ablation).
+        refill: "delta" (the pruned token's own stream plus its best kept token's update) or "copy".
     """
 
     def __init__(self, model: torch.nn.Module, prune_block: str, last_block: str, kept: int, stride: int,
-                 iterations: int, static: torch.Tensor | None = None) -> None:
+                 iterations: int, static: torch.Tensor | None = None, refill: str = "delta") -> None:
         self.model, self.prune_block, self.last_block = model, prune_block, last_block
         self.kept, self.stride, self.iterations, self.static = kept, stride, iterations, static
+        self.refill = refill
         self.attn = model.get_submodule(f"{prune_block}.attn1")
         self._qk: dict[str, torch.Tensor] = {}
         self._prune: atedm_math.TorchPrune | None = None
+        self._x: torch.Tensor | None = None
         self.last_keep: torch.Tensor | None = None  # kept positions of the latest call, for inspection
 
     @contextlib.contextmanager
@@ -54,7 +57,7 @@ class ATEDMTwin:
 
     def _reset(self) -> None:
         self._qk.clear()
-        self._prune = None
+        self._prune = self._x = None
 
     def _capture(self, which: str):
         def hook(_module, _args, output):
@@ -72,7 +75,7 @@ class ATEDMTwin:
         else:
             scores = atedm_math.importance(self._qk["q"], self._qk["k"], self.attn.scale, self.stride,
                                            self.iterations)
-        self._prune = atedm_math.select(x, scores, self.kept)
+        self._prune, self._x = atedm_math.select(x, scores, self.kept), x
         self.last_keep = self._prune.keep
         pruned = atedm_math.prune(x, self._prune)
         return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
@@ -81,5 +84,5 @@ class ATEDMTwin:
         if self._prune is None:
             raise RuntimeError(f"{self.last_block} ran before the pruning block {self.prune_block}")
         y = output[0] if isinstance(output, tuple) else output
-        full = atedm_math.refill(y, self._prune)
+        full = atedm_math.refill(y, self._prune, self._x if self.refill == "delta" else None)
         return (full, *output[1:]) if isinstance(output, tuple) else full

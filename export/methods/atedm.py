@@ -35,7 +35,7 @@ from passes.onnxutil import get_model_meta
 
 class ATEDM(Method):
     name = "atedm"
-    defaults = {"prune_layer": 1, "stride": 4, "iterations": 5, "importance": "gwpr",
+    defaults = {"prune_layer": 1, "stride": 4, "iterations": 5, "importance": "gwpr", "refill": "delta",
                 "dsap": True, "dsap_buckets": 1, "dsap_shift": 1, "dsap_scale": 1.0}
 
     def early(self, index: int | str) -> bool:
@@ -48,7 +48,7 @@ class ATEDM(Method):
         if self.early(index):
             layer, ratio = layer + int(o["dsap_shift"]), ratio * float(o["dsap_scale"])
         return ATEDMConfig(ratio=ratio, prune_layer=layer, stride=int(o["stride"]), iterations=int(o["iterations"]),
-                           importance=str(o["importance"]))
+                           importance=str(o["importance"]), refill=str(o["refill"]))
 
     def validate(self, specs: list[BucketSpec], grid: tuple[int, int]) -> None:
         o = self.options
@@ -90,7 +90,7 @@ def twin_forward(model: torch.nn.Module, meta: dict, inputs: dict[str, torch.Ten
     """The eager twin's output for a bucket graph described by ``meta`` (its ``ditmerge.atedm`` metadata)."""
     static = torch.from_numpy(static_scores(grid)) if meta.get("importance") == "static" else None
     twin = ATEDMTwin(model, meta["prune_block"], meta["last_block"], meta["kept"], meta["stride"], meta["iterations"],
-                     static)
+                     static, meta.get("refill", "delta"))
     with twin.installed():
         return eager_forward(model, inputs).numpy()
 

@@ -38,10 +38,11 @@ def _ops(model: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
 
 
 @pytest.mark.parametrize("family", ["dit", "pixart"])
-@pytest.mark.parametrize("importance", ["gwpr", "static"])
-def test_pruned_graph_equals_twin_and_differs_from_unpruned(exported, family, importance):
+@pytest.mark.parametrize("importance,refill", [("gwpr", "delta"), ("gwpr", "copy"), ("static", "delta")])
+def test_pruned_graph_equals_twin_and_differs_from_unpruned(exported, family, importance, refill):
     model, base, d = exported(family, GRID)
-    res = ATEDMPass(ATEDMConfig(0.5, prune_layer=0, stride=4, iterations=5, importance=importance))(base)
+    cfg = ATEDMConfig(0.5, prune_layer=0, stride=4, iterations=5, importance=importance, refill=refill)
+    res = ATEDMPass(cfg)(base)
     assert res.modified and check_tensorrt(res.model) == []
     meta = json.loads(get_model_meta(res.model)["atedm"])
     assert meta["kept"] == 18 and meta["sample_rows"] == 9 and meta["prune_block"] == "transformer_blocks.0"
@@ -55,8 +56,8 @@ def test_pruned_graph_equals_twin_and_differs_from_unpruned(exported, family, im
     assert shapes[last.output][1][1:] == [18, 16]
     assert shapes["sample"][1][1:] == tensor_shapes(infer_shapes(base))["sample"][1][1:]
 
-    save_checked(res.model, d / f"atedm_{importance}.onnx")
-    pruned, unpruned = _runner(d, f"atedm_{importance}.onnx"), _runner(d, "base.onnx")
+    save_checked(res.model, d / f"atedm_{importance}_{refill}.onnx")
+    pruned, unpruned = _runner(d, f"atedm_{importance}_{refill}.onnx"), _runner(d, "base.onnx")
     for batch in (1, 2):
         inputs = example_inputs(model, batch, GRID, seed=20 + batch)
         out = pruned.infer(feed_of(inputs))["sample"]
@@ -79,6 +80,7 @@ def test_pass_is_idempotent_and_refuses_a_second_pruning(exported):
     (ATEDMConfig(0.5, stride=0), (6, 6), "stride must be"),
     (ATEDMConfig(0.5, iterations=0), (6, 6), "iterations must be"),
     (ATEDMConfig(0.5, importance="magic"), (6, 6), "importance must be"),
+    (ATEDMConfig(0.5, refill="magic"), (6, 6), "refill must be"),
     (ATEDMConfig(0.01), (64, 64), "TensorRT's TopK keeps at most 3840"),
 ])
 def test_bad_options_are_user_errors(cfg, grid, message):
@@ -118,15 +120,19 @@ def test_refill_copies_the_most_similar_kept_token():
     scores = torch.rand(2, 1, 12, generator=g)
     pr = atedm_math.select(x, scores, kept=4)
     assert torch.equal(pr.keep, scores.squeeze(1).topk(4, -1).indices)
-    full = atedm_math.refill(atedm_math.prune(x, pr), pr)
+    y = atedm_math.prune(x, pr) * 2 + 1  # what the later blocks make of the kept tokens
+    copy, delta = atedm_math.refill(y, pr), atedm_math.refill(y, pr, x)
     for b in range(2):
         kept = pr.keep[b].tolist()
         for p in range(12):
             if p in kept:
-                assert torch.equal(full[b, p], x[b, p])
+                assert torch.equal(copy[b, p], y[b, kept.index(p)])
+                assert torch.allclose(delta[b, p], y[b, kept.index(p)], atol=1e-6)
             else:
                 cos = torch.nn.functional.cosine_similarity(x[b, p][None], x[b, kept], dim=-1)
-                assert torch.equal(full[b, p], x[b, kept[int(cos.argmax())]])
+                j = int(cos.argmax())
+                assert torch.equal(copy[b, p], y[b, j])
+                assert torch.allclose(delta[b, p], x[b, p] + y[b, j] - x[b, kept[j]], atol=1e-6)
 
 
 def test_dsap_prunes_later_in_the_early_buckets():
