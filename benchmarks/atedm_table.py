@@ -58,7 +58,8 @@ def prepare(workdir: Path, model: str):
     manifest = json.loads((plan_dir / "plan.json").read_text())
     torch_model = load_transformer(model)
     ctx = BuildContext(torch_model=torch_model, family=family_of(torch_model), grid=tuple(manifest["model"]["grid"]),
-                       text_len=manifest["model"]["text_len"], num_train_timesteps=manifest["model"]["num_train_timesteps"],
+                       text_len=manifest["model"]["text_len"],
+                       num_train_timesteps=manifest["model"]["num_train_timesteps"],
                        base=onnx.load(plan_dir / BASE_GRAPH, load_external_data=False), stage=plan_dir, progress=False)
     return plan_dir, manifest, ctx
 
@@ -116,18 +117,20 @@ def importance_overhead(plan_dir: Path, ctx, graphs: dict[str, Path], repeats: i
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     total = sum(e["dur"] for e in nodes)
     share = lambda part: sum(e["dur"] for e in nodes if part in e["name"]) / total
-    runners = {k: OrtRunner(p, ["CPUExecutionProvider"], weights) for k, p in {**graphs, "base": plan_dir / BASE_GRAPH}.items()}
+    paths = {**graphs, "base": plan_dir / BASE_GRAPH}
+    runners = {k: OrtRunner(p, ["CPUExecutionProvider"], weights) for k, p in paths.items()}
     lat = interleaved_latency({k: (lambda r=r: r.infer(feed)) for k, r in runners.items()}, repeats=repeats, warmup=3)
     return {"profile_share_importance": share("/importance/"), "profile_share_prune_refill":
             share("ditmerge_atedm") - share("/importance/"), "latency_ms": {k: v * 1e3 for k, v in lat.items()},
             "latency_share_importance": (lat["gwpr"] - lat["static"]) / lat["gwpr"],
             "speedup_gwpr": lat["base"] / lat["gwpr"], "speedup_static": lat["base"] / lat["static"],
-            "repeats": repeats, "batch": 2, "importance_nodes": int(np.sum(["/importance/" in e["name"] for e in nodes]) / repeats)}
+            "repeats": repeats, "batch": 2,
+            "importance_nodes": int(np.sum(["/importance/" in e["name"] for e in nodes]) / repeats)}
 
 
 def table(rows: list[dict]) -> str:
-    out = [("| variant | buckets | PSNR dB mean / worst | SSIM mean | classifier-FID (unmerged) | class acc. (unmerged) "
-            "| e2e speed-up |"), "|---|---|---|---|---|---|---|"]
+    out = [("| variant | buckets | PSNR dB mean / worst | SSIM mean | classifier-FID (unmerged) "
+            "| class acc. (unmerged) | e2e speed-up |"), "|---|---|---|---|---|---|---|"]
     for r in rows:
         q = r["quality"]
         fid = f"{q['fid_merged']:.0f} ({q['fid_unmerged']:.0f})" if "fid_merged" in q else "-"

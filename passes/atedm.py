@@ -169,7 +169,8 @@ class ATEDMPass(GraphPass):
         x, y = tensors[prune_block.output], tensors[last.output]
         outside = [nd.name for nd in x.outputs if nd.name not in prune_block.nodes and nd.name not in later]
         if y.name in {o.name for o in graph.outputs}:
-            raise DitmergeError(f"the output of {last.path} is the graph output; there is no output layer to refill before")
+            raise DitmergeError(f"the output of {last.path} is the graph output; there is no output layer to refill "
+                                "before")
         if outside:
             raise DitmergeError(f"the output of {prune_block.path} is read outside the later blocks ({outside[0]}); "
                                 "AT-EDM prunes a plain stack of blocks only")
@@ -195,7 +196,8 @@ class ATEDMPass(GraphPass):
         set_model_meta(out, atedm={"ratio": cfg.ratio, "tokens": n, "kept": geo.kept, "prune_layer": cfg.prune_layer,
                                    "prune_block": prune_block.path, "last_block": last.path,
                                    "attention": attn.name, "stride": cfg.stride, "iterations": cfg.iterations,
-                                   "importance": cfg.importance, "refill": cfg.refill, "sample_rows": len(geo.sample_rows), "blocks": len(blocks)})
+                                   "importance": cfg.importance, "refill": cfg.refill,
+                                   "sample_rows": len(geo.sample_rows), "blocks": len(blocks)})
         out = infer_shapes(out)
         logger.info("atedm: %s keeps %d of %d tokens (importance from %d query rows, %d WPR iterations); "
                     "%d blocks run pruned, refill before the output layer", prune_block.path, geo.kept, n,

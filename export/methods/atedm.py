@@ -18,6 +18,7 @@ default three buckets) stands in for it.
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -35,8 +36,9 @@ from passes.onnxutil import get_model_meta
 
 class ATEDM(Method):
     name = "atedm"
-    defaults = {"prune_layer": 1, "stride": 4, "iterations": 5, "importance": "gwpr", "refill": "delta",
-                "dsap": True, "dsap_buckets": 1, "dsap_shift": 1, "dsap_scale": 1.0}
+    defaults: ClassVar[dict[str, object]] = {
+        "prune_layer": 1, "stride": 4, "iterations": 5, "importance": "gwpr", "refill": "delta",
+        "dsap": True, "dsap_buckets": 1, "dsap_shift": 1, "dsap_scale": 1.0}
 
     def early(self, index: int | str) -> bool:
         """Whether bucket ``index`` (noisiest first) is in DSAP's prune-less phase."""
