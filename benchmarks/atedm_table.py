@@ -128,15 +128,51 @@ def importance_overhead(plan_dir: Path, ctx, graphs: dict[str, Path], repeats: i
             "importance_nodes": int(np.sum(["/importance/" in e["name"] for e in nodes]) / repeats)}
 
 
+def forward_latency(plan_dir: Path, ctx, rows: list[dict], repeats: int) -> None:
+    """Per-forward speed-up of each row at batch 2: unmerged latency / mean latency of its bucket graphs.
+
+    Steadier than the end-to-end ratio on a shared machine: every graph of every row runs interleaved.
+    """
+    from export.build import BASE_GRAPH
+    from export.measure import feed_of, interleaved_latency
+    from export.onnx_export import example_inputs
+    from runtime.runners import OrtRunner, SharedWeights
+
+    weights = SharedWeights(plan_dir / "weights.bin")
+    feed = feed_of(example_inputs(ctx.torch_model, 2, ctx.grid, ctx.text_len, seed=1))
+    graphs = {BASE_GRAPH} | {g for r in rows for g in r["graphs"]}
+    runners = {g: OrtRunner(plan_dir / g, ["CPUExecutionProvider"], weights) for g in graphs}
+    extra: dict[str, dict] = {}
+    for r in rows:
+        if r["method"] == "tome":  # its partition inputs, as the runtime draws them
+            from passes.partition import draw_partition
+            from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+
+            for g, meta in zip(r["graphs"], r["bucket_meta"]):
+                if meta.get("r"):
+                    part, inv = draw_partition(ctx.grid, tuple(meta["stride"]), None, meta.get("bands", 1))
+                    extra[g] = {PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
+    lat = interleaved_latency({g: (lambda g=g: runners[g].infer({**feed, **extra.get(g, {})})) for g in graphs},
+                              repeats=repeats, warmup=2)
+    for r in rows:
+        mean = sum(lat[g] for g in r["graphs"]) / len(r["graphs"])
+        r["forward_latency_ms"] = mean * 1e3
+        r["forward_speedup"] = lat[BASE_GRAPH] / mean
+
+
 def table(rows: list[dict]) -> str:
     out = [("| variant | buckets | PSNR dB mean / worst | SSIM mean | classifier-FID (unmerged) "
-            "| class acc. (unmerged) | e2e speed-up |"), "|---|---|---|---|---|---|---|"]
+            "| class acc. (unmerged) | e2e speed-up | per-forward speed-up |"), "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         q = r["quality"]
+        fwd = f"{r['forward_speedup']:.2f}x" if "forward_speedup" in r else "-"
+        if q is None:
+            out.append(f"| {r['label']} | {r['buckets']} | - | - | - | - | - | {fwd} |")
+            continue
         fid = f"{q['fid_merged']:.0f} ({q['fid_unmerged']:.0f})" if "fid_merged" in q else "-"
         acc = f"{q['class_accuracy_merged']:.2f} ({q['class_accuracy_unmerged']:.2f})" if "fid_merged" in q else "-"
         out.append(f"| {r['label']} | {r['buckets']} | {q['psnr_db']['mean']:.2f} / {q['psnr_db']['worst']:.2f} | "
-                   f"{q['ssim']['mean']:.3f} | {fid} | {acc} | {q['e2e_speedup']:.2f}x |")
+                   f"{q['ssim']['mean']:.3f} | {fid} | {acc} | {q['e2e_speedup']:.2f}x | {fwd} |")
     return "\n".join(out)
 
 
@@ -152,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/atedm_bench"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "atedm_table.json")
     p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--forward-repeats", type=int, default=30,
+                   help="interleaved forwards per graph for the per-forward speed-up (0: skip)")
+    p.add_argument("--forward-only", action="store_true", help="skip the generations (per-forward speed only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -164,13 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     for i, (label, method, buckets, options) in enumerate(args.row or DEFAULT_ROWS):
         t0 = time.perf_counter()
         plan, view = build_view(plan_dir, manifest, ctx, f"r{i}", method, buckets, options)
-        q = measure_quality(plan, samples=args.samples, steps=args.steps, latency_repeats=args.latency_repeats)
+        q = None if args.forward_only else measure_quality(plan, samples=args.samples, steps=args.steps,
+                                                            latency_repeats=args.latency_repeats)
         results["rows"].append({"label": label, "method": method, "buckets": buckets, "options": options,
                                 "params": view["method"]["params"],
                                 "bucket_meta": [b["method_meta"] for b in view["buckets"]],
+                                "graphs": [b["graph"] for b in view["buckets"]],
                                 "kept_tokens": [b["kept_tokens"] for b in view["buckets"]], "quality": q})
-        logger.warning("%s: PSNR %.2f dB, e2e %.2fx (%.0f s)", label, q["psnr_db"]["mean"], q["e2e_speedup"],
-                        time.perf_counter() - t0)
+        if q:
+            logger.warning("%s: PSNR %.2f dB, e2e %.2fx (%.0f s)", label, q["psnr_db"]["mean"], q["e2e_speedup"],
+                           time.perf_counter() - t0)
+    if args.forward_repeats:
+        forward_latency(plan_dir, ctx, results["rows"], args.forward_repeats)
     if not args.skip_overhead:
         from export.buckets import BucketSpec
         from export.methods import get_method

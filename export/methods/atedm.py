@@ -3,7 +3,12 @@
 Each bucket prunes the residual stream after one block to its ``k`` most important tokens (G-WPR on
 a strided subset of the block's own attention rows), runs the later blocks on them and refills the
 pruned positions before the output layer (:mod:`passes.atedm`). ``--buckets`` gives the share of
-tokens pruned per bucket.
+tokens pruned per bucket (pass it: the CLI's default ``0.3,0.2,0.1`` is ToMe's, which prunes most early).
+
+``refill=delta`` (default) gives a pruned position its own stream at the pruning point plus the update
+the later blocks made to its most similar kept token; ``refill=copy`` is the paper's literal copy of
+that token's features (see :mod:`passes.atedm_graph` for why a DiT needs the former).
+``importance=static`` replaces G-WPR by a fixed dither pattern (an ablation).
 
 DSAP (denoising-steps-aware pruning) makes the noisiest ``dsap_buckets`` buckets prune less: the
 pruning point moves ``dsap_shift`` blocks deeper and the ratio is scaled by ``dsap_scale``. Source of the
