@@ -43,7 +43,7 @@ def test_python_m_export_with_no_arguments_builds_a_valid_plan(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--buckets", "999-500:0.5"], "must cover timesteps 0..999"),
     (["--model", "/nonexistent/dir/x"], "neither an existing folder nor a hub id"),
-    (["--method", "magic"], "unknown method 'magic'; available: tome"),
+    (["--method", "magic"], "unknown method 'magic'; available: "),
     (["--buckets", "0.9"], "ratio 0.9 is outside"),
     (["--locations", "attn,everywhere"], "unknown merge locations"),
 ])
