@@ -42,9 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="tome", help=f"merge method: {', '.join(available_methods())} (default: tome)")
     p.add_argument("--option", "-o", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="a method option, repeatable (e.g. -o switch_step=20 for sdtm); see the method's docs")
-    p.add_argument("--buckets", default=DEFAULT_BUCKETS,
+    p.add_argument("--buckets", default=None,
                    help="ratio per timestep bucket: '0.5,0.4,0.3' (equal spans, noisiest first) or "
-                        "'999-600:0.5,599-0:0.3' (default: %(default)s)")
+                        f"'999-600:0.5,599-0:0.3' (default: the method's; tome: {DEFAULT_BUCKETS})")
     p.add_argument("--out", default="plan", help="plan directory (default: ./plan)")
     p.add_argument("--locations", default=None,
                    help=f"where ToMe merges, comma-separated from {', '.join(LOCATIONS)} "

@@ -16,7 +16,7 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from export.buckets import DEFAULT_BUCKETS, BucketSpec
+from export.buckets import BucketSpec
 from export.families import family_of
 from export.load import DEFAULT_MODEL, load_transformer, scheduler_config
 from export.measure import export_fidelity, feed_of, interleaved_latency
@@ -67,7 +67,7 @@ def _json_config(config) -> dict:
     return json.loads(json.dumps(dict(config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = DEFAULT_BUCKETS,
+def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str | None = None,
                out: str | Path = "plan", locations: Sequence[str] | None = None,
                options: dict[str, object] | None = None,
                grid: tuple[int, int] | None = None, text_len: int = 8, num_train_timesteps: int = 1000,
@@ -79,7 +79,8 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
     Args:
         model: a hub id, a local diffusers folder, or ``builtin:tiny-dit``.
         method: the merge method, a module of :mod:`export.methods` (tome, ...).
-        buckets: ratios per timestep bucket, "0.5,0.3" (equal spans, noisiest first) or "999-500:0.5,499-0:0.3".
+        buckets: ratios per timestep bucket, "0.5,0.3" (equal spans, noisiest first) or "999-500:0.5,499-0:0.3";
+            None: the method's default.
         out: the plan directory; an existing plan there is replaced only once the new one is complete.
         locations: where ToMe merges: attn (self-attention), xattn (cross-attention queries), joint
             (MMDiT image stream), mlp; short for ``options={"locations": ...}``.
@@ -104,6 +105,7 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str = 
     if locations is not None:
         options["locations"] = tuple(locations)
     meth = get_method(method, options)
+    buckets = meth.default_buckets if buckets is None else buckets
     specs = meth.bucket_specs(buckets, num_train_timesteps, model)
     if backend not in BACKENDS:
         raise DitmergeError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")

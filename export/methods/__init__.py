@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from export.buckets import BucketSpec, parse_buckets
+from export.buckets import DEFAULT_BUCKETS, BucketSpec, parse_buckets
 from passes.errors import DitmergeError
 
 MAIN = "main"  # the variant a bucket runs on an ordinary step
@@ -62,6 +62,8 @@ class Method:
     name = ""
     #: options this method takes (name -> default); ``--option KEY=VALUE`` on the command line
     defaults: dict[str, object] = {}
+    #: the bucket spec used when the user gives none
+    default_buckets: str = DEFAULT_BUCKETS
 
     def __init__(self, options: dict[str, object] | None = None) -> None:
         options = dict(options or {})

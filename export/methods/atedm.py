@@ -41,6 +41,8 @@ from passes.onnxutil import get_model_meta
 
 class ATEDM(Method):
     name = "atedm"
+    # one ratio for every bucket: DSAP, not the ratios, makes the early buckets prune less
+    default_buckets = "0.3,0.3,0.3"
     defaults: ClassVar[dict[str, object]] = {
         "prune_layer": 1, "stride": 4, "iterations": 5, "importance": "gwpr", "refill": "delta",
         "dsap": True, "dsap_buckets": 1, "dsap_shift": 1, "dsap_scale": 1.0}
