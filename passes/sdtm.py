@@ -272,3 +272,53 @@ def partition_from_counter(grid: tuple[int, int], counter: np.ndarray, rng: np.r
     inverse = np.empty_like(partition)
     inverse[partition] = np.arange(h * w, dtype=np.int64)
     return partition, inverse
+
+
+class PromptWeightPass(GraphPass):
+    """Prompt reweighting (our reading of the paper; the released code has none): scale the attention
+    probabilities that image tokens put on prompt tokens by ``weight``, without renormalizing.
+
+    In cross-attention (PixArt ``attn2``) every key is a prompt token, so reweighting with
+    renormalization would change nothing; without it, it is a scale on the attention output before the
+    output projection: the Attention node's output is multiplied by ``weight``. Weight 1 inserts nothing.
+    MMDiT joint attention (SD3, Flux) is not handled (there the weight would be an additive log-weight
+    on the text keys' logits).
+    """
+
+    name = "sdtm-prompt-weight"
+
+    def __init__(self, weight: float, bucket: int | str = "") -> None:
+        self.weight = float(weight)
+        self.bucket = bucket
+
+    def stamp(self) -> dict:
+        return {"pass": self.name, "method": "sdtm", "bucket": self.bucket, "weight": self.weight}
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        if self.weight == 1.0:
+            return PassResult(model, False)
+        if any(s.get("pass") == self.name for s in provenance(model)):
+            raise DitmergeError("the graph already carries a prompt reweighting")
+        grid = graph_grid(model)
+        sites = [s for s in find_sites(infer_shapes(model), grid[0] * grid[1]) if s.kind == "xattn"]
+        if not sites:
+            raise DitmergeError("prompt reweighting needs cross-attention to the prompt (PixArt); this model has none")
+        graph, meta = import_graph(model)
+        nodes = {nd.name: nd for nd in graph.nodes}
+        em = Emitter(graph, "ditmerge_sdtm_prompt")
+        paths = []
+        for site in sites:
+            attention = [nodes[n] for n in site.nodes if nodes[n].op == "Attention"]
+            if len(attention) != 1:
+                raise DitmergeError(f"{site.path}: expected one Attention node, found {len(attention)}")
+            y = attention[0].outputs[0]
+            consumers = list(y.outputs)
+            em.prefix = f"ditmerge_sdtm_prompt/{site.path}"
+            scaled = em.op("Mul", [y, em.const("prompt_weight", np.float32(self.weight))], hint="prompt_weighted")
+            for nd in consumers:
+                nd.inputs = [scaled if t is y else t for t in nd.inputs]
+            paths.append(site.path)
+        out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
+        set_model_meta(out, sdtm_prompt={"weight": self.weight, "sites": paths})
+        logger.info("sdtm: prompt attention weighted by %g in %d cross-attention modules", self.weight, len(paths))
+        return PassResult(infer_shapes(out), True)

@@ -188,8 +188,12 @@ def build_counter_update(em: Emitter, counter: gs.Variable, independent: gs.Vari
 
 def build_blend(em: Emitter, y: gs.Variable, cache: gs.Variable, independent: gs.Variable,
                 weight: float) -> gs.Variable:
-    """At merged positions ``weight * y + (1 - weight) * cache``; unmerged positions keep ``y``."""
-    mixed = em.op("Add", [em.op("Mul", [y, em.const("w", np.float32(weight))]),
-                          em.op("Mul", [cache, em.const("w_cache", np.float32(1.0 - weight))])])
-    keep = em.op("Unsqueeze", [independent, em.ints("axis", [2])])
-    return em.op("Where", [keep, y, mixed], hint="blended")
+    """At merged positions ``weight * y + (1 - weight) * cache``; unmerged positions keep ``y``.
+
+    As ``y + merged * (1 - weight) * (cache - y)`` with a float mask: a broadcast Where over
+    ``[B, N, C]`` was several times slower on onnxruntime's CPU provider.
+    """
+    merged = em.op("Unsqueeze", [em.op("Cast", [em.op("Not", [independent])], {"to": onnx.TensorProto.FLOAT}),
+                                 em.ints("axis", [2])])
+    delta = em.op("Mul", [em.op("Sub", [cache, y]), em.const("w_cache", np.float32(1.0 - weight))])
+    return em.op("Add", [y, em.op("Mul", [delta, merged])], hint="blended")

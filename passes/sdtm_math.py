@@ -68,5 +68,5 @@ def counter_update(counter: torch.Tensor, independent: torch.Tensor) -> torch.Te
 
 
 def blend(y: torch.Tensor, cache: torch.Tensor, independent: torch.Tensor, weight: float) -> torch.Tensor:
-    mixed = y * weight + cache * (1.0 - weight)
-    return torch.where(independent[..., None], y, mixed)
+    merged = (~independent).to(y.dtype)[..., None]
+    return y + (cache - y) * torch.tensor(1.0 - weight, dtype=y.dtype) * merged

@@ -23,10 +23,11 @@ class SdtmTwin:
     Args:
         model: the diffusers transformer.
         meta: the graph's ``sdtm`` metadata (:class:`passes.sdtm.SdtmPass`).
+        prompt: the graph's ``sdtm_prompt`` metadata (:class:`passes.sdtm.PromptWeightPass`), if any.
     """
 
-    def __init__(self, model: torch.nn.Module, meta: dict) -> None:
-        self.model, self.meta = model, meta
+    def __init__(self, model: torch.nn.Module, meta: dict, prompt: dict | None = None) -> None:
+        self.model, self.meta, self.prompt = model, meta, prompt or {}
         self.counter: torch.Tensor | None = None
         self.partition: tuple[torch.Tensor, torch.Tensor] | None = None
         self.caches: dict[str, torch.Tensor] = {}
@@ -45,6 +46,10 @@ class SdtmTwin:
         meta = self.meta
         handles = [self.model.register_forward_pre_hook(self._start),
                    self.model.register_forward_hook(self._finish)]
+        for path in self.prompt.get("sites", []):  # prompt reweighting: scale attention before the out projection
+            weight = self.prompt["weight"]
+            handles.append(self.model.get_submodule(path).to_out[0].register_forward_pre_hook(
+                lambda _m, args, w=weight: (args[0] * w, *args[1:])))
         if meta["variant"] == "full":
             for path in meta["cache_sites"]:
                 handles.append(self.model.get_submodule(path).register_forward_hook(self._record(path)))

@@ -40,6 +40,7 @@ from passes.sdtm import (
     COUNTER_OUTPUT,
     LOCATIONS,
     MERGES,
+    PromptWeightPass,
     SdtmConfig,
     SdtmPass,
     cache_input,
@@ -108,6 +109,10 @@ class Sdtm(Method):
         "structure_merge": "window",  # ablation: "bipartite" merges the structure stage like the detail stage
         "structure_locations": ("attn", "joint", "mlp"),
         "detail_locations": ("mlp",),  # ablation: ("attn", "joint", "mlp") also merges attention
+        # prompt reweighting (our reading of the paper, off at 1.0): weight on the attention image tokens
+        # pay to prompt tokens in cross-attention, per stage
+        "prompt_weight_structure": 1.0,
+        "prompt_weight_detail": 1.0,
     }
 
     def __init__(self, options: dict[str, object] | None = None) -> None:
@@ -193,6 +198,12 @@ class Sdtm(Method):
             meta.setdefault("cache_sites", full_meta["cache_sites"])
             meta.setdefault("widths", full_meta["widths"])
         meta["stage"] = stage
+        weight = self.options[f"prompt_weight_{stage}"]
+        if weight != 1.0:
+            for variant in list(graphs):
+                res = PromptWeightPass(weight, bucket=index)(graphs[variant] or ctx.base)
+                graphs[variant] = res.model
+            meta["prompt"] = json.loads(get_model_meta(graphs[MAIN])["sdtm_prompt"])
         removed = meta["removed"]
         return BucketGraphs(graphs, meta, removed, ctx.tokens - removed)
 
@@ -203,13 +214,13 @@ class Sdtm(Method):
         return sdtm_extra_feed(meta, batch, np.random.default_rng(seed))
 
     def fidelity(self, ctx: BuildContext, meta: dict, variant: str, run, inputs: dict[str, torch.Tensor]) -> float:
-        if variant == FULL:
-            full_meta = {"variant": FULL, "cache_sites": meta["cache_sites"]}
-            return sdtm_fidelity(ctx.torch_model, run, inputs, full_meta, {})
-        if not meta.get("removed"):
-            return max_abs(run(feed_of(inputs))["sample"], eager_forward(ctx.torch_model, inputs).numpy())
+        if variant == FULL or not meta.get("removed"):
+            # the full variant, or a bucket that merges nothing: the plain forward (+ cache outputs)
+            plain = {"variant": FULL, "cache_sites": meta["cache_sites"] if variant == FULL else []}
+            return sdtm_fidelity(ctx.torch_model, run, inputs, plain, {}, meta.get("prompt"))
         batch = next(iter(inputs.values())).shape[0]
-        return sdtm_fidelity(ctx.torch_model, run, inputs, meta, sdtm_extra_feed(meta, batch, np.random.default_rng(0)))
+        return sdtm_fidelity(ctx.torch_model, run, inputs, meta, sdtm_extra_feed(meta, batch, np.random.default_rng(0)),
+                             meta.get("prompt"))
 
 
 def sdtm_extra_feed(meta: dict, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -226,10 +237,10 @@ def sdtm_extra_feed(meta: dict, batch: int, rng: np.random.Generator) -> dict[st
 
 
 def sdtm_fidelity(model: torch.nn.Module, run, inputs: dict[str, torch.Tensor], meta: dict,
-                  extra: dict[str, np.ndarray]) -> float:
+                  extra: dict[str, np.ndarray], prompt: dict | None = None) -> float:
     """Max abs error of a graph's outputs (sample, counters, caches) against the eager twin, same inputs."""
     out = run({**feed_of(inputs), **extra})
-    twin = SdtmTwin(model, meta)
+    twin = SdtmTwin(model, meta, prompt)
     part = (extra[PARTITION_INPUT], extra[PARTITION_INV_INPUT]) if PARTITION_INPUT in extra else None
     twin.set_inputs(counter=extra.get(COUNTER_INPUT), partition=part,
                     caches={p: extra[cache_input(p)] for p in meta.get("cache_inputs", {})})

@@ -135,3 +135,30 @@ def test_twin_counter_semantics(exported):
     _, out = _twin_run(model, meta, inputs, {COUNTER_INPUT: np.zeros((1, 36), np.float32)})
     c = out[COUNTER_OUTPUT]
     assert torch.all((c >= 0) & (c <= len(meta["metric_sites"])))
+
+
+def test_prompt_reweighting_equals_twin_on_pixart(exported):
+    from export.methods.sdtm import sdtm_extra_feed, sdtm_fidelity
+    from passes.errors import DitmergeError
+    from passes.sdtm import PromptWeightPass
+
+    grid = (4, 4)
+    model, base, d = exported("pixart", grid)
+    merged = SdtmPass(CONFIGS["structure"])(base).model
+    weighted = PromptWeightPass(2.0)(merged).model
+    assert check_tensorrt(weighted) == []
+    meta = json.loads(get_model_meta(weighted)["sdtm"])
+    prompt = json.loads(get_model_meta(weighted)["sdtm_prompt"])
+    assert [s.rsplit(".", 1)[1] for s in prompt["sites"]] == ["attn2", "attn2"]
+    save_checked(weighted, d / "sdtm_prompt.onnx")
+    save_checked(merged, d / "sdtm_noprompt.onnx")
+    inputs = example_inputs(model, 2, grid, seed=4)
+    extra = sdtm_extra_feed(meta, 2, np.random.default_rng(3))
+    run = _runner(d, "sdtm_prompt.onnx").infer
+    assert sdtm_fidelity(model, run, inputs, meta, extra, prompt) <= METHOD_ATOL
+    diff = max_abs(run({**feed_of(inputs), **extra})["sample"],
+                   _runner(d, "sdtm_noprompt.onnx").infer({**feed_of(inputs), **extra})["sample"])
+    assert diff > 1e-3, f"prompt weight 2 changed nothing ({diff:.1e})"
+    assert not PromptWeightPass(1.0)(base).modified
+    with pytest.raises(DitmergeError, match="cross-attention"):
+        PromptWeightPass(2.0)(exported("dit", (6, 6))[1])
