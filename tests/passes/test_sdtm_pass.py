@@ -162,3 +162,23 @@ def test_prompt_reweighting_equals_twin_on_pixart(exported):
     assert not PromptWeightPass(1.0)(base).modified
     with pytest.raises(DitmergeError, match="cross-attention"):
         PromptWeightPass(2.0)(exported("dit", (6, 6))[1])
+
+
+def test_method_bucket_with_prompt_weight_matches_twin_in_every_variant(exported):
+    """The method's wiring: a PixArt bucket with a prompt weight, merged and full variants, via Method.fidelity."""
+    from export.buckets import BucketSpec
+    from export.families import family_of
+    from export.methods import BuildContext, get_method
+
+    grid = (4, 4)
+    model, base, d = exported("pixart", grid)
+    meth = get_method("sdtm", {"prompt_weight_structure": "1.5"})
+    ctx = BuildContext(torch_model=model, family=family_of(model), grid=grid, text_len=8, num_train_timesteps=1000,
+                       base=base, stage=d)
+    bg = meth.build_bucket(ctx, BucketSpec(600, 999, 0.45), 0)
+    assert bg.meta["stage"] == "structure" and bg.meta["prompt"]["weight"] == 1.5 and set(bg.graphs) == {"main", "full"}
+    inputs = example_inputs(model, 2, grid, seed=8)
+    for variant, g in bg.graphs.items():
+        save_checked(g, d / f"method_{variant}.onnx")
+        err = meth.fidelity(ctx, bg.meta, variant, _runner(d, f"method_{variant}.onnx").infer, inputs)
+        assert err <= METHOD_ATOL, f"{variant}: {err:.2e}"
