@@ -47,7 +47,7 @@ from passes.sdtm import (
     partition_from_counter,
 )
 from passes.sdtm_twin import SdtmTwin
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, TOPK_LIMIT
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,11 @@ class Sdtm(Method):
             raise DitmergeError(f"protect_every={o['protect_every']} must be >= 0 (0: no protected steps)")
         if grid[0] < 2 or grid[1] < 2:
             raise DitmergeError(f"sdtm needs a grid of at least 2x2 tokens, got {grid[0]}x{grid[1]}")
+        windows = (grid[0] // 2) * (grid[1] // 2)
+        if o["structure_merge"] == "window" and windows > TOPK_LIMIT:
+            # the window ranking is one TopK over all windows; banding (as ToMe's) is not implemented for it
+            raise DitmergeError(f"a {grid[0]}x{grid[1]} grid has {windows} 2x2 windows, more than TensorRT's TopK "
+                                f"limit of {TOPK_LIMIT}; use -o structure_merge=bipartite for grids this large")
         for spec in specs:
             SdtmConfig(ratio=spec.ratio, blend=o["blend"]).validate()
 

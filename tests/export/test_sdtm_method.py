@@ -48,6 +48,9 @@ def test_options_are_checked():
         get_method("sdtm", {"switch_step": "60"}).bucket_specs("0.3,0.2,0.1", 1000, "")
     with pytest.raises(DitmergeError, match="structure_merge"):
         get_method("sdtm", {"structure_merge": "pool"}).validate([], (8, 8))
+    with pytest.raises(DitmergeError, match="TopK"):
+        get_method("sdtm").validate([], (128, 128))
+    get_method("sdtm", {"structure_merge": "bipartite"}).validate([], (128, 128))
 
 
 @pytest.fixture(scope="module")
