@@ -119,6 +119,7 @@ def main() -> None:
     p.add_argument("--speed-repeats", type=int, default=8)
     p.add_argument("--tome-ratios", default="0.05,0.1,0.15,0.2,0.3,0.4,0.5")
     p.add_argument("--workdir", type=Path, default=Path("sdtm_table"))
+    p.add_argument("--speed-only", action="store_true", help="only the speed run (a re-check with other repeats / ratios)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.time()
@@ -150,6 +151,13 @@ def main() -> None:
     sdtm = next(iter(ABLATIONS))
     target = speed[sdtm]
     matched = min(tome_names, key=lambda n: abs(speed[n] / target - 1))
+    if args.speed_only:
+        (args.workdir / "sdtm_speed.json").write_text(json.dumps(speed, indent=2, default=str))
+        print("| configuration | e2e speed-up |\n|---|---|")
+        for name, v in speed.items():
+            if name != "_latency_s":
+                print(f"| {name} | {v:.2f}x |")
+        return
 
     # 3. quality (PSNR/SSIM vs unmerged, classifier-FID, accuracy) of the SDTM configurations and the matched ToMe
     results: dict = {"samples": args.samples, "steps": args.steps, "speed_repeats": args.speed_repeats,
