@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--tome-ratios", default="0.05,0.1,0.15,0.2,0.3,0.4,0.5")
     p.add_argument("--workdir", type=Path, default=Path("sdtm_table"))
     p.add_argument("--speed-only", action="store_true", help="only the speed run (a re-check with other repeats / ratios)")
+    p.add_argument("--tome-quality-only", action="store_true", help="only the quality of ToMe at --tome-ratios")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.time()
@@ -135,6 +136,16 @@ def main() -> None:
                        num_train_timesteps=manifest["model"]["num_train_timesteps"],
                        base=onnx.load(plan_dir / BASE_GRAPH, load_external_data=False), stage=plan_dir, progress=False)
     t_max = ctx.num_train_timesteps - 1
+
+    if args.tome_quality_only:
+        rows = []
+        for ratio in (float(r) for r in args.tome_ratios.split(",")):
+            plan = build_view(ctx, plan_dir, manifest, "tome", {}, f"tome{ratio:g}", [BucketSpec(0, t_max, ratio)])
+            q = measure_quality(plan, samples=args.samples, steps=args.steps, latency_repeats=1)
+            rows.append(_row(f"ToMe, uniform ratio {ratio:g} (attention)", q, {"ratio": ratio}))
+        (args.workdir / "sdtm_tome_quality.json").write_text(json.dumps(rows, indent=2))
+        print(table(rows))  # its speed-up column: measure_quality's own 1-round timing, not comparable
+        return
 
     # 1. every configuration's plan, on the one export
     plans: dict[str, Plan] = {}
