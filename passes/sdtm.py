@@ -1,0 +1,324 @@
+"""The SDTM pass: one bucket's graph of Structure-then-Detail Token Merging (methods.md §1).
+
+Variants of a bucket:
+
+- ``merged`` (the bucket's main graph): per block, one matching on the attention input (the
+  norm1-modulated image tokens, as the released code), applied to the configured sublayers:
+  - ``merge="window"`` (structure stage): the top-k most uniform 2x2 windows collapse to their mean
+    (:mod:`passes.sdtm_graph`);
+  - ``merge="bipartite"`` (detail stage): ToMe's bipartite matching (:mod:`passes.tome_graph`) with the
+    partition as graph inputs; the runtime puts each window's dst on its stalest token.
+  The staleness counters ``sdtm_counter [B, N]`` come in as an input, are read by each block's
+  matching and advanced by it (0 where the token stayed unmerged, +1 elsewhere), and leave as
+  ``sdtm_counter_out``. With ``blend`` set, each merged sublayer also takes ``sdtm_cache.<site>`` (its
+  output at the last protected step) and outputs ``blend * computed + (1 - blend) * cached`` at merged
+  positions.
+- ``full`` (protected steps): the unmerged graph that also outputs every cached sublayer's output as
+  ``sdtm_cache_out.<site>``.
+
+Deviation from the released code: the cache holds the sublayer module's output (attention / feed-forward),
+i.e. before the adaLN gate; the released code caches after the gate. Our site boundary is the module;
+the gate changes little between nearby steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from passes.cleanup import FreeTokenAxisPass
+from passes.errors import DitmergeError
+from passes.graphbuild import Emitter
+from passes.infra import GraphPass, PassResult
+from passes.locate import Site, find_sites, tensor_shapes
+from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
+from passes.partition import num_dst, plan_bands
+from passes.sdtm_graph import (
+    WindowGeometry,
+    build_blend,
+    build_counter_update,
+    build_gather_unmerge,
+    build_independent_from_map,
+    build_window_match,
+    build_window_merge,
+)
+from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, TOPK_LIMIT, graph_grid, merged_count
+from passes.tome_graph import Geometry, build_match, build_merge, build_unmerge
+
+logger = logging.getLogger(__name__)
+
+COUNTER_INPUT = "sdtm_counter"
+COUNTER_OUTPUT = "sdtm_counter_out"
+CACHE_INPUT = "sdtm_cache."
+CACHE_OUTPUT = "sdtm_cache_out."
+VARIANTS = ("merged", "full")
+MERGES = ("window", "bipartite")
+LOCATIONS = ("attn", "joint", "mlp")
+ATTN_KINDS = ("attn", "joint")
+
+
+def cache_input(path: str) -> str:
+    return CACHE_INPUT + path
+
+
+def cache_output(path: str) -> str:
+    return CACHE_OUTPUT + path
+
+
+def window_count(ratio: float, grid: tuple[int, int]) -> int:
+    """Windows merged for a ratio: each removes 3 tokens, so k = int(N * ratio) // 3.
+
+    The released code rounds k down to a multiple of 16 (k = int(N * ratio) // 48 * 16); at 256 tokens
+    that would move the ratio in steps of 48 tokens, so we do not. At least one window stays unchosen
+    so no tensor is empty.
+    """
+    geo = WindowGeometry(grid, 0)
+    return max(0, min(int(geo.tokens * ratio) // 3, geo.num_windows - 1))
+
+
+@dataclasses.dataclass
+class SdtmConfig:
+    variant: str = "merged"
+    merge: str = "window"
+    ratio: float = 0.0
+    locations: tuple[str, ...] = LOCATIONS
+    a_s: float = 0.05  # weight of the staleness term in window scores (released default)
+    blend: float | None = 0.1  # weight of the computed value at merged positions; None: no cache inputs
+    max_src_per_band: int = TOPK_LIMIT
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise DitmergeError(f"unknown SDTM variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
+        if self.merge not in MERGES:
+            raise DitmergeError(f"unknown SDTM merge {self.merge!r}; choose from {', '.join(MERGES)}")
+        if not 0 <= self.ratio <= 0.75:
+            raise DitmergeError(f"SDTM ratio {self.ratio} is outside [0, 0.75] (3 of every 4 tokens of a 2x2 window)")
+        bad = [loc for loc in self.locations if loc not in LOCATIONS]
+        if bad or not self.locations:
+            raise DitmergeError(f"unknown SDTM merge locations {bad or '(none)'}; choose from {', '.join(LOCATIONS)}")
+        if self.blend is not None and not 0 <= self.blend <= 1:
+            raise DitmergeError(f"SDTM blend weight {self.blend} is outside [0, 1]")
+
+
+class SdtmPass(GraphPass):
+    """Insert one SDTM variant (see the module docstring); a second run is a no-op."""
+
+    name = "sdtm"
+
+    def __init__(self, config: SdtmConfig, bucket: int | str = "") -> None:
+        self.config = config
+        self.bucket = bucket
+
+    def stamp(self) -> dict:
+        # JSON round trip: the stamp is compared with the one read back from the graph
+        return json.loads(json.dumps({"pass": self.name, "method": "sdtm", "bucket": self.bucket,
+                                      **dataclasses.asdict(self.config)}))
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        cfg = self.config
+        cfg.validate()
+        grid = graph_grid(model)
+        n = grid[0] * grid[1]
+        stamps = [s for s in provenance(model) if s.get("pass") == self.name]
+        if stamps:
+            if all(s == self.stamp() for s in stamps):
+                return PassResult(model, False)
+            raise DitmergeError(f"the graph already carries an SDTM merge ({stamps[0]}); apply passes to the unmerged graph")
+
+        model = FreeTokenAxisPass(n)(model).model
+        shaped = infer_shapes(model)
+        sites = find_sites(shaped, n)
+        cache_sites = [s for s in sites if s.ok and s.kind in LOCATIONS]
+        if not cache_sites:
+            raise DitmergeError("no attention or feed-forward module found in the graph (is it a diffusers DiT export?)")
+        shapes = tensor_shapes(shaped)
+        graph, meta = import_graph(model)
+        tensors = graph.tensors()
+        batch_dim = graph.inputs[0].shape[0]
+        em = Emitter(graph, "ditmerge_sdtm")
+        info: dict = {"variant": cfg.variant, "grid": list(grid), "tokens": n,
+                      "cache_sites": [s.path for s in cache_sites],
+                      "widths": {s.path: _channels(shapes, s.image_output) for s in cache_sites},
+                      "cache_bytes_per_sample": int(sum(4 * n * _channels(shapes, s.image_output) for s in cache_sites))}
+
+        if cfg.variant == "full":
+            for site in cache_sites:
+                graph.outputs.append(_named_identity(em, tensors[site.image_output], cache_output(site.path),
+                                                     [batch_dim, n, _channels(shapes, site.image_output)]))
+            out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
+            set_model_meta(out, sdtm=info)
+            return PassResult(infer_shapes(out), True)
+
+        geo: WindowGeometry | Geometry
+        if cfg.merge == "window":
+            geo = WindowGeometry(grid, window_count(cfg.ratio, grid))
+            removed, kept, count = 3 * geo.k, geo.kept, geo.k
+        else:
+            na = n - num_dst(grid)
+            bands = plan_bands(grid, (2, 2), cfg.max_src_per_band)
+            if bands == 0:
+                raise DitmergeError(f"a {grid[0]}x{grid[1]} grid cannot be cut into bands of at most "
+                                    f"{cfg.max_src_per_band} src tokens")
+            geo = Geometry(tokens=n, num_src=na, r=merged_count(cfg.ratio, n, na) // bands * bands, bands=bands)
+            removed, kept, count = geo.r, n - geo.r, geo.r
+            info.update(num_src=na, bands=bands, stride=[2, 2])
+        if count == 0:
+            return PassResult(model, False)
+
+        counter = gs.Variable(COUNTER_INPUT, dtype=np.float32, shape=[batch_dim, n])
+        graph.inputs.append(counter)
+        if cfg.merge == "bipartite":
+            part = gs.Variable(PARTITION_INPUT, dtype=np.int64, shape=[n])
+            part_inv = gs.Variable(PARTITION_INV_INPUT, dtype=np.int64, shape=[n])
+            graph.inputs.extend([part, part_inv])
+        nodes = {nd.name: nd for nd in graph.nodes}
+        blocks: dict[str, list[Site]] = {}
+        for s in sites:
+            if s.ok and s.kind in LOCATIONS:
+                blocks.setdefault(s.block, []).append(s)
+        merged_sites, metric_sites, cache_inputs = [], {}, {}
+        for block, block_sites in blocks.items():
+            chosen = [s for s in block_sites if s.kind in cfg.locations]
+            if not chosen:
+                continue
+            metric = next((s for s in block_sites if s.kind in ATTN_KINDS), chosen[0])
+            x_metric = tensors[metric.image_input]
+            em.prefix = f"ditmerge_sdtm/{block}"
+            if cfg.merge == "window":
+                st = build_window_match(em, x_metric, counter, geo, cfg.a_s)
+                independent, map_flat = st.independent, st.map_flat
+            else:
+                st = build_match(em, x_metric, part, part_inv, geo)
+                independent = build_independent_from_map(em, x_metric, st.map_flat, kept, geo.num_src - geo.r)
+            counter = build_counter_update(em, counter, independent)
+            metric_sites[block] = metric.path
+            for site in chosen:
+                x, y = tensors[site.image_input], tensors[site.image_output]
+                c_in, c_out = _channels(shapes, site.image_input), _channels(shapes, site.image_output)
+                em.prefix = f"ditmerge_sdtm/{site.path}"
+                merged = (build_window_merge(em, x, st, c_in) if cfg.merge == "window"
+                          else build_merge(em, x, st, c_in))
+                inside = set(site.nodes)
+                for name in site.nodes:
+                    nodes[name].inputs = [merged if t is x else t for t in nodes[name].inputs]
+                before = len(em.inserted)
+                out = (build_gather_unmerge(em, y, map_flat, c_out) if cfg.merge == "window"
+                       else build_unmerge(em, y, st, c_out))
+                if cfg.blend is not None:
+                    cache = gs.Variable(cache_input(site.path), dtype=np.float32, shape=[batch_dim, n, c_out])
+                    graph.inputs.append(cache)
+                    cache_inputs[site.path] = cache.name
+                    out = build_blend(em, out, cache, independent, cfg.blend)
+                ours = set(em.inserted[before:])
+                for nd in list(y.outputs):
+                    if nd.name not in inside and nd.name not in ours:
+                        nd.inputs = [out if t is y else t for t in nd.inputs]
+                merged_sites.append(site.path)
+        graph.outputs.append(_named_identity(em, counter, COUNTER_OUTPUT, [batch_dim, n]))
+        out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
+        info.update(merge=cfg.merge, ratio=cfg.ratio, removed=removed, kept=kept, a_s=cfg.a_s, blend=cfg.blend,
+                    sites=merged_sites, metric_sites=metric_sites, cache_inputs=cache_inputs,
+                    **({"k": count} if cfg.merge == "window" else {"r": count}))
+        set_model_meta(out, sdtm=info)
+        logger.info("sdtm: %s merge of %d sublayers (%s), %d of %d tokens removed%s", cfg.merge, len(merged_sites),
+                    ", ".join(sorted(cfg.locations)), removed, n, ", blended with the cache" if cfg.blend is not None else "")
+        return PassResult(infer_shapes(out), True)
+
+
+def _channels(shapes: dict, name: str) -> int:
+    return int(shapes[name][1][2])
+
+
+def _named_identity(em: Emitter, x: gs.Variable, name: str, shape: list) -> gs.Variable:
+    out = gs.Variable(name, dtype=np.float32, shape=shape)
+    node = gs.Node(op="Identity", name=em._name("output"), inputs=[x], outputs=[out])
+    em.graph.nodes.append(node)
+    em.inserted.append(node.name)
+    return out
+
+
+def partition_from_counter(grid: tuple[int, int], counter: np.ndarray, rng: np.random.Generator | None = None,
+                           bands: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """ToMe's partition (:func:`passes.partition.draw_partition` layout) with each window's dst on its stalest token.
+
+    ``counter [B, N]`` is summed over the batch, so the CFG halves share one partition (the released
+    code picks per sample). Ties break at random (``rng``; the released code picks at random only when
+    there is no history at all) or on the first token (``rng`` None).
+    """
+    h, w = grid
+    hc, wc = h // 2, w // 2
+    total = np.asarray(counter, dtype=np.float64).reshape(-1, h * w).sum(0).reshape(h, w)
+    cells = total[:2 * hc, :2 * wc].reshape(hc, 2, wc, 2).transpose(0, 2, 1, 3).reshape(hc, wc, 4)
+    if rng is not None:
+        cells = cells + rng.random(cells.shape) * 0.5  # counters are integers: noise only breaks ties
+    slot = cells.argmax(-1)
+    dy, dx = slot // 2, slot % 2
+    cy, cx = np.meshgrid(np.arange(hc), np.arange(wc), indexing="ij")
+    dst_pos = ((cy * 2 + dy) * w + (cx * 2 + dx)).reshape(-1).astype(np.int64)
+    is_dst = np.zeros(h * w, dtype=bool)
+    is_dst[dst_pos] = True
+    band_h = h // bands
+    parts = []
+    for k in range(bands):  # the layout of draw_partition: per band its src, then its dst
+        rows = np.arange(k * band_h * w, (k + 1) * band_h * w)
+        parts.append(rows[~is_dst[rows]])
+        parts.append(dst_pos[(dst_pos // w >= k * band_h) & (dst_pos // w < (k + 1) * band_h)])
+    partition = np.concatenate(parts).astype(np.int64)
+    inverse = np.empty_like(partition)
+    inverse[partition] = np.arange(h * w, dtype=np.int64)
+    return partition, inverse
+
+
+class PromptWeightPass(GraphPass):
+    """Prompt reweighting (our reading of the paper; the released code has none): scale the attention
+    probabilities that image tokens put on prompt tokens by ``weight``, without renormalizing.
+
+    In cross-attention (PixArt ``attn2``) every key is a prompt token, so reweighting with
+    renormalization would change nothing; without it, it is a scale on the attention output before the
+    output projection: the Attention node's output is multiplied by ``weight``. Weight 1 inserts nothing.
+    MMDiT joint attention (SD3, Flux) is not handled (there the weight would be an additive log-weight
+    on the text keys' logits).
+    """
+
+    name = "sdtm-prompt-weight"
+
+    def __init__(self, weight: float, bucket: int | str = "") -> None:
+        self.weight = float(weight)
+        self.bucket = bucket
+
+    def stamp(self) -> dict:
+        return {"pass": self.name, "method": "sdtm", "bucket": self.bucket, "weight": self.weight}
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        if self.weight == 1.0:
+            return PassResult(model, False)
+        if any(s.get("pass") == self.name for s in provenance(model)):
+            raise DitmergeError("the graph already carries a prompt reweighting")
+        grid = graph_grid(model)
+        sites = [s for s in find_sites(infer_shapes(model), grid[0] * grid[1]) if s.kind == "xattn"]
+        if not sites:
+            raise DitmergeError("prompt reweighting needs cross-attention to the prompt (PixArt); this model has none")
+        graph, meta = import_graph(model)
+        nodes = {nd.name: nd for nd in graph.nodes}
+        em = Emitter(graph, "ditmerge_sdtm_prompt")
+        paths = []
+        for site in sites:
+            attention = [nodes[n] for n in site.nodes if nodes[n].op == "Attention"]
+            if len(attention) != 1:
+                raise DitmergeError(f"{site.path}: expected one Attention node, found {len(attention)}")
+            y = attention[0].outputs[0]
+            consumers = list(y.outputs)
+            em.prefix = f"ditmerge_sdtm_prompt/{site.path}"
+            scaled = em.op("Mul", [y, em.const("prompt_weight", np.float32(self.weight))], hint="prompt_weighted")
+            for nd in consumers:
+                nd.inputs = [scaled if t is y else t for t in nd.inputs]
+            paths.append(site.path)
+        out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
+        set_model_meta(out, sdtm_prompt={"weight": self.weight, "sites": paths})
+        logger.info("sdtm: prompt attention weighted by %g in %d cross-attention modules", self.weight, len(paths))
+        return PassResult(infer_shapes(out), True)

@@ -1,0 +1,104 @@
+"""SDTM as a plan method: the stage/ratio schedule, a built plan's variants, and the runtime policy."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from export.methods import get_method
+from export.methods.sdtm import rho, stage_buckets, step_timestep
+from passes.errors import DitmergeError
+
+
+def test_default_schedule_matches_the_released_code():
+    # released code: rho = 0.50, 0.48, 0.42, 0.33, 0.21, 0.10 at steps 0, 10, 20, 30, 40, 49 of 50
+    assert [round(rho(s, 50, 0.3, 0.2), 2) for s in (0, 10, 20, 30, 40, 49)] == [0.5, 0.48, 0.42, 0.33, 0.21, 0.1]
+    buckets = stage_buckets(50, 20, 0.3, 0.2, 2, 1000)
+    assert [b.stage for b in buckets] == ["structure"] * 2 + ["detail"] * 2
+    assert [(b.first, b.last) for b in buckets] == [(0, 9), (10, 19), (20, 34), (35, 49)]
+    assert buckets[0].spec.t_hi == 999 and buckets[-1].spec.t_lo == 0
+    for a, b in itertools.pairwise(buckets):
+        assert b.spec.t_hi == a.spec.t_lo - 1
+    for b in buckets:
+        want = np.mean([rho(s, 50, 0.3, 0.2) for s in range(b.first, b.last + 1)])
+        assert b.spec.ratio == pytest.approx(want, abs=1e-4)
+        # each step of the reference schedule falls in its own bucket
+        for s in range(b.first, b.last + 1):
+            assert b.spec.t_lo <= step_timestep(s, 50, 1000) <= b.spec.t_hi
+    assert buckets[0].spec.ratio > buckets[1].spec.ratio > buckets[2].spec.ratio > buckets[3].spec.ratio
+
+
+def test_stage_switch_stays_at_forty_percent_with_fewer_steps():
+    from diffusers import DDIMScheduler
+
+    buckets = stage_buckets(50, 20, 0.3, 0.2, 1, 1000)
+    boundary = buckets[0].spec.t_lo
+    sched = DDIMScheduler(timestep_spacing="leading")
+    sched.set_timesteps(25)
+    structure = [int(t) for t in sched.timesteps if int(t) >= boundary]
+    assert len(structure) == 10  # 40 % of 25
+
+
+def test_options_are_checked():
+    with pytest.raises(DitmergeError, match="drop --buckets"):
+        get_method("sdtm").bucket_specs("0.5", 1000, "")
+    with pytest.raises(DitmergeError, match="switch_step"):
+        get_method("sdtm", {"switch_step": "60"}).bucket_specs("0.3,0.2,0.1", 1000, "")
+    with pytest.raises(DitmergeError, match="structure_merge"):
+        get_method("sdtm", {"structure_merge": "pool"}).validate([], (8, 8))
+    with pytest.raises(DitmergeError, match="TopK"):
+        get_method("sdtm").validate([], (128, 128))
+    get_method("sdtm", {"structure_merge": "bipartite"}).validate([], (128, 128))
+
+
+@pytest.fixture(scope="module")
+def plan_dir(tmp_path_factory):
+    from export.build import build_plan
+
+    out = tmp_path_factory.mktemp("sdtm") / "plan"
+    build_plan("builtin:tiny-dit", method="sdtm", out=out, options={"steps": "10", "switch_step": "4"},
+               measure=True, repeats=1, quality_samples=0, progress=False)
+    return out
+
+
+def test_built_plan_has_both_stages_and_every_variant_matches_its_twin(plan_dir):
+    import json
+
+    manifest = json.loads((plan_dir / "plan.json").read_text())
+    stages = [b["method_meta"]["stage"] for b in manifest["buckets"]]
+    assert stages == ["structure", "structure", "detail", "detail"]
+    for b in manifest["buckets"]:
+        assert set(b["graphs"]) == {"main", "full"}
+        assert b["tensorrt_check"] == []
+        assert b["r"] > 0 and b["method_meta"]["cache_bytes_per_sample"] > 0
+        for variant, err in b["fidelity"].items():
+            assert err <= 1e-4, f"bucket {b['index']} {variant}: {err:.2e}"
+    detail = manifest["buckets"][-1]["method_meta"]
+    assert detail["merge"] == "bipartite" and all(s.endswith(".ff") for s in detail["sites"])
+
+
+def test_runtime_runs_protected_steps_and_carries_counters(plan_dir):
+    import runtime
+    from runtime.generate import sample_classes
+
+    tf = runtime.load(plan_dir, backend="cpu")
+    seen = []
+    select = tf.policy.select
+
+    def spy(state, bucket, batch):
+        variant, feed = select(state, bucket, batch)
+        seen.append((state.steps, bucket.meta["stage"], variant, feed.get("sdtm_counter")))
+        return variant, feed
+
+    tf.policy.select = spy
+    out = sample_classes(tf, [1], steps=8, guidance=2.0, progress=False)
+    assert np.isfinite(out).all()
+    assert [s[2] for s in seen] == ["full", "main", "main", "full", "main", "main", "full", "main"]
+    assert {s[1] for s in seen} == {"structure", "detail"}
+    counters = [s[3] for s in seen if s[3] is not None]
+    assert counters[0].max() == 0 and counters[-1].max() > 0  # fresh at the start, carried after
+    seen.clear()
+    sample_classes(tf, [1], steps=8, guidance=2.0, progress=False)
+    assert next(s[3] for s in seen if s[3] is not None).max() == 0  # reset per generation
