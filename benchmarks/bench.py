@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--e2e-steps", type=int, default=10, help="denoising steps of the end-to-end comparison (0: skip)")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the eager model")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--no-prepack", action="store_true",
                    help="also time every graph with onnxruntime's weight prepacking off (shares one weight copy)")
     p.add_argument("--results", default=str(Path(__file__).parent / "results"))
@@ -156,15 +158,29 @@ def main(argv: list[str] | None = None) -> dict:
         graphs[f"tome {r}"], metas[f"tome {r}"] = work / f"tome_{r}.onnx", json.loads(get_model_meta(res.model)["tome"])
     flops = {k: count_flops(onnx.load(g, load_external_data=False)) for k, g in graphs.items()}
 
-    weights = SharedWeights(work / WEIGHTS_FILE)
-    runners = {k: OrtRunner(g, ["CPUExecutionProvider"], weights) for k, g in graphs.items()}
     inputs = example_inputs(model, args.batch, grid, seed=0)
     feed = feed_of(inputs)
     part, inv = draw_partition(grid, rng=np.random.default_rng(0))
     merged_feed = {**feed, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
+    # Memory first, in child processes, while this process holds no session: onnxruntime does not give a
+    # closed session's prepacked weights back to the system, so probing later could exhaust the machine.
+    # a plan as `python -m export` writes it: the unmerged graph and three merged buckets (the largest ratios)
+    plan_graphs = [graphs["base"]] + [graphs[f"tome {r}"] for r in sorted(ratios)[-3:]]
+    mem = {} if args.no_memory else {"unmerged_mb": peak_rss_mb([graphs["base"]], work / WEIGHTS_FILE, feed),
+           "plan_mb": peak_rss_mb(plan_graphs, work / WEIGHTS_FILE, merged_feed),
+           "plan_graphs": len(plan_graphs)}
+    if mem:
+        mem["ratio"] = mem["plan_mb"] / mem["unmerged_mb"] if mem["unmerged_mb"] > 0 else float("nan")
+    if mem and args.no_prepack:
+        mem["plan_no_prepack_mb"] = peak_rss_mb(plan_graphs, work / WEIGHTS_FILE, merged_feed, prepack=False)
+        mem["ratio_no_prepack"] = mem["plan_no_prepack_mb"] / mem["unmerged_mb"]
+
+    weights = SharedWeights(work / WEIGHTS_FILE)
+    runners = {k: OrtRunner(g, ["CPUExecutionProvider"], weights) for k, g in graphs.items()}
+    best = max(ratios)
     if args.no_prepack:
-        runners.update({f"{k} no-prepack": OrtRunner(g, ["CPUExecutionProvider"], weights, prepack=False)
-                        for k, g in graphs.items()})
+        runners.update({f"{k} no-prepack": OrtRunner(graphs[k], ["CPUExecutionProvider"], weights, prepack=False)
+                        for k in ("base", f"tome {best}")})
     calls = {k: (lambda rn=rn, k=k: rn.infer(merged_feed if not k.startswith("base") else feed))
              for k, rn in runners.items()}
     calls["eager torch"] = lambda: eager_forward(model, inputs)
@@ -177,33 +193,42 @@ def main(argv: list[str] | None = None) -> dict:
                                                       class_labels=inputs["class_labels"])
         except Exception as e:  # recorded, not fatal: "where it works on this machine"
             logger.warning("torch.compile failed: %s", str(e).splitlines()[0])
-    logger.info("timing %d variants x %d interleaved repeats", len(calls), args.repeats)
-    with torch.no_grad():
-        lat = interleaved_latency(calls, repeats=args.repeats, warmup=1)
+    # Each onnxruntime session holds its own prepacked weights (2.7 GB for DiT-XL/2), so a sweep cannot keep
+    # them all alive: every group is timed interleaved against the unmerged graph, then its sessions close.
+    groups = [[f"tome {r}"] for r in ratios if r != best]
+    groups.append([f"tome {best}", "eager torch", *calls.keys() - {"base", "eager torch", *graphs}])
+    lat: dict[str, float] = {}
+    pair_base: dict[str, float] = {}
+    for group in groups:
+        logger.info("timing %s against the unmerged graph, %d interleaved repeats", ", ".join(group), args.repeats)
+        keys = ["base", *group] + (["base no-prepack"] if any("no-prepack" in k for k in group) else [])
+        with torch.no_grad():
+            got = interleaved_latency({k: calls[k] for k in dict.fromkeys(keys)}, repeats=args.repeats, warmup=1)
+        for k in group:
+            lat[k] = got[k]
+            pair_base[k] = got["base no-prepack" if k.endswith("no-prepack") else "base"]
+        lat["base"], pair_base["base"] = got["base"], got["base"]
+        if "base no-prepack" in got:
+            lat["base no-prepack"] = pair_base["base no-prepack"] = got["base no-prepack"]
+        for k in group:
+            if k in runners and k != f"tome {best}" and not k.startswith(f"tome {best} "):
+                runners[k].deactivate()
 
     rows = []
-    for k in runners:
+    for k in ["base", *(k for k in runners if k != "base")]:
         g = k.removesuffix(" no-prepack")
-        base_key = "base no-prepack" if k.endswith("no-prepack") else "base"
         ideal = flops["base"] / flops[g]
-        speed = lat[base_key] / lat[k]
-        share = matching_share(graphs[g], merged_feed, weights) if k in metas else 0.0
+        speed = pair_base[k] / lat[k]
         rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "speedup_vs_unmerged": speed,
-                     "speedup_vs_eager": lat["eager torch"] / lat[k], "flops_rel": flops[g] / flops["base"],
-                     "flop_ideal_speedup": ideal, "share_of_flop_ideal": speed / ideal, "matching_share": share,
-                     "r": metas.get(g, {}).get("r", 0)})
+                     "flops_rel": flops[g] / flops["base"], "flop_ideal_speedup": ideal,
+                     "share_of_flop_ideal": speed / ideal, "r": metas.get(g, {}).get("r", 0)})
+        if k in metas:  # profiled with prepacking on
+            rows[-1]["matching_share"] = matching_share(graphs[g], merged_feed, weights)
+        if k in (f"tome {best}", "base"):
+            rows[-1]["speedup_vs_eager"] = lat["eager torch"] / lat[k]
     for k in ("eager torch", "torch.compile"):
         if k in lat:
-            rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "speedup_vs_unmerged": lat["base"] / lat[k]})
-
-    best = max(ratios)
-    mem = {"unmerged_mb": peak_rss_mb([graphs["base"]], work / WEIGHTS_FILE, feed),
-           "plan_mb": peak_rss_mb(list(graphs.values()), work / WEIGHTS_FILE, merged_feed),
-           "plan_graphs": len(graphs)}
-    mem["ratio"] = mem["plan_mb"] / mem["unmerged_mb"] if mem["unmerged_mb"] > 0 else float("nan")
-    if args.no_prepack:
-        mem["plan_no_prepack_mb"] = peak_rss_mb(list(graphs.values()), work / WEIGHTS_FILE, merged_feed, prepack=False)
-        mem["ratio_no_prepack"] = mem["plan_no_prepack_mb"] / mem["unmerged_mb"]
+            rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "speedup_vs_unmerged": pair_base[k] / lat[k]})
 
     e2e = {}
     if args.e2e_steps:
@@ -215,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
               "rows": rows, "memory": mem, "end_to_end": e2e, "repeats": args.repeats}
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"{args.arch}-{args.px}"
+    stem = results / f"{args.arch}-{args.px}{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     chart(result, stem.with_suffix(".png"))
     print(table(result))
@@ -264,7 +289,7 @@ def table(result: dict) -> str:
                      f"{f('speedup_vs_eager', '.2f')} | {f('flops_rel', '.3f')} | {f('flop_ideal_speedup', '.2f')} | "
                      f"{f('share_of_flop_ideal', '.0%')} | {f('matching_share', '.1%')} |")
     m = result["memory"]
-    lines += ["", f"memory (resident growth after imports): unmerged model {m['unmerged_mb']:.0f} MB; plan of {m['plan_graphs']} graphs "
+    lines += [] if not m else ["", f"memory (resident growth after imports): unmerged model {m['unmerged_mb']:.0f} MB; plan of {m['plan_graphs']} graphs "
                   f"{m['plan_mb']:.0f} MB ({m['ratio']:.2f}x)" + (
                       f"; with prepacking off {m['plan_no_prepack_mb']:.0f} MB ({m['ratio_no_prepack']:.2f}x of the "
                       "unmerged model with prepacking)" if "plan_no_prepack_mb" in m else "")]
