@@ -1,0 +1,142 @@
+"""The serving contract without Ray: request validation, batched generation against direct generation,
+answers, and the CLI's errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from passes.errors import DitmergeError
+from runtime.plan import Plan
+from runtime.service import (GenerationRequest, Limits, PlanService, RequestError, answer, check_servable, decode_png,
+                             parse_request)
+
+LIMITS = Limits(max_steps=20, max_images=4)
+
+
+@pytest.mark.parametrize("body, want", [
+    ({"class_label": 3, "seed": 1}, GenerationRequest((3,), 1, 25, 4.0)),
+    ({"class_label": 3, "seed": 1, "num_images": 3, "steps": 5, "guidance": 1}, GenerationRequest((3, 3, 3), 1, 5, 1.0)),
+    ({"class_label": [1, 9], "seed": 0, "num_images": 2, "guidance": 2.5}, GenerationRequest((1, 9), 0, 25, 2.5)),
+    (b'{"class_label": [0], "seed": 7, "steps": 20}', GenerationRequest((0,), 7, 20, 4.0)),
+])
+def test_valid_requests_parse(body, want):
+    assert parse_request(body, 10, LIMITS) == want
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not JSON"),
+    (b"[3]", 400, "JSON object"),
+    ({"class_label": 3, "sead": 1}, 400, "unknown field"),
+    ({"seed": 1}, 400, "class_label is required"),
+    ({"prompt": "a cat"}, 400, "class-conditional"),
+    ({"class_label": "3"}, 400, "integer"),
+    ({"class_label": []}, 400, "non-empty list"),
+    ({"class_label": True}, 400, "integer"),
+    ({"class_label": 3, "seed": 1.5}, 400, "seed must be an integer"),
+    ({"class_label": 3, "steps": "10"}, 400, "steps must be an integer"),
+    ({"class_label": 3, "guidance": "high"}, 400, "guidance must be a number"),
+    ({"class_label": 10}, 422, "unknown class label(s) [10]"),
+    ({"class_label": [2, -1]}, 422, "unknown class label(s) [-1]"),
+    ({"class_label": 3, "steps": 21}, 422, "steps must be in 1..20"),
+    ({"class_label": 3, "steps": 0}, 422, "steps must be in 1..20"),
+    ({"class_label": 3, "num_images": 5}, 422, "num_images must be in 1..4"),
+    ({"class_label": [1, 2, 3, 4, 5]}, 422, "at most 4 images"),
+    ({"class_label": [1, 2], "num_images": 3}, 422, "must equal the number of class labels"),
+    ({"class_label": 3, "seed": -1}, 422, "seed must be in"),
+    ({"class_label": 3, "guidance": 1e9}, 422, "guidance must be in"),
+])
+def test_bad_requests_are_refused_with_a_reason(body, status, words):
+    with pytest.raises(RequestError) as e:
+        parse_request(body, 10, LIMITS)
+    assert e.value.status == status and words in str(e.value), (e.value.status, str(e.value))
+
+
+def test_request_error_keeps_its_status_across_pickling():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(RequestError("too many", 422)))
+    assert isinstance(e, DitmergeError) and e.status == 422 and str(e) == "too many"
+
+
+def test_a_missing_seed_is_drawn_fresh():
+    assert len({parse_request({"class_label": 1}, 10).seed for _ in range(5)}) > 1
+
+
+def test_batched_requests_equal_direct_generation(served_plan, direct):
+    """Mixed seeds, counts and shapes in one call: each request gets exactly its images from sample_classes."""
+    service = PlanService(served_plan, threads=1, limits=LIMITS)
+    requests = [GenerationRequest((3,), 11, 4, 4.0), GenerationRequest((5, 7), 12, 4, 4.0),
+                GenerationRequest((3,), 13, 6, 4.0), GenerationRequest((1, 1, 1), 11, 4, 4.0),
+                GenerationRequest((9,), 14, 4, 1.0)]
+    results = service.generate(requests)
+    for req, images in zip(requests, results):
+        want = direct(req.labels, req.seed, req.steps, req.guidance)
+        assert images.dtype == np.uint8 and images.shape == (len(req.labels), 32, 32, 3)
+        assert np.array_equal(images, want), f"{req}: max diff {np.abs(images.astype(int) - want).max()}"
+    # three shapes: (4, 4.0) x 3 requests in one loop, (6, 4.0), (4, 1.0)
+    assert service.stats == {"requests": 5, "images": 8, "batches": 1, "loops": 3, "largest_loop": 3, "errors": 0}
+    # the same seed but another partition seed gives other images: the partition stream is in play
+    other = PlanService(served_plan, threads=1, limits=LIMITS, partition_seed=1).generate(requests[:1])[0]
+    assert not np.array_equal(other, results[0])
+    assert np.array_equal(other, direct((3,), 11, 4, 4.0, partition_seed=1))
+
+
+def test_sample_batch_equals_sample_classes_in_float(served_plan):
+    import runtime
+    from runtime.generate import sample_batch, sample_classes
+
+    tf = runtime.load(served_plan, threads=1)
+    jobs = [([2, 4], 3), ([6], 4)]
+    batched = sample_batch(tf, jobs, steps=3, guidance=3.0, partition_seed=5)
+    for (labels, seed), got in zip(jobs, batched):
+        alone = sample_classes(tf, labels, steps=3, guidance=3.0, seed=seed, progress=False, partition_seed=5)
+        assert np.array_equal(got, alone), float(np.abs(got - alone).max())
+
+
+def test_answers_are_png_for_one_image_and_json_for_several():
+    req = GenerationRequest((3, 4), 8, 4, 4.0)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    media, body, headers = answer(GenerationRequest((3,), 8, 4, 4.0), images[:1], want_json=False)
+    assert media == "image/png" and np.array_equal(decode_png(body), images[0]) and headers["x-seed"] == "8"
+    media, body, _ = answer(req, images, want_json=False)
+    data = json.loads(body)
+    assert media == "application/json" and data["seed"] == 8 and data["class_label"] == [3, 4]
+    assert all(np.array_equal(decode_png(base64.b64decode(s)), im) for s, im in zip(data["images"], images))
+
+
+def test_only_class_conditional_pixel_plans_are_served(tmp_path):
+    def plan(family, config):
+        return Plan(tmp_path, {"model": {"family": family, "config": config}, "buckets": []})
+
+    check_servable(plan("dit", {"num_embeds_ada_norm": 10, "in_channels": 3}))
+    with pytest.raises(DitmergeError, match="text-conditioned pixart"):
+        check_servable(plan("pixart", {"num_embeds_ada_norm": 1000, "in_channels": 4}))
+    with pytest.raises(DitmergeError, match="4-channel latent space"):
+        check_servable(plan("dit", {"num_embeds_ada_norm": 1000, "in_channels": 4}))
+
+
+def test_serve_cli_without_ray_says_how_to_install(monkeypatch, capsys, served_plan):
+    from runtime.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "runtime.serve", raising=False)
+    assert main(["serve", "--plan", str(served_plan)]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'ditmerge[serve]'" in err and "Traceback" not in err
+
+
+def test_serve_cli_refuses_a_broken_plan_before_starting_ray(tmp_path, capsys):
+    pytest.importorskip("ray", reason="the serve extra (Ray Serve) is not installed")
+    import ray
+
+    from runtime.__main__ import main
+
+    assert main(["serve", "--plan", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "is not a plan: plan.json is missing" in err and "Traceback" not in err
+    assert not ray.is_initialized()
