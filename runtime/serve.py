@@ -170,8 +170,9 @@ def build_app(plan_dir: str | Path, *, replicas: int = 1, max_batch_size: int = 
     deployment = PlanServer.options(
         num_replicas=replicas, ray_actor_options=options,
         user_config={"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s},
-        # room for max_pending generations plus health probes and fast 503 answers
-        max_ongoing_requests=max_pending + 8, max_queued_requests=max_pending * replicas)
+        # room for max_pending generations plus health probes and fast 503 answers; the router's own queue
+        # (whose 503 is plain text) is a backstop for replicas that stop answering at all
+        max_ongoing_requests=max_pending + 8, max_queued_requests=(max_pending + 8) * replicas)
     return deployment.bind(str(plan_dir), backend, partition_seed, threads, limits, max_pending, verify)
 
 

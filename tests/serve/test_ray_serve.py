@@ -144,6 +144,35 @@ def test_replicas_keep_serving_after_bad_requests(server, direct):
     assert {i["pid"] for i in _replicas(server).values()} == {i["pid"] for i in before.values()}
 
 
+def test_a_full_replica_answers_503_and_a_second_app_lives_under_its_prefix(server, served_plan, direct):
+    from ray import serve
+
+    from runtime.serve import serve_plan
+
+    serve_plan(served_plan, app_name="tight", route_prefix="/tight", replicas=1, num_cpus=0.5, max_pending=1,
+               max_batch_size=1)
+    url = server + "/tight/generate"
+    try:
+        answers: list[tuple[int, str, bytes]] = []
+        body = json.dumps({"class_label": 4, "seed": 3, "steps": 6, "guidance": 4.0}).encode()
+        threads = [threading.Thread(target=lambda: answers.append(_call(url, "POST", body))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=2 * TIMEOUT)
+        codes = sorted(a[0] for a in answers)
+        assert len(codes) == 4 and codes[0] == 200 and codes[-1] == 503, codes
+        for status, media, data in answers:
+            if status == 503:
+                assert media == "application/json" and "overloaded" in json.loads(data)["error"]
+            else:
+                assert np.array_equal(decode_png(data)[None], _expected(direct, json.loads(body)))
+        status, _, data = _call(server + "/tight/health")
+        assert status == 200 and json.loads(data)["max_pending"] == 1
+    finally:
+        serve.delete("tight")
+
+
 def test_a_replica_killed_mid_load_is_replaced(server, direct):
     before = _replicas(server)
     assert len(before) == 2
