@@ -74,10 +74,10 @@ def generate(plan: str, class_label: list[int], steps: int, guidance: float, see
 
 def serve_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``runtime.serve.serve_plan`` that the flags ask for."""
-    return dict(host=args.host, port=args.port, address=args.address, replicas=args.replicas,
-                max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                num_cpus=args.num_cpus, num_gpus=args.num_gpus, threads=args.threads, backend=args.backend,
-                max_pending=args.max_pending, partition_seed=args.partition_seed)
+    return {"host": args.host, "port": args.port, "address": args.address, "replicas": args.replicas,
+            "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1000,
+            "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "threads": args.threads, "backend": args.backend,
+            "max_pending": args.max_pending, "partition_seed": args.partition_seed}
 
 
 def serve(plan: str, max_steps: int, max_images: int, **kwargs) -> None:

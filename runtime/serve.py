@@ -8,8 +8,8 @@ The request format and what a served image equals are in :mod:`runtime.service`.
 
 Each replica loads the plan once (every bucket session created at start) and batches with
 ``@serve.batch``: concurrent requests queue for up to ``batch_wait_timeout_s`` or ``max_batch_size``
-requests, then each same-shape group (steps, guidance) runs as one denoising loop. Batching settings
-travel as the deployment's ``user_config``, so changing them reconfigures replicas in place. A replica
+requests, then each same-shape group (steps, guidance) runs as one denoising loop. The batching settings
+travel as the deployment's ``user_config`` (Serve's ``reconfigure``), the rest as constructor arguments. A replica
 that already holds ``max_pending`` requests answers 503 with a JSON error and ``Retry-After`` instead of
 queueing more. Example::
 
@@ -139,7 +139,7 @@ def _code_runtime_env() -> dict:
 
 def build_app(plan_dir: str | Path, *, replicas: int = 1, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.01,
               num_cpus: float = 1.0, num_gpus: float = 0.0, ray_actor_options: dict | None = None,
-              backend: str = "auto", partition_seed: int = 0, threads: int | None = None, limits: Limits = Limits(),
+              backend: str = "auto", partition_seed: int = 0, threads: int | None = None, limits: Limits | None = None,
               max_pending: int = 16, verify: bool = True) -> serve.Application:
     """The bound Serve application of a plan; deploy it with ``serve.run`` (or use :func:`serve_plan`).
 
@@ -155,7 +155,7 @@ def build_app(plan_dir: str | Path, *, replicas: int = 1, max_batch_size: int = 
         backend: runtime backend of each replica.
         partition_seed: seeds every generation's ToMe partition stream (see runtime.service).
         threads: onnxruntime threads per replica; None: the replica's CPUs.
-        limits: what one request may ask for.
+        limits: what one request may ask for (default: Limits()).
         max_pending: requests a replica holds (queued or running) before it answers 503.
         verify: check the plan's hashes here and in each replica.
     """
@@ -173,7 +173,7 @@ def build_app(plan_dir: str | Path, *, replicas: int = 1, max_batch_size: int = 
         # room for max_pending generations plus health probes and fast 503 answers; the router's own queue
         # (whose 503 is plain text) is a backstop for replicas that stop answering at all
         max_ongoing_requests=max_pending + 8, max_queued_requests=(max_pending + 8) * replicas)
-    return deployment.bind(str(plan_dir), backend, partition_seed, threads, limits, max_pending, verify)
+    return deployment.bind(str(plan_dir), backend, partition_seed, threads, limits or Limits(), max_pending, verify)
 
 
 def connect(address: str | None = None, ship_code: bool = True, **init_kwargs) -> bool:

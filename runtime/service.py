@@ -225,7 +225,7 @@ class PlanService:
                                            scheduler_config=self.scheduler_config)
                     for i, x in zip(idx, samples):
                         out[i] = to_uint8(x)
-                except Exception as e:  # noqa: BLE001 - answered per request; the traceback goes to the log
+                except Exception as e:  # answered per request; the traceback goes to the log
                     logger.exception("generation of %d requests (steps %d, guidance %g) failed", len(idx), steps,
                                      guidance)
                     self.stats["errors"] += len(idx)

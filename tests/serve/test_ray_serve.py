@@ -98,7 +98,7 @@ def test_concurrent_clients_get_the_images_of_direct_generation(server, direct):
                     results[c, k] = [decode_png(data)] if status == 200 and media == "image/png" else (status, data)
                 else:
                     results[c, k] = request_images(server + "/generate", body, timeout=TIMEOUT)[0]
-            except Exception as e:  # surfaced below
+            except Exception as e:  # noqa: BLE001 - surfaced below
                 results[c, k] = e
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]

@@ -12,15 +12,24 @@ import pytest
 
 from passes.errors import DitmergeError
 from runtime.plan import Plan
-from runtime.service import (GenerationRequest, Limits, PlanService, RequestError, answer, check_servable, decode_png,
-                             parse_request)
+from runtime.service import (
+    GenerationRequest,
+    Limits,
+    PlanService,
+    RequestError,
+    answer,
+    check_servable,
+    decode_png,
+    parse_request,
+)
 
 LIMITS = Limits(max_steps=20, max_images=4)
 
 
 @pytest.mark.parametrize("body, want", [
     ({"class_label": 3, "seed": 1}, GenerationRequest((3,), 1, 25, 4.0)),
-    ({"class_label": 3, "seed": 1, "num_images": 3, "steps": 5, "guidance": 1}, GenerationRequest((3, 3, 3), 1, 5, 1.0)),
+    ({"class_label": 3, "seed": 1, "num_images": 3, "steps": 5, "guidance": 1},
+     GenerationRequest((3, 3, 3), 1, 5, 1.0)),
     ({"class_label": [1, 9], "seed": 0, "num_images": 2, "guidance": 2.5}, GenerationRequest((1, 9), 0, 25, 2.5)),
     (b'{"class_label": [0], "seed": 7, "steps": 20}', GenerationRequest((0,), 7, 20, 4.0)),
 ])
