@@ -97,6 +97,13 @@ class PlanServer:
         if self.pending >= self.max_pending:
             return _json_error(f"overloaded: this replica already holds {self.pending} requests; retry later", 503,
                                {"retry-after": "1"})
+        self.pending += 1  # counted before the first await: requests arriving together all see it
+        try:
+            return await self._generate(request)
+        finally:
+            self.pending -= 1
+
+    async def _generate(self, request: Request) -> Response:
         body = await request.body()
         if len(body) > MAX_BODY:
             return _json_error(f"the body is {len(body)} bytes; a request is at most {MAX_BODY}", 413)
@@ -104,11 +111,7 @@ class PlanServer:
             req = self.service.parse(body)
         except RequestError as e:
             return _json_error(str(e), e.status)
-        self.pending += 1
-        try:
-            result = await self._generate_batched(req)
-        finally:
-            self.pending -= 1
+        result = await self._generate_batched(req)
         if isinstance(result, Exception):
             return _json_error(f"generation failed: {type(result).__name__}: {result}", 500)
         want_json = "application/json" in request.headers.get("accept", "")

@@ -19,6 +19,8 @@ pytest.importorskip("ray", reason="the serve extra (Ray Serve) is not installed:
 
 from runtime.service import Limits, RequestError, decode_png, request_images  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a Ray cluster, three deployments
+
 TIMEOUT = 90  # seconds, any one HTTP call (a cold replica under a loaded CPU included)
 
 
@@ -37,7 +39,8 @@ def server(served_plan):
 
     port = _free_port()
     serve_plan(served_plan, port=port, replicas=2, num_cpus=0.5, max_batch_size=4, batch_wait_timeout_s=0.2,
-               limits=Limits(max_steps=20, max_images=4), ray_init={"num_cpus": 2, "log_to_driver": False})
+               limits=Limits(max_steps=20, max_images=4),
+               ray_init={"num_cpus": 2, "log_to_driver": False, "object_store_memory": 200 * 2**20})
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -154,7 +157,7 @@ def test_a_full_replica_answers_503_and_a_second_app_lives_under_its_prefix(serv
     url = server + "/tight/generate"
     try:
         answers: list[tuple[int, str, bytes]] = []
-        body = json.dumps({"class_label": 4, "seed": 3, "steps": 6, "guidance": 4.0}).encode()
+        body = json.dumps({"class_label": 4, "seed": 3, "steps": 20, "guidance": 4.0}).encode()
         threads = [threading.Thread(target=lambda: answers.append(_call(url, "POST", body))) for _ in range(4)]
         for t in threads:
             t.start()

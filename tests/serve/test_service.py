@@ -149,3 +149,12 @@ def test_serve_cli_refuses_a_broken_plan_before_starting_ray(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not a plan: plan.json is missing" in err and "Traceback" not in err
     assert not ray.is_initialized()
+
+
+def test_the_core_package_does_not_import_ray():
+    import subprocess
+
+    code = ("import sys, runtime, runtime.service, runtime.generate, runtime.__main__, export.build; "
+            "sys.exit('ray' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"importing ditmerge imported Ray: {proc.stderr[-2000:]}"
