@@ -1,13 +1,16 @@
 """Throughput and latency of a plan behind Ray Serve, with and without batching, under 1, 2 and 4 clients.
 
     python benchmarks/serve_load.py                        # the bundled model, 2 replicas, batch 1 and 4
-    python benchmarks/serve_load.py --plan plan --replicas 2 --requests 12 --steps 10
+    python benchmarks/serve_load.py --plan plan --replicas 2 --rounds 3 --requests 4 --steps 10
 
-Starts a local Ray cluster on 127.0.0.1, serves the plan (built from the bundled model into a temporary
-folder when --plan is not given), and for each batch size drives each client count: every client sends
-``--requests`` requests one after the other (distinct seeds, ``--images`` each) and waits for each answer.
-Each batch size is a fresh deployment, warmed up with two requests per replica before it is measured.
-Prints a markdown table and writes ``benchmarks/results/serve_load.json``.
+Starts a local Ray cluster on 127.0.0.1 and serves the plan (built from the bundled model into a temporary
+folder when --plan is not given) once per max batch size, side by side (``/b1/generate``,
+``/b4/generate``, each with its own replicas, warmed up first). Then, in each round, for each client count
+and each batch size in turn, every client sends ``--requests`` requests one after the other (distinct
+seeds, ``--images`` each) and waits for each answer. Interleaving the configurations spreads any drift in
+the machine's load over all of them. Throughput is requests answered over the time the clients ran,
+summed over rounds; latency percentiles are over every request. Prints a markdown table and writes
+``benchmarks/results/serve_load.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -35,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def drive(url: str, clients: int, requests: int, steps: int, images: int, seed0: int) -> dict:
-    """``clients`` threads x ``requests`` sequential requests; latency per request, wall time overall."""
+    """``clients`` threads x ``requests`` sequential requests: the latencies, the failures, the wall time."""
     latencies: list[float] = []
     failures: list[str] = []
     start = threading.Barrier(clients)
@@ -58,13 +62,18 @@ def drive(url: str, clients: int, requests: int, steps: int, images: int, seed0:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    lat = np.array(latencies) * 1000
-    return {"clients": clients, "requests": clients * requests, "failed": len(failures), "wall_s": round(wall, 2),
-            "req_per_s": round(len(latencies) / wall, 2), "images_per_s": round(images * len(latencies) / wall, 2),
+    return {"latencies": latencies, "failures": failures, "wall_s": time.perf_counter() - t0}
+
+
+def summary(max_batch_size: int, clients: int, images: int, parts: list[dict]) -> dict:
+    lat = np.array([v for part in parts for v in part["latencies"]]) * 1000
+    wall = sum(part["wall_s"] for part in parts)
+    failures = [f for part in parts for f in part["failures"]]
+    return {"max_batch_size": max_batch_size, "clients": clients, "requests": len(lat) + len(failures),
+            "failed": len(failures), "wall_s": round(wall, 2), "req_per_s": round(len(lat) / wall, 2),
+            "images_per_s": round(images * len(lat) / wall, 2),
             "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
-            "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
-            "failures": failures[:5]}
+            "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None, "failures": failures[:5]}
 
 
 def machine() -> dict:
@@ -91,12 +100,15 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", help="plan directory (default: build the bundled model's default plan)")
-    p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs (and onnxruntime threads) per replica")
+    p.add_argument("--replicas", type=int, default=2, help="replicas per batch size")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per replica")
+    p.add_argument("--num-cpus", type=float, default=0.5,
+                   help="CPUs each replica reserves in Ray's accounting (the side-by-side deployments take turns)")
     p.add_argument("--clients", default="1,2,4")
     p.add_argument("--batch-sizes", default="1,4", help="max batch sizes to compare; 1 is no batching")
     p.add_argument("--batch-wait-ms", type=float, default=20.0)
-    p.add_argument("--requests", type=int, default=12, help="requests per client")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--requests", type=int, default=4, help="requests per client per round")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per request")
     p.add_argument("--images", type=int, default=1, help="images per request")
     p.add_argument("--port", type=int, default=8765)
@@ -117,31 +129,41 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = tempfile.TemporaryDirectory()
         plan = str(Path(tmp.name) / "plan")
         build_plan(model="bundled:tiny-dit", out=plan, measure=False, progress=False)
-    url = f"http://127.0.0.1:{args.port}/generate"
+    batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
+    client_counts = [int(v) for v in args.clients.split(",")]
     load_before = os.getloadavg()
     manifest = json.loads((Path(plan) / "plan.json").read_text())
     result = {"machine": machine(), "model": manifest["model"].get("source"),
               "buckets": [[b["t_lo"], b["t_hi"], b["ratio"]] for b in manifest["buckets"]],
-              "replicas": args.replicas, "num_cpus_per_replica": args.num_cpus, "steps": args.steps,
-              "guidance": 4.0, "images_per_request": args.images, "batch_wait_ms": args.batch_wait_ms,
+              "replicas": args.replicas, "threads_per_replica": args.threads, "steps": args.steps, "guidance": 4.0,
+              "images_per_request": args.images, "batch_wait_ms": args.batch_wait_ms, "rounds": args.rounds,
               "command": "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": []}
+    parts: dict[tuple[int, int], list[dict]] = {(b, c): [] for b in batch_sizes for c in client_counts}
+    # enough logical CPUs for every replica of every deployment: they take turns, only one set runs at a time
+    cluster_cpus = max(os.cpu_count() or 1, math.ceil(args.num_cpus * args.replicas * len(batch_sizes)))
     try:
-        for b in (int(v) for v in args.batch_sizes.split(",")):
-            serve_plan(plan, port=args.port, replicas=args.replicas, num_cpus=args.num_cpus, max_batch_size=b,
+        urls = {}
+        for b in batch_sizes:
+            serve_plan(plan, port=args.port, app_name=f"b{b}", route_prefix=f"/b{b}", replicas=args.replicas,
+                       num_cpus=args.num_cpus, threads=args.threads, max_batch_size=b,
                        batch_wait_timeout_s=args.batch_wait_ms / 1000, max_pending=64,
-                       ray_init={"log_to_driver": False})
-            drive(url, 2 * args.replicas, 2, args.steps, args.images, seed0=10**6)  # warm every replica's sessions
-            for c in (int(v) for v in args.clients.split(",")):
-                run = dict(max_batch_size=b, **drive(url, c, args.requests, args.steps, args.images, seed0=10**5 * c))
-                logger.info("batch %d, %d clients: %.2f req/s, p50 %s ms, p95 %s ms", b, c, run["req_per_s"],
-                            run["p50_ms"], run["p95_ms"])
-                result["runs"].append(run)
+                       ray_init={"log_to_driver": False, "num_cpus": cluster_cpus})
+            urls[b] = f"http://127.0.0.1:{args.port}/b{b}/generate"
+            drive(urls[b], 2 * args.replicas, 2, args.steps, args.images, seed0=10**6)  # warm every replica
+        for r in range(args.rounds):
+            for c in client_counts:
+                for b in batch_sizes if r % 2 == 0 else batch_sizes[::-1]:
+                    part = drive(urls[b], c, args.requests, args.steps, args.images, seed0=10**5 * c + 100 * r)
+                    parts[b, c].append(part)
+                    logger.info("round %d, batch %d, %d clients: %d answers in %.1fs", r, b, c,
+                                len(part["latencies"]), part["wall_s"])
     finally:
         serve.shutdown()
         ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
+    result["runs"] = [summary(b, c, args.images, parts[b, c]) for b in batch_sizes for c in client_counts]
     result["load_average"] = {"before": [round(v, 2) for v in load_before],
                               "after": [round(v, 2) for v in os.getloadavg()]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
