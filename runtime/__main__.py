@@ -41,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=8, help="most images per request (default: 8)")
     s.add_argument("--max-pending", type=int, default=16,
                    help="requests a replica holds before it answers 503 (default: 16)")
+    s.add_argument("--vae", default=None,
+                   help="for a latent-space plan: the diffusers pipeline or VAE that decodes it (folder or hub id)")
     s.add_argument("--partition-seed", type=int, default=0,
                    help="seed of the merge partitions of every generation (default: 0)")
     s.add_argument("--print-python", action="store_true", help="print the equivalent library call and exit")
@@ -77,7 +79,7 @@ def serve_kwargs(args: argparse.Namespace) -> dict:
     return {"host": args.host, "port": args.port, "address": args.address, "replicas": args.replicas,
             "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1000,
             "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "threads": args.threads, "backend": args.backend,
-            "max_pending": args.max_pending, "partition_seed": args.partition_seed}
+            "max_pending": args.max_pending, "partition_seed": args.partition_seed, "vae": args.vae}
 
 
 def serve(plan: str, max_steps: int, max_images: int, **kwargs) -> None:

@@ -50,12 +50,12 @@ class PlanServer:
     """A Serve replica: one :class:`PlanService`, fed by ``@serve.batch``."""
 
     def __init__(self, plan_dir: str, backend: str, partition_seed: int, threads: int, limits: Limits,
-                 max_pending: int, verify: bool) -> None:
+                 max_pending: int, verify: bool, vae: str | None) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))  # the scheduler's tensor ops: stay inside the replica's CPUs
         self.service = PlanService(plan_dir, backend=backend, partition_seed=partition_seed, threads=threads,
-                                   limits=limits, verify=verify)
+                                   limits=limits, verify=verify, vae=vae)
         self.max_pending = max_pending
         self.pending = 0
         self.batching = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
@@ -143,7 +143,7 @@ def _code_runtime_env() -> dict:
 def build_app(plan_dir: str | Path, *, replicas: int = 1, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.01,
               num_cpus: float = 1.0, num_gpus: float = 0.0, ray_actor_options: dict | None = None,
               backend: str = "auto", partition_seed: int = 0, threads: int | None = None, limits: Limits | None = None,
-              max_pending: int = 16, verify: bool = True) -> serve.Application:
+              max_pending: int = 16, verify: bool = True, vae: str | None = None) -> serve.Application:
     """The bound Serve application of a plan; deploy it with ``serve.run`` (or use :func:`serve_plan`).
 
     Args:
@@ -161,9 +161,11 @@ def build_app(plan_dir: str | Path, *, replicas: int = 1, max_batch_size: int = 
         limits: what one request may ask for (default: Limits()).
         max_pending: requests a replica holds (queued or running) before it answers 503.
         verify: check the plan's hashes here and in each replica.
+        vae: for a latent-space plan, the VAE that decodes its samples (runtime.service.load_vae); like the
+            plan, a folder must exist on every node (a hub id is fetched into each node's cache).
     """
     plan_dir = Path(plan_dir).resolve()
-    check_servable(Plan.load(plan_dir, verify=verify))  # fail here, not in every replica
+    check_servable(Plan.load(plan_dir, verify=verify), vae)  # fail here, not in every replica
     if replicas < 1 or max_batch_size < 1 or max_pending < 1 or batch_wait_timeout_s < 0:
         raise DitmergeError(f"replicas, max_batch_size and max_pending must be >= 1 and batch_wait_timeout_s >= 0, "
                             f"got {replicas}, {max_batch_size}, {max_pending}, {batch_wait_timeout_s}")
@@ -176,7 +178,8 @@ def build_app(plan_dir: str | Path, *, replicas: int = 1, max_batch_size: int = 
         # room for max_pending generations plus health probes and fast 503 answers; the router's own queue
         # (whose 503 is plain text) is a backstop for replicas that stop answering at all
         max_ongoing_requests=max_pending + 8, max_queued_requests=(max_pending + 8) * replicas)
-    return deployment.bind(str(plan_dir), backend, partition_seed, threads, limits or Limits(), max_pending, verify)
+    return deployment.bind(str(plan_dir), backend, partition_seed, threads, limits or Limits(), max_pending, verify,
+                           vae)
 
 
 def connect(address: str | None = None, ship_code: bool = True, **init_kwargs) -> bool:
@@ -216,7 +219,10 @@ def serve_plan(plan_dir: str | Path, *, host: str = "127.0.0.1", port: int = 800
     started = connect(address, ship_code=ship_code, **(ray_init or {}))
     t0 = time.perf_counter()
     serve.start(http_options={"host": host, "port": port})
-    handle = serve.run(app, name=app_name, route_prefix=route_prefix)
+    try:
+        handle = serve.run(app, name=app_name, route_prefix=route_prefix)
+    except RuntimeError as e:  # a replica failed to start: the reason is in its log and in the message
+        raise DitmergeError(f"deploying {plan_dir} failed: {e}") from e
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     logger.info("serving %s at %s/generate (%s replicas, ready in %.1fs)", plan_dir, url,
                 build_kwargs.get("replicas", 1), time.perf_counter() - t0)

@@ -16,7 +16,8 @@ What a served image is. The request's seed draws its noise; the ToMe partition s
 deployment's fixed ``partition_seed``. So the images of a request equal ::
 
     x = sample_classes(runtime.load(plan), labels, steps, guidance, seed=seed, partition_seed=partition_seed)
-    to_uint8(x)
+    to_uint8(x)              # pixel-space plans
+    to_uint8(decode(vae, x))  # latent-space plans (DiT-XL/2), with the VAE the deployment was given
 
 whatever it was batched with. ``python -m runtime generate`` seeds both from ``--seed`` instead; a
 server cannot, because a merged graph takes one partition per forward for its whole batch, so requests
@@ -39,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from passes.errors import DitmergeError
 from runtime.plan import Plan
@@ -150,18 +152,43 @@ def parse_request(body: bytes | str | dict, num_classes: int, limits: Limits = L
     return GenerationRequest(tuple(labels), seed, steps, float(guidance))
 
 
-def check_servable(plan: Plan) -> None:
+def check_servable(plan: Plan, vae: str | None = None) -> None:
     """Refuse plans this service cannot answer for, before any replica starts."""
     config = plan.model["config"]
     family = plan.model["family"]
     if config.get("num_embeds_ada_norm") is None or family != "dit":
         raise DitmergeError(f"plan {plan.dir} is for a text-conditioned {family} model; serving answers "
-                            "class-conditional plans only (a plan holds no text encoder or VAE): load it into its "
+                            "class-conditional plans only (a plan holds no text encoder): load it into its "
                             "diffusers pipeline with runtime.load()")
-    if config.get("in_channels") != 3:
-        raise DitmergeError(f"plan {plan.dir} works in a {config.get('in_channels')}-channel latent space; serving "
-                            "answers pixel-space plans only (a plan holds no VAE): load it into its diffusers "
-                            "pipeline with runtime.load()")
+    if config.get("in_channels") != 3 and vae is None:
+        raise DitmergeError(f"plan {plan.dir} works in a {config.get('in_channels')}-channel latent space and a plan "
+                            "holds no VAE: give the VAE that decodes it (vae= / --vae: a diffusers pipeline or "
+                            "AutoencoderKL, folder or hub id, e.g. facebook/DiT-XL-2-256)")
+
+
+def load_vae(source: str):
+    """A diffusers AutoencoderKL from a pipeline (its ``vae`` subfolder) or a VAE, folder or hub id."""
+    from diffusers import AutoencoderKL
+
+    path = Path(source)
+    if path.is_dir():
+        tries = [{"subfolder": "vae"}] if (path / "vae").is_dir() else [{}]
+    else:  # a hub id: a pipeline repository or a VAE's own
+        tries = [{"subfolder": "vae"}, {}]
+    error: Exception | None = None
+    for kwargs in tries:
+        try:
+            return AutoencoderKL.from_pretrained(source, **kwargs).eval()
+        except (OSError, ValueError) as e:
+            error = e
+    raise DitmergeError(f"could not load a VAE from {source!r}: {error}") from error
+
+
+@torch.no_grad()
+def decode(vae, latents: np.ndarray) -> np.ndarray:
+    """Latents to pixel-space samples in [-1, 1], as diffusers' DiTPipeline decodes them."""
+    z = torch.from_numpy(latents).to(vae.device, vae.dtype) / vae.config.scaling_factor
+    return vae.decode(z).sample.float().cpu().numpy()
 
 
 class PlanService:
@@ -174,16 +201,23 @@ class PlanService:
         threads: onnxruntime intra-op threads (0: its default, all cores).
         limits: what one request may ask for.
         verify: check the plan's file hashes when loading.
+        vae: decodes a latent-space plan's samples (see :func:`load_vae`); its device is CUDA where one answers
+            and the backend is not "cpu".
     """
 
     def __init__(self, plan_dir: str | Path, backend: str = "auto", partition_seed: int = 0, threads: int = 1,
-                 limits: Limits = Limits(), verify: bool = True) -> None:
+                 limits: Limits = Limits(), verify: bool = True, vae: str | None = None) -> None:
         import runtime
 
         t0 = time.perf_counter()
         self.transformer = runtime.load(plan_dir, backend=backend, seed=partition_seed, threads=threads, verify=verify)
         self.plan = self.transformer.plan
-        check_servable(self.plan)
+        check_servable(self.plan, vae)
+        self.vae = None
+        if self.transformer.config.in_channels != 3:
+            self.vae = load_vae(vae)
+            if backend != "cpu" and torch.cuda.is_available():
+                self.vae.to("cuda")
         self.partition_seed, self.limits = partition_seed, limits
         self.num_classes = int(self.transformer.config.num_embeds_ada_norm)
         self.scheduler_config = self.plan.model.get("scheduler")
@@ -195,8 +229,6 @@ class PlanService:
 
     def _warm_up(self) -> None:
         """One forward per bucket: sessions are created and their first (slow) run is paid at start."""
-        import torch
-
         cfg = self.transformer.config
         x = torch.zeros(2, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         labels = torch.tensor([0, self.num_classes])
@@ -223,8 +255,8 @@ class PlanService:
                     samples = sample_batch(self.transformer, [(requests[i].labels, requests[i].seed) for i in idx],
                                            steps=steps, guidance=guidance, partition_seed=self.partition_seed,
                                            scheduler_config=self.scheduler_config)
-                    for i, x in zip(idx, samples):
-                        out[i] = to_uint8(x)
+                    for i, x in zip(idx, samples):  # decoded per request: batching cannot change the images
+                        out[i] = to_uint8(x if self.vae is None else decode(self.vae, x))
                 except Exception as e:  # answered per request; the traceback goes to the log
                     logger.exception("generation of %d requests (steps %d, guidance %g) failed", len(idx), steps,
                                      guidance)

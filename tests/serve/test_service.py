@@ -158,3 +158,33 @@ def test_the_core_package_does_not_import_ray():
             "sys.exit('ray' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"importing ditmerge imported Ray: {proc.stderr[-2000:]}"
+
+
+def test_a_latent_plan_is_served_through_its_vae(tmp_path):
+    """A latent class-conditional plan (DiT-XL/2's shape, tiny) with a VAE folder: images equal direct
+    generation decoded by that VAE, whatever the batch; without a VAE the plan is refused."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    import runtime
+    from export.build import build_plan
+    from runtime.generate import sample_classes, to_uint8
+    from runtime.service import decode, load_vae
+    from tests.helpers import tiny_dit
+
+    tiny_dit(sample_size=8, num_classes=10).save_pretrained(tmp_path / "model" / "transformer")
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=8).save_pretrained(tmp_path / "pipe" / "vae")
+    build_plan(str(tmp_path / "model"), buckets="0.5", out=tmp_path / "plan", measure=False, progress=False)
+    with pytest.raises(DitmergeError, match="latent space"):
+        PlanService(tmp_path / "plan")
+    service = PlanService(tmp_path / "plan", vae=str(tmp_path / "pipe"), limits=LIMITS)
+    requests = [GenerationRequest((1, 2), 5, 4, 4.0), GenerationRequest((7,), 6, 4, 4.0)]
+    tf, vae = runtime.load(tmp_path / "plan"), load_vae(str(tmp_path / "pipe" / "vae"))
+    for req, images in zip(requests, service.generate(requests)):
+        x = sample_classes(tf, list(req.labels), steps=4, guidance=4.0, seed=req.seed, progress=False, partition_seed=0,
+                           scheduler_config=tf.plan.model.get("scheduler"))
+        assert images.shape == (len(req.labels), 8, 8, 3)
+        assert np.array_equal(images, to_uint8(decode(vae, x)))
