@@ -188,3 +188,14 @@ def test_a_latent_plan_is_served_through_its_vae(tmp_path):
                            scheduler_config=tf.plan.model.get("scheduler"))
         assert images.shape == (len(req.labels), 8, 8, 3)
         assert np.array_equal(images, to_uint8(decode(vae, x)))
+
+
+def test_serve_cli_prints_the_library_call(capsys):
+    from runtime.__main__ import main
+
+    assert main(["serve", "--plan", "p", "--replicas", "3", "--batch-wait-ms", "50", "--num-gpus", "1",
+                 "--max-images", "2", "--vae", "facebook/DiT-XL-2-256", "--print-python"]) == 0
+    out = capsys.readouterr().out
+    for part in ("serve_plan('p'", "replicas=3", "batch_wait_timeout_s=0.05", "num_gpus=1.0",
+                 "limits=Limits(max_steps=100, max_images=2)", "vae='facebook/DiT-XL-2-256'", "blocking=True"):
+        assert part in out, (part, out)
