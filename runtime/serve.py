@@ -21,6 +21,7 @@ queueing more. Example::
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -76,7 +77,10 @@ class PlanServer:
         return await asyncio.to_thread(self.service.generate, requests)
 
     async def images(self, body: dict) -> list:
-        """For DeploymentHandle callers: uint8 HWC images of one request; raises RequestError."""
+        """For DeploymentHandle callers: uint8 HWC images of one request; raises RequestError.
+
+        Handle calls skip the HTTP route's max_pending check; Serve's max_ongoing_requests bounds them.
+        """
         req = self.service.parse(body)
         result = await self._generate_batched(req)
         if isinstance(result, Exception):
@@ -89,7 +93,7 @@ class PlanServer:
         if route == "/health":
             if request.method != "GET":
                 return _json_error("use GET /health", 405)
-            return Response(self._health(), media_type="application/json")
+            return self._health()
         if route != "/generate":
             return _json_error(f"no route {route}; use POST /generate or GET /health", 404)
         if request.method != "POST":
@@ -118,12 +122,16 @@ class PlanServer:
         media_type, data, headers = await asyncio.to_thread(answer, req, result, want_json)
         return Response(data, media_type=media_type, headers=headers)
 
-    def _health(self) -> bytes:
-        import json
-
-        ctx = serve.get_replica_context()
-        return json.dumps(dict(status="ok", replica=ctx.replica_id.unique_id, pid=os.getpid(), pending=self.pending,
-                               max_pending=self.max_pending, batching=self.batching, **self.service.info())).encode()
+    def _health(self) -> Response:
+        info = {"status": "ok", "replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
+                "pending": self.pending, "max_pending": self.max_pending, "batching": self.batching}
+        try:  # the check Serve's health probe makes: a replica failing it is replaced soon after
+            self.service.check()
+        except Exception as e:  # noqa: BLE001 - reported, not raised
+            info.update(status="unhealthy", error=f"{type(e).__name__}: {e}")
+        info.update(self.service.info())
+        return Response(json.dumps(info), status_code=200 if info["status"] == "ok" else 503,
+                        media_type="application/json")
 
 
 def _code_runtime_env() -> dict:

@@ -235,7 +235,9 @@ class PlanService:
         scale = self.transformer.timestep_scale
         for bucket in self.plan.buckets:
             self.transformer.reset(self.partition_seed)
-            self.transformer(x, timestep=torch.full((2,), bucket.t_lo * scale), class_labels=labels)
+            out = self.transformer(x, timestep=torch.full((2,), bucket.t_lo * scale), class_labels=labels).sample
+        if self.vae is not None:
+            decode(self.vae, out[:1, :cfg.in_channels].numpy())
 
     def parse(self, body: bytes | str | dict) -> GenerationRequest:
         return parse_request(body, self.num_classes, self.limits)
