@@ -227,8 +227,17 @@ class PlanService:
         logger.info("loaded plan %s (%d buckets, backend %s) in %.1fs", self.plan.dir, len(self.plan.buckets),
                     backend, time.perf_counter() - t0)
 
+    def _graphs(self) -> list[str]:
+        """Every graph file the plan's buckets may run (all variants where a bucket has several)."""
+        names: dict[str, None] = {}
+        for b in self.plan.buckets:
+            names.update(dict.fromkeys([b.graph, *(getattr(b, "graphs", None) or {}).values()]))
+        return list(names)
+
     def _warm_up(self) -> None:
-        """One forward per bucket: sessions are created and their first (slow) run is paid at start."""
+        """Every session created now, and one forward per bucket so the first (slow) runs are paid at start."""
+        for graph in self._graphs():
+            self.transformer.runner(graph).activate()
         cfg = self.transformer.config
         x = torch.zeros(2, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         labels = torch.tensor([0, self.num_classes])
@@ -276,11 +285,11 @@ class PlanService:
 
     def check(self) -> None:
         """Raise if the replica can no longer answer: a session is gone or the plan files vanished."""
-        for bucket in self.plan.buckets:
-            if not self.transformer.runner(bucket.graph).is_active:
-                raise RuntimeError(f"the session of {bucket.graph} is not active")
-            if not (self.plan.dir / bucket.graph).is_file():
-                raise RuntimeError(f"{self.plan.dir / bucket.graph} is gone")
+        for graph in self._graphs():
+            if not self.transformer.runner(graph).is_active:
+                raise RuntimeError(f"the session of {graph} is not active")
+            if not (self.plan.dir / graph).is_file():
+                raise RuntimeError(f"{self.plan.dir / graph} is gone")
 
     def info(self) -> dict:
         return {"plan": str(self.plan.dir), "model": self.plan.model.get("source"), "classes": self.num_classes,
