@@ -24,6 +24,11 @@ server cannot, because a merged graph takes one partition per forward for its wh
 with different seeds could then never share a forward. With the partition fixed per deployment, any
 requests with equal steps and guidance share one denoising loop (``generate.sample_batch``) and each
 still gets exactly its own images. For an unmerged (ratio 0) plan the two definitions coincide.
+
+That needs a method whose graphs and runtime policy treat each batch row on its own (apart from the
+shared partition): ToMe, CA-ToMe and AT-EDM do (tests/serve checks each). SDTM does not: its partition
+follows staleness counters summed over the batch. Plans of such methods, and of methods not yet checked,
+still batch requests through Serve, but each request runs its own denoising loop.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ FIELDS = ("class_label", "prompt", "seed", "steps", "guidance", "num_images")
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0
 MAX_SEED = 2**63 - 1
+# methods whose requests may share a denoising loop and still get exactly their own images (see above)
+LOOP_SHARING_METHODS = ("tome", "catome", "atedm")
 
 
 class RequestError(DitmergeError):
@@ -221,6 +228,11 @@ class PlanService:
         self.partition_seed, self.limits = partition_seed, limits
         self.num_classes = int(self.transformer.config.num_embeds_ada_norm)
         self.scheduler_config = self.plan.model.get("scheduler")
+        self.method = self.plan.method.get("name", "tome")
+        self.shares_loops = self.method in LOOP_SHARING_METHODS
+        if not self.shares_loops:
+            logger.info("method %s: each request runs its own denoising loop (batch rows are not independent "
+                        "or not checked to be)", self.method)
         self._warm_up()
         self.stats = {"requests": 0, "images": 0, "batches": 0, "loops": 0, "largest_loop": 0, "errors": 0}
         self._lock = threading.Lock()
@@ -256,11 +268,11 @@ class PlanService:
         from runtime.generate import sample_batch, to_uint8
 
         out: list[np.ndarray | Exception] = [None] * len(requests)  # type: ignore[list-item]
-        groups: dict[tuple[int, float], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(requests):
-            groups.setdefault(req.shape, []).append(i)
+            groups.setdefault(req.shape if self.shares_loops else (*req.shape, i), []).append(i)
         with self._lock:  # one generation at a time per replica: it already uses the replica's cores
-            for (steps, guidance), idx in groups.items():
+            for (steps, guidance, *_), idx in groups.items():
                 t0 = time.perf_counter()
                 try:
                     samples = sample_batch(self.transformer, [(requests[i].labels, requests[i].seed) for i in idx],
@@ -294,7 +306,8 @@ class PlanService:
     def info(self) -> dict:
         return {"plan": str(self.plan.dir), "model": self.plan.model.get("source"), "classes": self.num_classes,
                 "buckets": [{"t": [b.t_lo, b.t_hi], "ratio": b.ratio} for b in self.plan.buckets],
-                "partition_seed": self.partition_seed, "limits": dataclasses.asdict(self.limits),
+                "method": self.method, "shares_loops": self.shares_loops, "partition_seed": self.partition_seed,
+                "limits": dataclasses.asdict(self.limits),
                 "stats": dict(self.stats)}
 
 

@@ -160,12 +160,19 @@ def test_the_core_package_does_not_import_ray():
     assert proc.returncode == 0, f"importing ditmerge imported Ray: {proc.stderr[-2000:]}"
 
 
-def test_a_latent_plan_is_served_through_its_vae(tmp_path):
-    """A latent class-conditional plan (DiT-XL/2's shape, tiny) with a VAE folder: images equal direct
-    generation decoded by that VAE, whatever the batch; without a VAE the plan is refused."""
+def _tiny_vae(folder) -> None:
     import torch
     from diffusers import AutoencoderKL
 
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=8).save_pretrained(folder)
+
+
+def test_a_latent_plan_is_served_through_its_vae(tmp_path):
+    """A latent class-conditional plan (DiT-XL/2's shape, tiny) with a VAE folder: images equal direct
+    generation decoded by that VAE, whatever the batch; without a VAE the plan is refused."""
     import runtime
     from export.build import build_plan
     from runtime.generate import sample_classes, to_uint8
@@ -173,10 +180,7 @@ def test_a_latent_plan_is_served_through_its_vae(tmp_path):
     from tests.helpers import tiny_dit
 
     tiny_dit(sample_size=8, num_classes=10).save_pretrained(tmp_path / "model" / "transformer")
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=4, sample_size=8).save_pretrained(tmp_path / "pipe" / "vae")
+    _tiny_vae(tmp_path / "pipe" / "vae")
     build_plan(str(tmp_path / "model"), buckets="0.5", out=tmp_path / "plan", measure=False, progress=False)
     with pytest.raises(DitmergeError, match="latent space"):
         PlanService(tmp_path / "plan")
@@ -199,3 +203,40 @@ def test_serve_cli_prints_the_library_call(capsys):
     for part in ("serve_plan('p'", "replicas=3", "batch_wait_timeout_s=0.05", "num_gpus=1.0",
                  "limits=Limits(max_steps=100, max_images=2)", "vae='facebook/DiT-XL-2-256'", "blocking=True"):
         assert part in out, (part, out)
+
+
+# tiny plans of the other methods: (build_plan arguments, whether requests share a loop)
+METHOD_PLANS = {
+    "catome": (dict(method="catome", buckets="0.5,0.3", options={"threshold": 0.5, "statistic": "median",
+                                                                   "calib_samples": 3, "calib_steps": 10}), True),
+    "atedm": (dict(method="atedm", buckets="0.3,0.5", options={"prune_layer": 0, "stride": 1, "iterations": 2}), True),
+    "sdtm": (dict(method="sdtm", options={"steps": "10", "switch_step": "4"}), False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHOD_PLANS))
+def test_every_method_serves_each_request_its_own_images(method, tmp_path):
+    """Requests of one shape share a loop only where the method keeps batch rows apart; either way each
+    gets exactly the images of direct generation (SDTM's partition sums counters over the batch, so
+    sharing would change them)."""
+    import runtime
+    from export.build import build_plan
+    from runtime.generate import sample_classes, to_uint8
+    from runtime.service import decode, load_vae
+    from tests.helpers import tiny_dit
+
+    kwargs, shares = METHOD_PLANS[method]
+    _tiny_vae(tmp_path / "vae")
+    tiny_dit(sample_size=8, layers=3, num_classes=10, seed=1).save_pretrained(tmp_path / "model" / "transformer")
+    build_plan(str(tmp_path / "model"), out=tmp_path / "plan", measure=False, quality_samples=0, progress=False,
+               **kwargs)
+    service = PlanService(tmp_path / "plan", limits=LIMITS, vae=str(tmp_path / "vae"))
+    requests = [GenerationRequest((2, 4), 3, 10, 3.0), GenerationRequest((6,), 4, 10, 3.0),
+                GenerationRequest((1, 1, 1), 9, 10, 3.0)]
+    tf, vae = runtime.load(tmp_path / "plan"), load_vae(str(tmp_path / "vae"))
+    for req, images in zip(requests, service.generate(requests)):
+        x = sample_classes(tf, list(req.labels), steps=10, guidance=3.0, seed=req.seed, progress=False,
+                           partition_seed=0, scheduler_config=tf.plan.model.get("scheduler"))
+        assert np.array_equal(images, to_uint8(decode(vae, x))), f"{method}: {req}"
+    assert service.shares_loops is shares and service.stats["loops"] == (1 if shares else 3)
