@@ -39,29 +39,9 @@ def sample_classes(transformer, labels: list[int] | np.ndarray, steps: int = 50,
         partition_seed: seeds a plan's partition stream instead of ``seed`` (a server keeps it fixed so that
             requests with different seeds can share forwards).
     """
-    cfg = transformer.config
-    num_classes = cfg.num_embeds_ada_norm
-    labels = _check(cfg, labels, steps)
-    if hasattr(transformer, "reset"):
-        transformer.reset(seed if partition_seed is None else partition_seed)
-    sched = make_scheduler(scheduler_config)
-    sched.set_timesteps(steps)
-    n, c = len(labels), cfg.in_channels
-    size = cfg.sample_size
-    x = torch.randn(n, c, size, size, generator=torch.Generator().manual_seed(seed))
-    y = torch.from_numpy(labels)
-    cfg_on = guidance > 1
-    y_in = torch.cat([y, torch.full_like(y, num_classes)]) if cfg_on else y
-    for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
-        x_in = torch.cat([x, x]) if cfg_on else x
-        x_in = sched.scale_model_input(x_in, t)
-        out = transformer(x_in, timestep=t.expand(len(x_in)), class_labels=y_in).sample
-        eps = out[:, :c]
-        if cfg_on:
-            cond, uncond = eps.chunk(2)
-            eps = uncond + guidance * (cond - uncond)
-        x = sched.step(eps, t, x).prev_sample
-    return x.float().numpy()
+    return sample_batch(transformer, [(labels, seed)], steps=steps, guidance=guidance,
+                        partition_seed=seed if partition_seed is None else partition_seed,
+                        scheduler_config=scheduler_config, progress=progress)[0]
 
 
 def _check(cfg, labels, steps: int) -> np.ndarray:
@@ -78,12 +58,13 @@ def _check(cfg, labels, steps: int) -> np.ndarray:
 
 @torch.no_grad()
 def sample_batch(transformer, jobs: list[tuple[list[int] | np.ndarray, int]], steps: int = 50, guidance: float = 4.0,
-                 partition_seed: int = 0, scheduler_config: dict | None = None) -> list[np.ndarray]:
+                 partition_seed: int = 0, scheduler_config: dict | None = None,
+                 progress: bool = False) -> list[np.ndarray]:
     """Several ``(labels, seed)`` jobs in one denoising loop: one forward per step for all of them.
 
     Job ``k``'s samples equal ``sample_classes(transformer, labels_k, steps, guidance, seed=seed_k,
-    partition_seed=partition_seed)``: each job draws its noise from its own seed exactly as it would
-    alone, the loop makes one call per step as ``sample_classes`` does (so a plan draws the same
+    partition_seed=partition_seed)`` (which is this function with one job): each job draws its noise from
+    its own seed exactly as it would alone, the loop makes one call per step (so a plan draws the same
     partition per step, shared by the whole batch as it is shared by one job's images), and the rest is
     per sample. The equality is exact where the backend computes each batch row independently of the
     others (onnxruntime on CPU does; tests/serve check it).
@@ -103,8 +84,8 @@ def sample_batch(transformer, jobs: list[tuple[list[int] | np.ndarray, int]], st
     y = torch.from_numpy(np.concatenate(labels))
     cfg_on = guidance > 1
     y_in = torch.cat([y, torch.full_like(y, num_classes)]) if cfg_on else y
-    # 2. The loop of sample_classes over the concatenated batch
-    for t in sched.timesteps:
+    # 2. One denoising loop over the concatenated batch
+    for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
         x_in = torch.cat([x, x]) if cfg_on else x
         x_in = sched.scale_model_input(x_in, t)
         out = transformer(x_in, timestep=t.expand(len(x_in)), class_labels=y_in).sample
