@@ -26,7 +26,7 @@ from passes.cleanup import FreeTokenAxisPass
 from passes.errors import DitmergeError
 from passes.graphbuild import Emitter
 from passes.infra import GraphPass, PassResult
-from passes.locate import FLOAT_TYPES, _node_scopes, find_sites, tensor_shapes
+from passes.locate import Topology, _node_scopes, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
 from passes.tome import TOPK_LIMIT, graph_grid
 
@@ -93,23 +93,11 @@ def find_blocks(model: onnx.ModelProto, num_tokens: int) -> list[Block]:
             m = _BLOCK_RE.search(scope)
             if m:
                 members.setdefault(f"{m.group(1)}.{m.group(2)}", set()).add(node.name)
-    consumers: dict[str, set[str]] = collections.defaultdict(set)
-    for n in model.graph.node:
-        for t in n.input:
-            consumers[t].add(n.name)
-    shapes = tensor_shapes(model)
-    graph_outputs = {o.name for o in model.graph.output}
+    topo = Topology.of(model, num_tokens)
     blocks = []
     for path, names in members.items():
-        outs = []
-        for n in model.graph.node:
-            if n.name not in names:
-                continue
-            for t in n.output:
-                elem, dims = shapes.get(t, (0, []))
-                if ((t in graph_outputs or consumers[t] - names) and elem in FLOAT_TYPES and len(dims) == 3
-                        and dims[1] == num_tokens):
-                    outs.append(t)
+        nodes = [n for n in model.graph.node if n.name in names]
+        outs = [t for t in topo.boundary(nodes)[1] if topo.image_like(t)]
         blocks.append(Block(path, int(path.rsplit(".", 1)[1]), names, outs[0] if len(outs) == 1 else None))
     blocks.sort(key=lambda b: b.index)
     return blocks

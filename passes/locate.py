@@ -89,6 +89,40 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | str
     return out
 
 
+@dataclasses.dataclass
+class Topology:
+    """Who writes and who reads each tensor of a shaped graph: what finding a module's boundary needs."""
+
+    producers: dict[str, str]
+    consumers: dict[str, set[str]]
+    graph_outputs: set[str]
+    inits: set[str]
+    shapes: dict[str, tuple[int, list[int | str]]]
+    num_tokens: int
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, num_tokens: int) -> Topology:
+        consumers: dict[str, set[str]] = collections.defaultdict(set)
+        for n in model.graph.node:
+            for t in n.input:
+                consumers[t].add(n.name)
+        return cls({o: n.name for n in model.graph.node for o in n.output}, consumers,
+                   {o.name for o in model.graph.output}, {i.name for i in model.graph.initializer},
+                   tensor_shapes(model), num_tokens)
+
+    def image_like(self, name: str) -> bool:
+        """A float ``[B, N, C]`` tensor: the image-token stream."""
+        elem, dims = self.shapes.get(name, (0, []))
+        return elem in FLOAT_TYPES and len(dims) == 3 and dims[1] == self.num_tokens
+
+    def boundary(self, nodes: list[onnx.NodeProto]) -> tuple[list[str], list[str]]:
+        """The tensors ``nodes`` read from outside themselves (initializers aside) and those read outside them."""
+        names = {n.name for n in nodes}
+        ins = [t for n in nodes for t in n.input if t and t not in self.inits and self.producers.get(t) not in names]
+        outs = [t for n in nodes for t in n.output if t in self.graph_outputs or self.consumers[t] - names]
+        return list(dict.fromkeys(ins)), list(dict.fromkeys(outs))
+
+
 def find_sites(model: onnx.ModelProto, num_tokens: int) -> list[Site]:
     """Every attention / feed-forward module of every transformer block, checked by shape.
 
@@ -107,18 +141,8 @@ def find_sites(model: onnx.ModelProto, num_tokens: int) -> list[Site]:
                 block_class = classes[i - 1] if 0 < i <= len(classes) else ""
                 info[scope] = (m.group(1), m.group(3), m.group(4), block_class)
 
-    producers = {o: n.name for n in model.graph.node for o in n.output}
-    consumers: dict[str, set[str]] = collections.defaultdict(set)
-    for n in model.graph.node:
-        for t in n.input:
-            consumers[t].add(n.name)
-    graph_outputs = {o.name for o in model.graph.output}
-    inits = {i.name for i in model.graph.initializer}
-    shapes = tensor_shapes(model)
-
-    def image_like(name: str) -> bool:
-        elem, dims = shapes.get(name, (0, []))
-        return elem in FLOAT_TYPES and len(dims) == 3 and dims[1] == num_tokens
+    topo = Topology.of(model, num_tokens)
+    shapes, image_like = topo.shapes, topo.image_like
 
     sites = []
     for scope, nodes in members.items():
@@ -126,15 +150,7 @@ def find_sites(model: onnx.ModelProto, num_tokens: int) -> list[Site]:
         path = scope[scope.index(block_path):]
         site = Site(path=path, block=block_path, index=int(index), kind=_kind(attr, block_class),
                     nodes=[n.name for n in nodes])
-        names = set(site.nodes)
-        ins, outs = [], []
-        for n in nodes:
-            for t in n.input:
-                if t and t not in inits and producers.get(t) not in names and t not in ins:
-                    ins.append(t)
-            for t in n.output:
-                if (t in graph_outputs or consumers[t] - names) and t not in outs:
-                    outs.append(t)
+        ins, outs = topo.boundary(nodes)
         baked = _baked_token_count(model, nodes, num_tokens)
         img_in = [t for t in ins if image_like(t)]
         img_out = [t for t in outs if image_like(t)]

@@ -20,7 +20,7 @@ from passes.cleanup import FreeTokenAxisPass
 from passes.errors import DitmergeError
 from passes.graphbuild import Emitter
 from passes.infra import GraphPass, PassResult
-from passes.locate import FLOAT_TYPES, _node_scopes, tensor_shapes
+from passes.locate import Topology, _node_scopes, tensor_shapes
 from passes.mod_graph import build_combine, build_route
 from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
 from passes.tome import TOPK_LIMIT, graph_grid
@@ -51,26 +51,12 @@ def find_blocks(model: onnx.ModelProto, num_tokens: int) -> list[Block]:
             if m and "single_transformer_blocks" not in scope:
                 members[int(m.group(1))].append(node)
                 break
-    producers = {o: n.name for n in model.graph.node for o in n.output}
-    consumers: dict[str, set[str]] = collections.defaultdict(set)
-    for n in model.graph.node:
-        for t in n.input:
-            consumers[t].add(n.name)
-    graph_outputs = {o.name for o in model.graph.output}
-    shapes = tensor_shapes(model)
-
-    def image_like(name: str) -> bool:
-        elem, dims = shapes.get(name, (0, []))
-        return elem in FLOAT_TYPES and len(dims) == 3 and dims[1] == num_tokens
-
+    topo = Topology.of(model, num_tokens)
     blocks = []
     for index in sorted(members):
         nodes = members[index]
-        names = {n.name for n in nodes}
-        ins = list(dict.fromkeys(t for n in nodes for t in n.input if t and producers.get(t) not in names
-                                 and image_like(t)))
-        outs = list(dict.fromkeys(t for n in nodes for t in n.output if image_like(t)
-                                  and (t in graph_outputs or consumers[t] - names)))
+        ins, outs = topo.boundary(nodes)
+        ins, outs = [t for t in ins if topo.image_like(t)], [t for t in outs if topo.image_like(t)]
         block = Block(index, [n.name for n in nodes])
         if len(ins) != 1:
             block.reason = f"expected one [B, {num_tokens}, C] input, found {len(ins)}"
