@@ -32,6 +32,12 @@ def draw_partition(grid: tuple[int, int], stride: tuple[int, int] = (2, 2), rng:
         dx = rng.integers(0, sx, size=(hc, wc))
     cy, cx = np.meshgrid(np.arange(hc), np.arange(wc), indexing="ij")
     dst_pos = ((cy * sy + dy) * w + (cx * sx + dx)).reshape(-1).astype(np.int64)
+    return layout((h, w), dst_pos, bands)
+
+
+def layout(grid: tuple[int, int], dst_pos: np.ndarray, bands: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The partition of chosen dst positions as the graphs take it: per band its src, then its dst; and its inverse."""
+    h, w = grid
     is_dst = np.zeros(h * w, dtype=bool)
     is_dst[dst_pos] = True
     band_h = h // bands

@@ -37,7 +37,7 @@ from passes.graphbuild import Emitter
 from passes.infra import GraphPass, PassResult
 from passes.locate import Site, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
-from passes.partition import num_dst, plan_bands
+from passes.partition import layout, num_dst, plan_bands
 from passes.sdtm_graph import (
     WindowGeometry,
     build_blend,
@@ -260,18 +260,7 @@ def partition_from_counter(grid: tuple[int, int], counter: np.ndarray, rng: np.r
     dy, dx = slot // 2, slot % 2
     cy, cx = np.meshgrid(np.arange(hc), np.arange(wc), indexing="ij")
     dst_pos = ((cy * 2 + dy) * w + (cx * 2 + dx)).reshape(-1).astype(np.int64)
-    is_dst = np.zeros(h * w, dtype=bool)
-    is_dst[dst_pos] = True
-    band_h = h // bands
-    parts = []
-    for k in range(bands):  # the layout of draw_partition: per band its src, then its dst
-        rows = np.arange(k * band_h * w, (k + 1) * band_h * w)
-        parts.append(rows[~is_dst[rows]])
-        parts.append(dst_pos[(dst_pos // w >= k * band_h) & (dst_pos // w < (k + 1) * band_h)])
-    partition = np.concatenate(parts).astype(np.int64)
-    inverse = np.empty_like(partition)
-    inverse[partition] = np.arange(h * w, dtype=np.int64)
-    return partition, inverse
+    return layout((h, w), dst_pos, bands)
 
 
 class PromptWeightPass(GraphPass):
