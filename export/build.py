@@ -327,8 +327,7 @@ def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int
         if g is not None:
             save_checked(g, ctx.stage / names[variant])
     done.record(key + "#files", sorted(set(names.values()) - {BASE_GRAPH}))
-    done.data["done"][key] = {"variants": names, "meta": bg.meta, "r": bg.r, "kept_tokens": bg.kept_tokens}
-    done._write()
+    done.remember(key, {"variants": names, "meta": bg.meta, "r": bg.r, "kept_tokens": bg.kept_tokens})
     return bg, names
 
 
@@ -390,6 +389,11 @@ class StageProgress:
 
     def record(self, step: str, files: list[str]) -> None:
         self.data["done"][step] = {f: sha256_file(self.stage / f) for f in files}
+        self._write()
+
+    def remember(self, step: str, value: dict) -> None:
+        """Keep what a finished step produced besides files (names, metadata), for the resumed build."""
+        self.data["done"][step] = value
         self._write()
 
     def _write(self) -> None:
