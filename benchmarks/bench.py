@@ -27,15 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.measure import feed_of, interleaved_latency  # noqa: E402
-from export.onnx_export import WEIGHTS_FILE, eager_forward, example_inputs, export_onnx  # noqa: E402
-from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass  # noqa: E402
-from passes.flops import count_flops  # noqa: E402
-from passes.infra import PassManager  # noqa: E402
-from passes.onnxutil import get_model_meta, save_checked  # noqa: E402
-from passes.partition import draw_partition  # noqa: E402
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass  # noqa: E402
-from runtime.runners import OrtRunner, SharedWeights  # noqa: E402
+from export.measure import feed_of, interleaved_latency
+from export.onnx_export import WEIGHTS_FILE, eager_forward, example_inputs, export_onnx
+from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass
+from passes.flops import count_flops
+from passes.infra import PassManager
+from passes.onnxutil import get_model_meta, save_checked
+from passes.partition import draw_partition
+from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
+from runtime.runners import OrtRunner, SharedWeights
 
 logger = logging.getLogger("bench")
 
@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--results", default=str(Path(__file__).parent / "results"))
     p.add_argument("--workdir", default=None, help="where graphs are written (default: a temp dir)")
     p.add_argument("--reuse-export", action="store_true", help="reuse base.onnx already exported in --workdir")
+    p.add_argument("--export-only", action="store_true",
+                   help="export and write the merged graphs into --workdir, then stop (time them later)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch"):
@@ -156,14 +158,16 @@ def main(argv: list[str] | None = None) -> dict:
         res = ToMePass(ToMeConfig(r, locations=tuple(args.locations.split(","))))(base)
         save_checked(res.model, work / f"tome_{r}.onnx")
         graphs[f"tome {r}"], metas[f"tome {r}"] = work / f"tome_{r}.onnx", json.loads(get_model_meta(res.model)["tome"])
+    if args.export_only:
+        logger.info("wrote %s", ", ".join(str(g) for g in graphs.values()))
+        return {}
     flops = {k: count_flops(onnx.load(g, load_external_data=False)) for k, g in graphs.items()}
 
     inputs = example_inputs(model, args.batch, grid, seed=0)
     feed = feed_of(inputs)
     part, inv = draw_partition(grid, rng=np.random.default_rng(0))
     merged_feed = {**feed, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
-    # Memory first, in child processes, while this process holds no session: onnxruntime does not give a
-    # closed session's prepacked weights back to the system, so probing later could exhaust the machine.
+    # Memory first, in fresh child processes, so nothing this process loaded counts.
     # a plan as `python -m export` writes it: the unmerged graph and three merged buckets (the largest ratios)
     plan_graphs = [graphs["base"]] + [graphs[f"tome {r}"] for r in sorted(ratios)[-3:]]
     mem = {} if args.no_memory else {"unmerged_mb": peak_rss_mb([graphs["base"]], work / WEIGHTS_FILE, feed),
@@ -175,61 +179,67 @@ def main(argv: list[str] | None = None) -> dict:
         mem["plan_no_prepack_mb"] = peak_rss_mb(plan_graphs, work / WEIGHTS_FILE, merged_feed, prepack=False)
         mem["ratio_no_prepack"] = mem["plan_no_prepack_mb"] / mem["unmerged_mb"]
 
-    weights = SharedWeights(work / WEIGHTS_FILE)
-    runners = {k: OrtRunner(g, ["CPUExecutionProvider"], weights) for k, g in graphs.items()}
     best = max(ratios)
+    feeds = work / "feeds.npz"
+    np.savez(feeds, **{f"base/{k}": v for k, v in feed.items()}, **{f"merged/{k}": v for k, v in merged_feed.items()})
+    variants = {k: (str(g), True) for k, g in graphs.items()}
     if args.no_prepack:
-        runners.update({f"{k} no-prepack": OrtRunner(graphs[k], ["CPUExecutionProvider"], weights, prepack=False)
-                        for k in ("base", f"tome {best}")})
-    calls = {k: (lambda rn=rn, k=k: rn.infer(merged_feed if not k.startswith("base") else feed))
-             for k, rn in runners.items()}
-    calls["eager torch"] = lambda: eager_forward(model, inputs)
-    if args.torch_compile:
-        try:
-            compiled = torch.compile(model)
-            with torch.no_grad():
-                compiled(inputs["hidden_states"], timestep=inputs["timestep"], class_labels=inputs["class_labels"])
-            calls["torch.compile"] = lambda: compiled(inputs["hidden_states"], timestep=inputs["timestep"],
-                                                      class_labels=inputs["class_labels"])
-        except Exception as e:  # recorded, not fatal: "where it works on this machine"
-            logger.warning("torch.compile failed: %s", str(e).splitlines()[0])
-    # Each onnxruntime session holds its own prepacked weights (2.7 GB for DiT-XL/2), so a sweep cannot keep
-    # them all alive: every group is timed interleaved against the unmerged graph, then its sessions close.
+        variants.update({f"{k} no-prepack": (str(graphs[k]), False) for k in ("base", f"tome {best}")})
+    # Every group is timed interleaved against the unmerged graph in a fresh child process: onnxruntime
+    # sessions that have run keep memory in the heap after they close, and a seven-ratio DiT-XL/2 sweep in
+    # one process was OOM-killed at 24 GB. Each speed-up is still a ratio of two medians from one process.
     groups = [[f"tome {r}"] for r in ratios if r != best]
-    groups.append([f"tome {best}", "eager torch", *calls.keys() - {"base", "eager torch", *graphs}])
+    groups.append([f"tome {best}", "eager torch"] + (["torch.compile"] if args.torch_compile else []))
+    if args.no_prepack:
+        groups.append(["base no-prepack", f"tome {best} no-prepack"])
     lat: dict[str, float] = {}
     pair_base: dict[str, float] = {}
+    shares: dict[str, float] = {}
+    prepack_cost = None  # unmerged latency with prepacking off / on, same group
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    stem = results / f"{args.arch}-{args.px}{args.tag}"
+    partial = stem.with_suffix(".partial.json")
     for group in groups:
         logger.info("timing %s against the unmerged graph, %d interleaved repeats", ", ".join(group), args.repeats)
-        keys = ["base", *group] + (["base no-prepack"] if any("no-prepack" in k for k in group) else [])
-        with torch.no_grad():
-            got = interleaved_latency({k: calls[k] for k in dict.fromkeys(keys)}, repeats=args.repeats, warmup=1)
-        for k in group:
-            lat[k] = got[k]
-            pair_base[k] = got["base no-prepack" if k.endswith("no-prepack") else "base"]
-        lat["base"], pair_base["base"] = got["base"], got["base"]
-        if "base no-prepack" in got:
-            lat["base no-prepack"] = pair_base["base no-prepack"] = got["base no-prepack"]
-        for k in group:
-            if k in runners and k != f"tome {best}" and not k.startswith(f"tome {best} "):
-                runners[k].deactivate()
+        keys = list(dict.fromkeys(["base", *group] + (["base no-prepack"] if f"tome {best} no-prepack" in group else [])))
+        spec = {"variants": {k: variants[k] for k in keys if k in variants}, "weights": str(work / WEIGHTS_FILE),
+                "feeds": str(feeds), "repeats": args.repeats, "order": keys,
+                "eager": [args.arch, args.px, args.batch] if "eager torch" in group else None,
+                "compile": "torch.compile" in group, "profile": [k for k in group if k in metas]}
+        got = in_child(_time_group, spec)
+        for k in keys:
+            if k not in got["latency"]:
+                continue  # torch.compile failed: logged by the child
+            lat[k] = got["latency"][k]
+            pair_base[k] = got["latency"]["base no-prepack" if k.endswith("no-prepack") else "base"]
+        shares.update(got["matching_share"])
+        if "base no-prepack" in got["latency"]:
+            prepack_cost = got["latency"]["base no-prepack"] / got["latency"]["base"]
+        # an interrupted sweep keeps the groups it finished
+        partial.write_text(json.dumps({"latency_s": lat, "paired_unmerged_s": pair_base}, indent=1))
 
     rows = []
-    for k in ["base", *(k for k in runners if k != "base")]:
+    for k in ["base", *(k for k in variants if k != "base")]:
         g = k.removesuffix(" no-prepack")
         ideal = flops["base"] / flops[g]
         speed = pair_base[k] / lat[k]
-        rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "speedup_vs_unmerged": speed,
+        rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "unmerged_ms": pair_base[k] * 1e3,
+                     "speedup_vs_unmerged": speed,
                      "flops_rel": flops[g] / flops["base"], "flop_ideal_speedup": ideal,
                      "share_of_flop_ideal": speed / ideal, "r": metas.get(g, {}).get("r", 0)})
-        if k in metas:  # profiled with prepacking on
-            rows[-1]["matching_share"] = matching_share(graphs[g], merged_feed, weights)
-        if k in (f"tome {best}", "base"):
+        if k in shares:  # profiled with prepacking on
+            rows[-1]["matching_share"] = shares[k]
+        if k == f"tome {best}":  # timed in the eager group
             rows[-1]["speedup_vs_eager"] = lat["eager torch"] / lat[k]
+            rows[0]["speedup_vs_eager"] = lat["eager torch"] / pair_base[k]
     for k in ("eager torch", "torch.compile"):
         if k in lat:
-            rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "speedup_vs_unmerged": pair_base[k] / lat[k]})
+            rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "unmerged_ms": pair_base[k] * 1e3,
+                         "speedup_vs_unmerged": pair_base[k] / lat[k]})
 
+    weights = SharedWeights(work / WEIGHTS_FILE)
+    runners = {k: OrtRunner(graphs[k], ["CPUExecutionProvider"], weights) for k in ("base", f"tome {best}")}
     e2e = {}
     if args.e2e_steps:
         e2e = end_to_end(model, runners, f"tome {best}", feed, merged_feed, args.e2e_steps, args.repeats)
@@ -237,14 +247,59 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"arch": args.arch, "px": args.px, "tokens": grid[0] * grid[1], "batch": args.batch,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"onnxruntime CPU fp32",
-              "rows": rows, "memory": mem, "end_to_end": e2e, "repeats": args.repeats}
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"{args.arch}-{args.px}{args.tag}"
+              "rows": rows, "memory": mem, "end_to_end": e2e, "repeats": args.repeats,
+              "unmerged_prepack_off_slowdown": prepack_cost}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    partial.unlink(missing_ok=True)
     chart(result, stem.with_suffix(".png"))
     print(table(result))
     return result
+
+
+def in_child(fn, spec: dict) -> dict:
+    """``fn(spec)`` in a fresh process, so the memory its sessions held goes back to the system when it exits."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, spec).result()
+
+
+def _time_group(spec: dict) -> dict:
+    """One interleaved timing group (child process): medians per variant and the profiled matching shares."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    data = np.load(spec["feeds"])
+    feeds = {"base": {}, "merged": {}}
+    for name in data.files:
+        kind, _, key = name.partition("/")
+        feeds[kind][key] = data[name]
+    weights = SharedWeights(Path(spec["weights"]))
+    runners = {k: OrtRunner(Path(g), ["CPUExecutionProvider"], weights, prepack=pre)
+               for k, (g, pre) in spec["variants"].items()}
+    calls = {k: (lambda rn=rn, k=k: rn.infer(feeds["base" if k.startswith("base") else "merged"]))
+             for k, rn in runners.items()}
+    if spec["eager"]:
+        arch, px, batch = spec["eager"]
+        model, grid = make_model(arch, px)
+        inputs = example_inputs(model, batch, grid, seed=0)
+        calls["eager torch"] = lambda: eager_forward(model, inputs)
+        if spec["compile"]:
+            try:
+                compiled = torch.compile(model)
+                run = lambda: compiled(inputs["hidden_states"], timestep=inputs["timestep"],  # noqa: E731
+                                       class_labels=inputs["class_labels"])
+                with torch.no_grad():
+                    run()
+                calls["torch.compile"] = run
+            except Exception as e:  # recorded, not fatal: "where it works on this machine"
+                logger.warning("torch.compile failed: %s", str(e).splitlines()[0])
+    with torch.no_grad():
+        got = interleaved_latency({k: calls[k] for k in spec["order"] if k in calls}, repeats=spec["repeats"],
+                                  warmup=1)
+    for rn in runners.values():
+        rn.deactivate()
+    shares = {k: matching_share(Path(spec["variants"][k][0]), feeds["merged"], weights) for k in spec["profile"]}
+    return {"latency": got, "matching_share": shares}
 
 
 def end_to_end(model, runners, merged_key: str, feed: dict, merged_feed: dict, steps: int, repeats: int) -> dict:
@@ -281,11 +336,11 @@ def end_to_end(model, runners, merged_key: str, feed: dict, merged_feed: dict, s
 def table(result: dict) -> str:
     lines = [f"{result['arch']} at {result['px']} px ({result['tokens']} tokens), batch {result['batch']}, "
              f"{result['machine']}", "",
-             "| variant | latency ms | speed-up vs unmerged | vs eager | FLOPs vs full | FLOP-ideal | share of ideal "
-             "| matching share |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | latency ms | unmerged ms (same group) | speed-up vs unmerged | vs eager | FLOPs vs full "
+             "| FLOP-ideal | share of ideal | matching share |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        f = lambda key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
-        lines.append(f"| {r['variant']} | {r['latency_ms']:.1f} | {r['speedup_vs_unmerged']:.2f}x | "
+        f = lambda key, fmt: format(r[key], fmt) if key in r else "-"
+        lines.append(f"| {r['variant']} | {r['latency_ms']:.1f} | {f('unmerged_ms', '.1f')} | {r['speedup_vs_unmerged']:.2f}x | "
                      f"{f('speedup_vs_eager', '.2f')} | {f('flops_rel', '.3f')} | {f('flop_ideal_speedup', '.2f')} | "
                      f"{f('share_of_flop_ideal', '.0%')} | {f('matching_share', '.1%')} |")
     m = result["memory"]
@@ -299,6 +354,9 @@ def table(result: dict) -> str:
         lines.append(f"end to end, {e['steps']} steps, {e['variant']}: {s['merged']:.2f} s vs unmerged "
                      f"{s['unmerged']:.2f} s ({e['speedup_vs_unmerged']:.2f}x) vs eager {s['eager torch']:.2f} s "
                      f"({e['speedup_vs_eager']:.2f}x)")
+    if result.get("unmerged_prepack_off_slowdown"):
+        lines.append(f"prepacking off slows the unmerged graph {result['unmerged_prepack_off_slowdown']:.2f}x "
+                     "(same group, interleaved)")
     return "\n".join(lines)
 
 

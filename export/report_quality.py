@@ -40,42 +40,62 @@ def measure_quality(plan: Plan, samples: int = 50, steps: int = 50, guidance: fl
     ``classifier``: score with the bundled crop classifier (FID, class accuracy); None: only for the bundled
     model itself, True: also for a model fine-tuned from it (e.g. by ``export.train_mod``).
     """
-    merged_tf = PlanTransformer(plan, backend="cpu")
-    ref_tf = PlanTransformer(unmerged_view(plan), backend="cpu")
-    num_classes = merged_tf.config.num_embeds_ada_norm
-    labels = np.arange(samples) % num_classes
-    sched = plan.model.get("scheduler")
-    gen = lambda tf: sample_classes(tf, labels, steps=steps, guidance=guidance, seed=0,  # noqa: E731
-                                    scheduler_config=sched, progress=progress)
-    ref, merged = gen(ref_tf), gen(merged_tf)
-    p, s = psnr(merged, ref), ssim(merged, ref)
-    report = {"samples": samples, "steps": steps, "guidance": guidance, "psnr_db": summarize(p, "min"),
-              "ssim": summarize(s, "min")}
+    return compare_plans({"merged": plan}, unmerged_view(plan), samples, steps, guidance, latency_repeats,
+                         grid_png, progress, classifier)["merged"]
 
-    classifier = _bundled_classifier(plan, any_source=bool(classifier)) if classifier is not False else None
-    if classifier is not None:
+
+def compare_plans(plans: dict[str, Plan], reference: Plan, samples: int = 50, steps: int = 50,
+                  guidance: float = 4.0, latency_repeats: int = 3, grid_png: Path | None = None,
+                  progress: bool = False, classifier: bool | None = None) -> dict[str, dict]:
+    """Each plan against one reference plan: same noise, same labels, one interleaved timing loop.
+
+    Methods that change the model (MoD fine-tunes it) are compared with the model users started from by
+    passing that model's unmerged plan as ``reference``. Returns a report per plan, keyed as ``plans``,
+    with the reference's figures under the ``unmerged`` keys; ``grid_png`` shows the first plan.
+    """
+    ref_tf = PlanTransformer(reference, backend="cpu")
+    tfs = {name: PlanTransformer(p, backend="cpu") for name, p in plans.items()}
+    num_classes = ref_tf.config.num_embeds_ada_norm
+    labels = np.arange(samples) % num_classes
+    sched = reference.model.get("scheduler")
+    gen = lambda tf: sample_classes(tf, labels, steps=steps, guidance=guidance, seed=0,
+                                    scheduler_config=sched, progress=progress)
+    ref = gen(ref_tf)
+    images = {name: gen(tf) for name, tf in tfs.items()}
+    reports = {}
+    for name, imgs in images.items():
+        p, s = psnr(imgs, ref), ssim(imgs, ref)
+        reports[name] = {"samples": samples, "steps": steps, "guidance": guidance, "psnr_db": summarize(p, "min"),
+                         "ssim": summarize(s, "min")}
+
+    first = next(iter(plans.values()))
+    clf = _bundled_classifier(first, any_source=bool(classifier)) if classifier is not False else None
+    if clf is not None:
         from export.classifier import predict
         from export.photos import heldout
 
         real_x, _ = heldout()
-        _, real_f = predict(classifier, real_x)
-        for name, imgs in (("unmerged", ref), ("merged", merged)):
-            pred, feats = predict(classifier, imgs)
-            report[f"class_accuracy_{name}"] = float((pred == labels).mean())
-            report[f"fid_{name}"] = frechet_distance(feats, real_f)
-        report["fid_real_samples"] = len(real_x)
+        _, real_f = predict(clf, real_x)
+        scores = {}
+        for name, imgs in (("unmerged", ref), *images.items()):
+            pred, feats = predict(clf, imgs)
+            scores[name] = (float((pred == labels).mean()), frechet_distance(feats, real_f))
+        for name, report in reports.items():
+            report["class_accuracy_unmerged"], report["fid_unmerged"] = scores["unmerged"]
+            report["class_accuracy_merged"], report["fid_merged"] = scores[name]
+            report["fid_real_samples"] = len(real_x)
 
     one = np.array([0])
-    lat = interleaved_latency({
-        "unmerged": lambda: sample_classes(ref_tf, one, steps=steps, guidance=guidance, scheduler_config=sched,
-                                           progress=False),
-        "merged": lambda: sample_classes(merged_tf, one, steps=steps, guidance=guidance, scheduler_config=sched,
-                                         progress=False)}, repeats=latency_repeats, warmup=1)
-    report["e2e_latency_s"] = {"unmerged": lat["unmerged"], "merged": lat["merged"]}
-    report["e2e_speedup"] = lat["unmerged"] / lat["merged"]
+    run = lambda tf: lambda: sample_classes(tf, one, steps=steps, guidance=guidance,
+                                            scheduler_config=sched, progress=False)
+    calls = {" reference": run(ref_tf), **{name: run(tf) for name, tf in tfs.items()}}
+    lat = interleaved_latency(calls, repeats=latency_repeats, warmup=1)
+    for name, report in reports.items():
+        report["e2e_latency_s"] = {"unmerged": lat[" reference"], "merged": lat[name]}
+        report["e2e_speedup"] = lat[" reference"] / lat[name]
     if grid_png is not None:
-        write_grid(grid_png, ref[:num_classes], merged[:num_classes])
-    return report
+        write_grid(grid_png, ref[:num_classes], images[next(iter(plans))][:num_classes])
+    return reports
 
 
 def _bundled_classifier(plan: Plan, any_source: bool = False):

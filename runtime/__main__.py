@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
                    help="for a latent-space plan: the diffusers pipeline or VAE that decodes it (folder or hub id)")
     s.add_argument("--partition-seed", type=int, default=0,
                    help="seed of the merge partitions of every generation (default: 0)")
+    s.add_argument("--no-prepack", dest="prepack", action="store_false",
+                   help="no onnxruntime weight prepacking: one weight copy per replica instead of one per bucket "
+                        "(less memory, slower)")
     s.add_argument("--print-python", action="store_true", help="print the equivalent library call and exit")
     return p
 
@@ -79,7 +82,8 @@ def serve_kwargs(args: argparse.Namespace) -> dict:
     return {"host": args.host, "port": args.port, "address": args.address, "replicas": args.replicas,
             "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1000,
             "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "threads": args.threads, "backend": args.backend,
-            "max_pending": args.max_pending, "partition_seed": args.partition_seed, "vae": args.vae}
+            "max_pending": args.max_pending, "partition_seed": args.partition_seed, "vae": args.vae,
+            "prepack": args.prepack}
 
 
 def serve(plan: str, max_steps: int, max_images: int, **kwargs) -> None:

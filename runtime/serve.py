@@ -51,12 +51,12 @@ class PlanServer:
     """A Serve replica: one :class:`PlanService`, fed by ``@serve.batch``."""
 
     def __init__(self, plan_dir: str, backend: str, partition_seed: int, threads: int, limits: Limits,
-                 max_pending: int, verify: bool, vae: str | None) -> None:
+                 max_pending: int, verify: bool, vae: str | None, prepack: bool = True) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))  # the scheduler's tensor ops: stay inside the replica's CPUs
         self.service = PlanService(plan_dir, backend=backend, partition_seed=partition_seed, threads=threads,
-                                   limits=limits, verify=verify, vae=vae)
+                                   limits=limits, verify=verify, vae=vae, prepack=prepack)
         self.max_pending = max_pending
         self.pending = 0
         self.batching = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
@@ -151,7 +151,8 @@ def _code_runtime_env() -> dict:
 def build_app(plan_dir: str | Path, *, replicas: int = 1, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.01,
               num_cpus: float = 1.0, num_gpus: float = 0.0, ray_actor_options: dict | None = None,
               backend: str = "auto", partition_seed: int = 0, threads: int | None = None, limits: Limits | None = None,
-              max_pending: int = 16, verify: bool = True, vae: str | None = None) -> serve.Application:
+              max_pending: int = 16, verify: bool = True, vae: str | None = None,
+              prepack: bool = True) -> serve.Application:
     """The bound Serve application of a plan; deploy it with ``serve.run`` (or use :func:`serve_plan`).
 
     Args:
@@ -171,6 +172,8 @@ def build_app(plan_dir: str | Path, *, replicas: int = 1, max_batch_size: int = 
         verify: check the plan's hashes here and in each replica.
         vae: for a latent-space plan, the VAE that decodes its samples (runtime.service.load_vae); like the
             plan, a folder must exist on every node (a hub id is fetched into each node's cache).
+        prepack: onnxruntime weight prepacking in each replica (False: one weight copy per replica instead of
+            one per bucket, at some speed).
     """
     plan_dir = Path(plan_dir).resolve()
     check_servable(Plan.load(plan_dir, verify=verify), vae)  # fail here, not in every replica
@@ -187,7 +190,7 @@ def build_app(plan_dir: str | Path, *, replicas: int = 1, max_batch_size: int = 
         # (whose 503 is plain text) is a backstop for replicas that stop answering at all
         max_ongoing_requests=max_pending + 8, max_queued_requests=(max_pending + 8) * replicas)
     return deployment.bind(str(plan_dir), backend, partition_seed, threads, limits or Limits(), max_pending, verify,
-                           vae)
+                           vae, prepack)
 
 
 def connect(address: str | None = None, ship_code: bool = True, **init_kwargs) -> bool:

@@ -210,14 +210,17 @@ class PlanService:
         verify: check the plan's file hashes when loading.
         vae: decodes a latent-space plan's samples (see :func:`load_vae`); its device is CUDA where one answers
             and the backend is not "cpu".
+        prepack: onnxruntime weight prepacking per bucket session (faster; False holds one weight copy for
+            the whole plan, see the README's memory figures).
     """
 
     def __init__(self, plan_dir: str | Path, backend: str = "auto", partition_seed: int = 0, threads: int = 1,
-                 limits: Limits = Limits(), verify: bool = True, vae: str | None = None) -> None:
+                 limits: Limits = Limits(), verify: bool = True, vae: str | None = None, prepack: bool = True) -> None:
         import runtime
 
         t0 = time.perf_counter()
-        self.transformer = runtime.load(plan_dir, backend=backend, seed=partition_seed, threads=threads, verify=verify)
+        self.transformer = runtime.load(plan_dir, backend=backend, seed=partition_seed, threads=threads, verify=verify,
+                                        prepack=prepack)
         self.plan = self.transformer.plan
         check_servable(self.plan, vae)
         self.vae = None

@@ -22,7 +22,7 @@ def tuned(tmp_path_factory):
     make_model(width=32, heads=2, layers=2).save_pretrained(d / "base")
     make_scheduler().save_pretrained(d / "scheduler")
     kwargs = {"model": str(d / "base"), "regions": 2, "batch": 8, "full": True, "lr": 2e-3, "ratio_lr": 0.02,
-              "target": 0.3, "log_every": 8, "save_every": 8, "progress": False, "seed": 0}
+              "target": 0.3, "log_every": 8, "save_every": 8, "progress": False, "seed": 0, "distill": 0.0}
     record = fine_tune(d / "ft", steps=24, **kwargs)
     return d, record, kwargs
 
@@ -35,6 +35,29 @@ def test_a_few_steps_lower_the_loss_and_move_the_ratios_to_target(tuned):
     assert 0 < log[0]["mean_ratio"] < log[-1]["mean_ratio"] <= 0.3 + 0.05, log
     assert record["mean_learned"] > 0.1
     assert len(record["regions"]) == 2 and len(record["regions"][0]["learned"]) == 2
+
+
+def test_distillation_keeps_the_routed_model_near_the_starting_model(tuned, tmp_path):
+    """The teacher term (on by default) is what keeps a short fine-tune close to the model users had."""
+    from export.load import load_transformer
+
+    d, _, kwargs = tuned
+    gaps = {}
+    for distill in (0.0, 20.0):
+        out = tmp_path / f"distill_{distill:g}"
+        record = fine_tune(out, steps=8, **{**kwargs, "distill": distill, "lr": 5e-3})
+        assert record["distill"] == distill
+        assert (record["log"][-1]["teacher_gap"] > 0) == (distill > 0)
+        routing, _ = load_routing(str(out))
+        base, tuned_net = load_transformer(str(d / "base")), load_transformer(str(out))
+        gen = torch.Generator().manual_seed(5)
+        x, y, t = torch.randn(8, 3, 32, 32, generator=gen), torch.arange(8) % 10, torch.full((8,), 600)
+        with torch.no_grad():
+            want = base(x, timestep=t, class_labels=y).sample
+            with routing.installed(tuned_net):
+                got = tuned_net(x, timestep=t, class_labels=y).sample
+        gaps[distill] = float((got - want).square().mean())
+    assert gaps[20.0] < 0.5 * gaps[0.0], gaps
 
 
 def test_writes_a_model_folder_with_routers_and_resumes(tuned):

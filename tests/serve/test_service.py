@@ -95,6 +95,18 @@ def test_batched_requests_equal_direct_generation(served_plan, direct):
     assert np.array_equal(other, direct((3,), 11, 4, 4.0, partition_seed=1))
 
 
+def test_a_service_without_prepacking_holds_unpacked_sessions_and_answers_alike(served_plan):
+    """--no-prepack: every bucket session reads the shared weights unpacked; images match the default within 1 level."""
+    req = [GenerationRequest((3, 5), 11, 4, 4.0)]
+    packed = PlanService(served_plan, threads=1, limits=LIMITS)
+    unpacked = PlanService(served_plan, threads=1, limits=LIMITS, prepack=False)
+    a, b = packed.generate(req)[0], unpacked.generate(req)[0]
+    runners = list(unpacked.transformer._runners.values())
+    assert runners and all(r.prepack is False for r in runners)
+    assert all(r.prepack for r in packed.transformer._runners.values())
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 def test_sample_batch_equals_sample_classes_in_float(served_plan):
     import runtime
     from runtime.generate import sample_batch, sample_classes
