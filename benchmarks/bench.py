@@ -64,8 +64,9 @@ def make_model(arch: str, px: int) -> tuple[torch.nn.Module, tuple[int, int]]:
     raise SystemExit(f"unknown --arch {arch!r}: dit-xl-2, bundled or builtin")
 
 
-def matching_share(graph: Path, feed: dict, weights: SharedWeights) -> float:
-    """Share of one forward spent in the inserted ToMe nodes, from onnxruntime's node profile."""
+def matching_share(graph: Path, feed: dict, weights: SharedWeights) -> tuple[float, dict[str, float]]:
+    """Share of one forward spent in the inserted ToMe nodes, and their milliseconds per forward by op type,
+    from onnxruntime's node profile (3 forwards)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -80,8 +81,13 @@ def matching_share(graph: Path, feed: dict, weights: SharedWeights) -> float:
     events = json.loads(Path(sess.end_profiling()).read_text())
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     total = sum(e["dur"] for e in nodes)
-    tome = sum(e["dur"] for e in nodes if e["name"].startswith("ditmerge_tome"))
-    return tome / total if total else float("nan")
+    mine = [e for e in nodes if e["name"].startswith("ditmerge_tome")]
+    by_op: dict[str, float] = {}
+    for e in mine:
+        op = e.get("args", {}).get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + e["dur"] / 3e3  # microseconds over 3 forwards -> ms per forward
+    tome = sum(e["dur"] for e in mine)
+    return (tome / total if total else float("nan")), dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
 
 
 PROBE = """
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "flops_rel": flops[g] / flops["base"], "flop_ideal_speedup": ideal,
                      "share_of_flop_ideal": speed / ideal, "r": metas.get(g, {}).get("r", 0)})
         if k in shares:  # profiled with prepacking on
-            rows[-1]["matching_share"] = shares[k]
+            rows[-1]["matching_share"], rows[-1]["matching_ms_by_op"] = shares[k]
         if k == f"tome {best}":  # timed in the eager group
             rows[-1]["speedup_vs_eager"] = lat["eager torch"] / lat[k]
             rows[0]["speedup_vs_eager"] = lat["eager torch"] / pair_base[k]
@@ -299,7 +305,7 @@ def _time_group(spec: dict) -> dict:
     for rn in runners.values():
         rn.deactivate()
     shares = {k: matching_share(Path(spec["variants"][k][0]), feeds["merged"], weights) for k in spec["profile"]}
-    return {"latency": got, "matching_share": shares}
+    return {"latency": got, "matching_share": shares}  # key -> (share, ms per forward by op type)
 
 
 def end_to_end(model, runners, merged_key: str, feed: dict, merged_feed: dict, steps: int, repeats: int) -> dict:
