@@ -6,8 +6,6 @@ lifecycle honest. Sessions are created on first use.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
 from pathlib import Path
@@ -18,20 +16,6 @@ import onnx
 from passes.errors import DitmergeError
 
 logger = logging.getLogger(__name__)
-
-
-def release_heap() -> None:
-    """Give freed heap memory back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    A closed onnxruntime session that has run frees its prepacked weights into glibc's per-thread heaps,
-    which keep them: a DiT-XL/2 sweep that closed each session after use still grew past 24 GB. Trimming
-    after a close returns them.
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
 
 
 class Runner:
@@ -181,7 +165,6 @@ class OrtRunner(Runner):
     def deactivate_impl(self) -> None:
         self.session = None
         self._keep = {}
-        release_heap()
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(None, feed)
