@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", required=True, help="plan directory (from `python -m export`)")
     s.add_argument("--replicas", type=int, default=1, help="Serve replicas, one runtime each (default: 1)")
     s.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1; 0.0.0.0 to listen on all)")
-    s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port; 0: any free one, logged (default: 8000)")
     s.add_argument("--address", default=None,
                    help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start a local one)")
     s.add_argument("--max-batch-size", type=int, default=4, help="requests per batch; 1 turns batching off (default: 4)")

@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -216,6 +217,50 @@ def connect(address: str | None = None, ship_code: bool = True, **init_kwargs) -
     return False
 
 
+def http_port() -> int:
+    """The port the running Serve's HTTP proxy listens on (after :func:`serve_plan`, also when it was given 0)."""
+    from ray.serve.context import _get_global_client  # Serve has no public getter for its HTTP options
+
+    return int(_get_global_client().http_config.port)
+
+
+def _bind_failed(e: BaseException) -> bool:
+    # Serve's proxy raises RuntimeError("Failed to bind to address 'host:port'."), wrapped in a RayTaskError
+    return "Failed to bind to address" in f"{e} {getattr(e, 'cause', '')}"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_http(host: str = "127.0.0.1", port: int = 8000, attempts: int = 5) -> int:
+    """Start Serve with its HTTP proxy on ``host:port`` and return the port it listens on.
+
+    ``port=0`` takes any free port. One is picked here, and another process can take it before Serve's proxy
+    binds it, so a bind failure shuts the half-started Serve down and retries with a fresh pick, up to
+    ``attempts`` times. A given port that is taken is a DitmergeError. A Serve already running on the cluster
+    keeps its own options and port.
+    """
+    for attempt in range(1, attempts + 1):
+        chosen = port or _free_port(host)
+        try:
+            serve.start(http_options={"host": host, "port": chosen})
+        except RuntimeError as e:
+            if not _bind_failed(e):
+                raise
+            serve.shutdown()  # the controller outlives its failed proxy; a retry needs a fresh one
+            if port:
+                raise DitmergeError(f"cannot serve HTTP on {host}:{port}: the address is in use "
+                                    "(choose another --port, or 0 for any free one)") from e
+            logger.info("port %d was taken before Serve's proxy bound it; retrying (%d/%d)", chosen, attempt,
+                        attempts)
+            continue
+        return http_port()
+    raise DitmergeError(f"Serve's proxy could not bind a free port on {host} in {attempts} attempts")
+
+
 def serve_plan(plan_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
                route_prefix: str = "/", app_name: str = APP_NAME, blocking: bool = False,
                ray_init: dict | None = None, ship_code: bool = True,
@@ -224,16 +269,22 @@ def serve_plan(plan_dir: str | Path, *, host: str = "127.0.0.1", port: int = 800
 
     ``build_kwargs`` go to :func:`build_app`, ``ray_init`` to ``ray.init``, ``ship_code`` to :func:`connect`.
     The HTTP options (host, port) apply when this call starts Serve on the cluster; a running Serve keeps
-    its own.
+    its own. ``port=0`` serves on any free port (see :func:`start_http`); :func:`http_port` reads it back.
+    A local cluster this call started is shut down again when deploying fails.
     """
     app = build_app(plan_dir, **build_kwargs)  # validates the plan before any cluster starts
     started = connect(address, ship_code=ship_code, **(ray_init or {}))
     t0 = time.perf_counter()
-    serve.start(http_options={"host": host, "port": port})
     try:
+        port = start_http(host, port)
         handle = serve.run(app, name=app_name, route_prefix=route_prefix)
-    except RuntimeError as e:  # a replica failed to start: the reason is in its log and in the message
-        raise DitmergeError(f"deploying {plan_dir} failed: {e}") from e
+    except BaseException as e:
+        if started:  # leave nothing running behind a failed start
+            serve.shutdown()
+            ray.shutdown()
+        if isinstance(e, RuntimeError):  # a replica failed to start: the reason is in its log and in the message
+            raise DitmergeError(f"deploying {plan_dir} failed: {e}") from e
+        raise
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     logger.info("serving %s at %s/generate (%s replicas, ready in %.1fs)", plan_dir, url,
                 build_kwargs.get("replicas", 1), time.perf_counter() - t0)

@@ -127,14 +127,43 @@ def test_partition_from_counter_puts_dst_on_the_stalest_token():
     assert len(drawn) > 1  # no history: random dst
 
 
-def test_twin_counter_semantics(exported):
-    """Structure stage: the tokens of chosen windows get one call staler per block, the others reset."""
+def test_twin_counter_semantics(exported, monkeypatch):
+    """Structure stage: the tokens of chosen windows get one call staler per block, the others reset.
+
+    The windows each block chose are recorded; the counters are replayed from them here and must equal the
+    twin's exactly, from zero counters and from random ones."""
+    from passes import sdtm_math
+
     model, base, _ = exported("dit", (6, 6))
     meta = json.loads(get_model_meta(SdtmPass(SdtmConfig(merge="window", ratio=0.3, blend=None))(base).model)["sdtm"])
-    inputs = example_inputs(model, 1, (6, 6), seed=1)
-    _, out = _twin_run(model, meta, inputs, {COUNTER_INPUT: np.zeros((1, 36), np.float32)})
-    c = out[COUNTER_OUTPUT]
-    assert torch.all((c >= 0) & (c <= len(meta["metric_sites"])))
+    blocks = len(meta["metric_sites"])
+    assert blocks == model.config.num_layers >= 2
+    chosen: list[np.ndarray] = []  # per block: [B, N] bool, the position lies in a chosen window
+
+    window_match = sdtm_math.window_match
+
+    def recording(x, counter, geo, a_s):
+        mt = window_match(x, counter, geo, a_s)
+        mask = np.zeros(tuple(counter.shape), bool)
+        for b, wins in enumerate(mt.win.numpy()):
+            mask[b, wins.reshape(-1)] = True
+        chosen.append(mask)
+        return mt
+
+    monkeypatch.setattr(sdtm_math, "window_match", recording)
+    inputs = example_inputs(model, 2, (6, 6), seed=1)
+    for start in (np.zeros((2, 36), np.float32), np.random.default_rng(2).integers(0, 5, (2, 36)).astype(np.float32)):
+        chosen.clear()
+        _, out = _twin_run(model, meta, inputs, {COUNTER_INPUT: start})
+        assert len(chosen) == blocks
+        want = start.copy()
+        for mask in chosen:
+            assert (mask.sum(1) == 4 * meta["k"]).all(), "each block merges k whole 2x2 windows"
+            want = np.where(mask, want + 1, 0)
+        got = out[COUNTER_OUTPUT].numpy()
+        assert np.array_equal(got, want), f"counters {got} != replayed {want}"
+        # the case has teeth: some tokens were merged by every block (start + blocks), some reset by the last
+        assert (got == start + blocks).any() and (got == 0).any() and got.max() >= blocks
 
 
 def test_prompt_reweighting_equals_twin_on_pixart(exported):

@@ -80,15 +80,32 @@ def test_merge_is_tomesd_mean_merge():
     assert_close(merged, _tomesd_reference(x, part, na, r), 1e-5, "tomesd")
 
 
-def test_unmerge_copies_dst_value_to_merged_positions():
-    # identical tokens merge into their dst; after unmerge every position reads a mean it took part in
-    grid, r = (4, 4), 12  # all src merged
-    sess, _ = _session(grid, 4, r)
-    x = np.tile(np.arange(4, dtype=np.float32) + 1, (1, 16, 1))
-    part, inv = draw_partition(grid)
+@pytest.mark.parametrize("grid,r", [((4, 4), 12), ((6, 6), 14), ((5, 7), 9)])
+def test_unmerge_copies_dst_value_to_merged_positions(grid, r):
+    """Distinct tokens: each merged src position reads the merged row of the dst it matched (tomesd's
+    choice, recomputed here), each dst its merged mean, each kept src its own token."""
+    n = grid[0] * grid[1]
+    sess, na = _session(grid, 4, r)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, n, 4)).astype(np.float32)
+    part, inv = draw_partition(grid, rng=rng)
     merged, unmerged = sess.run(None, {"x": x, "P": part, "Pinv": inv})
-    assert merged.shape == (1, 4, 4)
-    assert_close(unmerged, x, 1e-6, "identical tokens survive merge/unmerge")
+    ref_merged = _tomesd_reference(x, part, na, r)
+    assert_close(merged, ref_merged, 1e-5, "merge")
+    m = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    src_pos, dst_pos = part[:na], part[na:]
+    for b in range(x.shape[0]):
+        scores = m[b, src_pos] @ m[b, dst_pos].T
+        best, best_dst = scores.max(-1), scores.argmax(-1)
+        order = np.argsort(-best, kind="stable")
+        want = np.empty_like(x[b])
+        want[src_pos[order[r:]]] = x[b, src_pos[order[r:]]]  # kept src: unchanged
+        dst_rows = ref_merged[b, na - r:]  # merged layout: [kept src..., dst...]
+        want[dst_pos] = dst_rows
+        want[src_pos[order[:r]]] = dst_rows[best_dst[order[:r]]]  # merged src: its dst's mean
+        assert_close(unmerged[b], want, 1e-5, f"unmerge, sample {b}")
+        # the case has teeth: merged positions no longer hold their own token
+        assert np.abs(want[src_pos[order[:r]]] - x[b, src_pos[order[:r]]]).max() > 1e-2
 
 
 @pytest.mark.parametrize("grid,bands,r,batch", [((8, 8), 2, 20, 2), ((8, 6), 4, 12, 1), ((12, 4), 3, 27, 2)])

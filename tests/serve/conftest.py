@@ -1,6 +1,29 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
+
+
+def shutdown_ray() -> None:
+    """Stop Serve and Ray if this process runs them; a no-op where Ray is not installed or not up."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_ray_left_over():
+    """Every module starts and ends without a Ray cluster in this process, whatever an earlier one left."""
+    shutdown_ray()
+    yield
+    shutdown_ray()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -24,28 +23,18 @@ pytestmark = pytest.mark.slow  # a Ray cluster, three deployments
 TIMEOUT = 90  # seconds, any one HTTP call (a cold replica under a loaded CPU included)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(served_plan):
-    import ray
-    from ray import serve
+    from runtime.serve import http_port, serve_plan
+    from tests.serve.conftest import shutdown_ray
 
-    from runtime.serve import serve_plan
-
-    port = _free_port()
-    serve_plan(served_plan, port=port, replicas=2, num_cpus=0.5, max_batch_size=4, batch_wait_timeout_s=0.2,
-               limits=Limits(max_steps=20, max_images=4),
-               ray_init={"num_cpus": 2, "log_to_driver": False, "object_store_memory": 200 * 2**20})
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    try:  # port 0: Serve's proxy gets a free port (retried if taken first) and http_port reads it back
+        serve_plan(served_plan, port=0, replicas=2, num_cpus=0.5, max_batch_size=4, batch_wait_timeout_s=0.2,
+                   limits=Limits(max_steps=20, max_images=4),
+                   ray_init={"num_cpus": 2, "log_to_driver": False, "object_store_memory": 200 * 2**20})
+        yield f"http://127.0.0.1:{http_port()}"
+    finally:  # also when the set-up failed half-way
+        shutdown_ray()
 
 
 def _call(url: str, method: str = "GET", body: bytes | None = None, accept: str = "") -> tuple[int, str, bytes]:

@@ -156,7 +156,9 @@ def test_serve_cli_refuses_a_broken_plan_before_starting_ray(tmp_path, capsys):
     import ray
 
     from runtime.__main__ import main
+    from tests.serve.conftest import shutdown_ray
 
+    shutdown_ray()  # the precondition, whatever ran before
     assert main(["serve", "--plan", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "is not a plan: plan.json is missing" in err and "Traceback" not in err
