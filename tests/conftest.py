@@ -1,10 +1,23 @@
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging_levels():
+    """A CLI run in-process (passes.cli.run_cli) sets the root and some library loggers' levels for a terminal;
+    put back every level that existed before the test, so no test sees another's logging set-up."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    levels = [(lg, lg.level) for lg in loggers]
+    yield
+    for lg, level in levels:
+        lg.setLevel(level)
 
 
 @pytest.fixture(scope="session")
