@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from export.build import build_plan
@@ -33,7 +34,34 @@ def test_the_reference_against_itself_is_exact_and_a_merged_plan_is_not(plan, tm
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
-def test_measure_quality_is_compare_plans_against_the_unmerged_view(plan):
+def test_measure_quality_scores_the_plan_against_its_unmerged_model(plan, tmp_path):
+    """measure_quality's figures, recomputed here: the reference is a separately built ratio-0 plan of the same
+    model, the images come straight from sample_classes, PSNR is written out (images in [-1, 1])."""
+    from export.classifier import load_classifier, predict
+    from export.photos import heldout
+    from export.quality import frechet_distance
+    from runtime.generate import sample_classes
+    from runtime.transformer import PlanTransformer
+
+    build_plan(model="bundled:tiny-dit", buckets="0", out=tmp_path / "p0", measure=False, quality_samples=0,
+               progress=False)
     q = measure_quality(plan, samples=3, steps=4, latency_repeats=1)
-    want = compare_plans({"merged": plan}, unmerged_view(plan), samples=3, steps=4, latency_repeats=1)["merged"]
-    assert q["psnr_db"] == want["psnr_db"] and q["fid_merged"] == pytest.approx(want["fid_merged"])
+    labels = np.arange(3)
+    gen = lambda p: sample_classes(PlanTransformer(p, backend="cpu"), labels, steps=4, guidance=4.0, seed=0,
+                                   scheduler_config=p.model.get("scheduler"), progress=False)
+    merged, ref = gen(plan), gen(Plan.load(tmp_path / "p0"))
+    mse = ((merged.astype(np.float64) - ref) ** 2).reshape(3, -1).mean(1)
+    want = 10 * np.log10(2.0**2 / mse)
+    assert np.isfinite(want).all() and want.max() < 60, want  # the merged plan really differs
+    assert q["psnr_db"]["mean"] == pytest.approx(want.mean(), abs=1e-3)  # dB
+    assert q["psnr_db"]["worst"] == pytest.approx(want.min(), abs=1e-3)
+    clf = load_classifier()
+    (pred_m, feat_m), (pred_r, feat_r) = predict(clf, merged), predict(clf, ref)
+    assert q["class_accuracy_merged"] == float((pred_m == labels).mean())
+    assert q["class_accuracy_unmerged"] == float((pred_r == labels).mean())
+    _, real = predict(clf, heldout()[0])
+    assert q["fid_unmerged"] == pytest.approx(frechet_distance(feat_r, real), rel=1e-4)
+    assert q["fid_merged"] == pytest.approx(frechet_distance(feat_m, real), rel=1e-4)
+    lat = q["e2e_latency_s"]
+    assert all(math.isfinite(v) and v > 0 for v in lat.values())
+    assert q["e2e_speedup"] == pytest.approx(lat["unmerged"] / lat["merged"], rel=1e-12)
