@@ -118,14 +118,18 @@ class ToMeHooks:
         bands: horizontal bands, each its own bipartite problem.
         cache: CA-ToMe's cached matching: block -> (merge, unmerge); filled when ``record`` is set,
             reused instead of matching otherwise.
+        threshold: CA-ToMe's adaptive r: each block merges :func:`threshold_count` tokens of this call
+            (``r`` is then ignored; ``self.used_r`` records them).
     """
 
     def __init__(self, model: torch.nn.Module, sublayers: list[str], grid: tuple[int, int], r: int | dict[str, int],
                  rand_idx: torch.Tensor | None, metric: str = "block", bands: int = 1, mode: str = "mean",
-                 cache: dict[str, tuple[Fn, Fn]] | None = None, record: bool = False) -> None:
+                 cache: dict[str, tuple[Fn, Fn]] | None = None, record: bool = False,
+                 threshold: float | None = None) -> None:
         self.model, self.sublayers, self.grid, self.r = model, sublayers, grid, r
         self.rand_idx, self.metric, self.bands, self.mode = rand_idx, metric, bands, mode
-        self.cache, self.record = cache, record
+        self.cache, self.record, self.threshold = cache, record, threshold
+        self.used_r: dict[str, int] = {}
         self._block_x: dict[str, torch.Tensor] = {}
         self._fns: dict[str, tuple[Fn, Fn]] = {}
 
@@ -137,6 +141,9 @@ class ToMeHooks:
                 h, w = self.grid
                 r = self.r[block] if isinstance(self.r, dict) else self.r
                 metric = self._block_x[block] if self.metric == "block" else x
+                if self.threshold is not None:
+                    r = threshold_count(metric, self.grid, self.rand_idx, self.threshold)
+                self.used_r[block] = r
                 self._fns[block] = banded_matching(metric, w, h, 2, 2, r, self.rand_idx, self.bands, self.mode)
                 if self.cache is not None:
                     self.cache[block] = self._fns[block]
