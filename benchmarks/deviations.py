@@ -102,7 +102,8 @@ def main() -> None:
         steps = args.steps if group == "tome" else (args.catome_steps or args.steps)
         buckets = str(args.ratio) if group == "tome" else "0,0,0"
         t0 = time.time()
-        plans = {name: build(work, group, name, opts, buckets, args.calib_samples) for name, opts in GROUPS[group].items()}
+        plans = {name: build(work, group, name, opts, buckets, args.calib_samples)
+                 for name, opts in GROUPS[group].items()}
         reports = compare_plans(plans, unmerged_view(next(iter(plans.values()))), samples=samples, steps=steps,
                                 guidance=args.guidance, latency_repeats=args.latency_repeats)
         rows = [row(name, plans[name], q) for name, q in reports.items()]

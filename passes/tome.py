@@ -36,7 +36,10 @@ LOCATIONS = ("attn", "xattn", "joint", "mlp")
 DEFAULT_LOCATIONS = ("attn", "joint")
 TOPK_LIMIT = 3840  # TensorRT's largest TopK K
 METRICS = ("sublayer", "block")
-DEFAULT_METRIC = "sublayer"
+# Block input, as tomesd: on the bundled model at ratio 0.3 (attention, 20 seeds, 25 DDIM steps) it gave
+# PSNR 20.7 / 14.5 dB (mean / worst), FID 525, class accuracy 0.75 against the sublayer input's
+# 19.3 / 12.5 dB, FID 642, 0.70 (benchmarks/results/deviations.json).
+DEFAULT_METRIC = "block"
 
 
 def merged_count(ratio: float, tokens: int, num_src: int) -> int:
@@ -143,9 +146,12 @@ class ToMePass(GraphPass):
         model = FreeTokenAxisPass(n)(model).model
         chosen, skipped, sites, shaped = merge_sites(model, cfg.locations)
         if r_blocks:
-            unknown = sorted({s.block for s in chosen} - set(r_blocks))
+            merged_blocks = list(dict.fromkeys(s.block for s in chosen))
+            unknown = sorted(set(merged_blocks) - set(r_blocks))
             if unknown:
                 raise DitmergeError(f"r_blocks gives no r for {', '.join(unknown)}")
+            # the bucket's r: the mean over blocks (what the plan reports as tokens removed)
+            r = round(sum(r_blocks[b] for b in merged_blocks) / len(merged_blocks))
             chosen = [s for s in chosen if r_blocks[s.block] > 0]
         geos = {s.block: Geometry(tokens=n, num_src=na, r=r_blocks.get(s.block, r), bands=bands) for s in chosen}
         shapes = tensor_shapes(shaped)
@@ -165,7 +171,7 @@ class ToMePass(GraphPass):
             channels_out = int(shapes[site.image_output][1][2])
             em.prefix = f"ditmerge_{self.name}/{site.path}"
             if site.block not in states:
-                metric = tensors[metric_inputs[site.block]] if metric_inputs else x
+                metric = tensors[metric_inputs[site.block]] if site.block in metric_inputs else x
                 states[site.block] = self._block_state(em, site.block, metric, geos[site.block])
             state = states[site.block]
             merged = build_merge(em, x, state, channels_in)
@@ -180,11 +186,10 @@ class ToMePass(GraphPass):
                 if nd.name not in inside and nd.name not in unmerge_nodes:
                     nd.inputs = [unmerged if t is y else t for t in nd.inputs]
         out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
-        if r_blocks:  # the bucket's r: the mean over blocks (what the plan reports as tokens removed)
-            r = round(sum(g.r for g in geos.values()) / len(geos)) if geos else 0
         set_model_meta(out, tome={"ratio": cfg.ratio, "r": r, "num_src": na, "tokens": n, "stride": list(cfg.stride),
                                   "bands": bands,
                                   "locations": list(cfg.locations), "metric": cfg.metric,
+                                  **({"metric_blocks": list(metric_inputs)} if cfg.metric == "block" else {}),
                                   **({"r_blocks": {b: g.r for b, g in geos.items()}} if r_blocks else {}),
                                   "sites": [s.path for s in chosen]}, **self._extra_meta())
         out = infer_shapes(out)
@@ -210,25 +215,24 @@ def block_inputs(model: onnx.ModelProto, n: int, blocks: list[str]) -> dict[str,
     """Each block's residual-stream input: the one ``[B, N, C]`` tensor its nodes read from outside.
 
     ``model`` must carry shapes. This is what tomesd matches on (the block input ``x``, before norm1).
+    Blocks that read more than one such tensor (Flux's double blocks) are left out.
     """
     members: dict[str, list[onnx.NodeProto]] = {b: [] for b in blocks}
     for node in model.graph.node:
-        for scope in _node_scopes(node)[0]:
-            for b in blocks:
-                if scope == b or scope.endswith("." + b):
-                    members[b].append(node)
-                    break
-            else:
-                continue
-            break
+        scopes = _node_scopes(node)[0]
+        for b in blocks:
+            if any(sc == b or sc.endswith("." + b) for sc in scopes):
+                members[b].append(node)
+                break
     topo = Topology.of(model, n)
     out = {}
     for b, nodes in members.items():
         ins = [t for t in topo.boundary(nodes)[0] if topo.image_like(t)]
-        if len(ins) != 1:
-            raise DitmergeError(f"metric=block: {b} reads {len(ins)} [B, {n}, C] tensors from outside, not one "
-                                "residual-stream input; use metric=sublayer")
-        out[b] = ins[0]
+        if len(ins) == 1:
+            out[b] = ins[0]
+        else:
+            logger.info("tome: metric=block: %s reads %d [B, %d, C] tensors from outside, not one residual-stream "
+                        "input; it matches on its sublayer input", b, len(ins), n)
     return out
 
 

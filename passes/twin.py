@@ -31,12 +31,15 @@ class ToMeTwin:
         r: tokens merged away; or block path -> its r (per-block calibration).
         bands: horizontal bands of the grid, each matched on its own.
         metric: "sublayer" (match on the first merged sublayer's input) or "block" (on the block's input).
+        metric_blocks: with metric "block", the blocks that match on their input (None: every block);
+            the others match on their sublayer input, as the pass does where a block has no single input.
     """
 
     def __init__(self, model: torch.nn.Module, sites: list[str], num_src: int, r: int | dict[str, int],
-                 bands: int = 1, metric: str = "sublayer") -> None:
+                 bands: int = 1, metric: str = "sublayer", metric_blocks: list[str] | None = None) -> None:
         self.model, self.sites, self.num_src, self.r, self.bands = model, sites, num_src, r, bands
-        self.metric = metric
+        blocks = list(dict.fromkeys(p.rsplit(".", 1)[0] for p in sites))
+        self.metric_blocks = set(blocks if metric_blocks is None else metric_blocks) if metric == "block" else set()
         self._block_x: dict[str, torch.Tensor] = {}
         self.partition: torch.Tensor | None = None
         self.partition_inv: torch.Tensor | None = None
@@ -48,10 +51,9 @@ class ToMeTwin:
     @contextlib.contextmanager
     def installed(self) -> Iterator[ToMeTwin]:
         handles = [self.model.register_forward_pre_hook(lambda *_: self._matches.clear())]
-        if self.metric == "block":
-            for block in dict.fromkeys(p.rsplit(".", 1)[0] for p in self.sites):
-                handles.append(self.model.get_submodule(block).register_forward_pre_hook(
-                    self._capture(block), with_kwargs=True))
+        for block in self.metric_blocks:
+            handles.append(self.model.get_submodule(block).register_forward_pre_hook(self._capture(block),
+                                                                                     with_kwargs=True))
         for path in self.sites:
             module = self.model.get_submodule(path)
             block = path.rsplit(".", 1)[0]
@@ -74,7 +76,7 @@ class ToMeTwin:
         def hook(_module, args, kwargs):
             x, rebuild = _image_arg(args, kwargs)
             if block not in self._matches:
-                self._matches[block] = self._match(block, self._block_x[block] if self.metric == "block" else x)
+                self._matches[block] = self._match(block, self._block_x[block] if block in self.metric_blocks else x)
             return rebuild(tome_math.merge(x, self._matches[block]))
         return hook
 

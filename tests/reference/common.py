@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,18 @@ from passes.onnxutil import save_checked
 from passes.partition import layout
 from runtime.runners import OrtRunner, SharedWeights
 
+from tests.helpers import assert_close
+
+logger = logging.getLogger("tests.reference")
+
 REFERENCE_ATOL = 1e-4  # fp32 graph vs the independent reference
+
+
+def check(actual: np.ndarray, expected: np.ndarray, what: str) -> float:
+    """Max abs error within REFERENCE_ATOL (logged: ``pytest -o log_cli=true --log-cli-level=INFO`` shows it)."""
+    err = assert_close(actual, expected, REFERENCE_ATOL, what)
+    logger.info("%s: max abs error %.2e", what, err)
+    return err
 
 
 def runner(d: Path, model: onnx.ModelProto, name: str) -> OrtRunner:

@@ -12,9 +12,8 @@ import pytest
 
 from passes.atedm import ATEDMConfig, ATEDMPass
 from passes.onnxutil import get_model_meta
-from tests.helpers import assert_close
 from tests.reference.atedm import ATEDMHooks
-from tests.reference.common import REFERENCE_ATOL, eager, feed, inputs, max_err, runner
+from tests.reference.common import check, eager, feed, inputs, max_err, runner
 
 # grid, ratio, prune layer, stride (1: the paper's full attention map), iterations, refill
 CASES = [((6, 6), 0.5, 0, 1, 5, "copy"),
@@ -43,7 +42,7 @@ def test_graph_equals_gwpr_reference(exported, case):
                          meta["iterations"], meta["refill"])
         with ref.installed():
             want = eager(model, inp)
-        assert_close(out, want, REFERENCE_ATOL, f"{case} batch {batch}: graph vs reference")
+        check(out, want, f"{case} batch {batch}: graph vs reference")
 
 
 def test_a_wrong_reference_is_caught(exported):

@@ -14,8 +14,7 @@ import pytest
 
 from passes.catome import CaToMePass
 from passes.tome import ToMeConfig
-from tests.helpers import assert_close
-from tests.reference.common import REFERENCE_ATOL, eager, feed, inputs, max_err, partition_feed, rand_idx, runner
+from tests.reference.common import check, eager, feed, inputs, max_err, partition_feed, rand_idx, runner
 from tests.reference.tome import ToMeHooks
 
 SITES = ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
@@ -43,7 +42,7 @@ def test_per_block_r_at_the_threshold_count_is_the_paper(exported, metric, thres
     assert 0 < min(counts.values()) and max(counts.values()) < 27 and len(set(counts.values())) > 1, counts
     model, match, _ = _graphs(exported, grid, counts, metric, f"thr_{metric}")
     out = match.infer(feed(inp, **partition_feed(grid, idx)))["sample"]
-    assert_close(out, want, REFERENCE_ATOL, f"metric={metric}: per-block r {counts} vs the paper's adaptive r")
+    check(out, want, f"metric={metric}: per-block r {counts} vs the paper's adaptive r")
     # one pooled r for both blocks (our default) is not the paper's forward at this call
     pooled = round(sum(counts.values()) / len(counts))
     _, match_pooled, _ = _graphs(exported, grid, {b: pooled for b in BLOCKS}, metric, f"pool_{metric}")
@@ -66,8 +65,8 @@ def test_apply_with_cached_indices_is_the_cached_matching(exported, metric):
         want_a = eager(model, a)
     with ToMeHooks(model, SITES, grid, r_blocks, idx, metric=metric, cache=closures).installed():
         want_b = eager(model, b)
-    assert_close(got_a["sample"], want_a, REFERENCE_ATOL, "match graph vs the reference on A")
-    assert_close(got_b, want_b, REFERENCE_ATOL, "apply graph on B with A's indices vs A's closures on B")
+    check(got_a["sample"], want_a, "match graph vs the reference on A")
+    check(got_b, want_b, "apply graph on B with A's indices vs A's closures on B")
     # matching afresh on B is something else: the cache is really used
     with ToMeHooks(model, SITES, grid, r_blocks, idx, metric=metric).installed():
         assert max_err(got_b, eager(model, b)) > 1e-3

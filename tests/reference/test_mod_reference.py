@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from passes.mod import ModConfig, ModPass
-from tests.helpers import assert_close
-from tests.reference.common import REFERENCE_ATOL, eager, feed, inputs, max_err, runner
+from tests.reference.common import check, eager, feed, inputs, max_err, runner
 from tests.reference.mod import mod_routing
 
 CHANNELS = 16  # tests.helpers.tiny_dit
@@ -34,7 +33,7 @@ def test_graph_equals_routing_reference(exported, grid, caps):
         out = run.infer(feed(inp))["sample"]
         with mod_routing(model, caps, ws, bs):
             want = eager(model, inp)
-        assert_close(out, want, REFERENCE_ATOL, f"{grid} {caps} batch {batch}: graph vs reference")
+        check(out, want, f"{grid} {caps} batch {batch}: graph vs reference")
         if batch == 2:  # a router score that does not scale the update is far from the graph
             with mod_routing(model, caps, ws, bs, scale=False):
                 assert max_err(out, eager(model, inp)) > 1e-3

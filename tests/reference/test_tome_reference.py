@@ -12,8 +12,7 @@ import pytest
 
 from passes.onnxutil import get_model_meta
 from passes.tome import ToMeConfig, ToMePass
-from tests.helpers import assert_close
-from tests.reference.common import REFERENCE_ATOL, eager, feed, inputs, max_err, partition_feed, rand_idx, runner
+from tests.reference.common import check, eager, feed, inputs, max_err, partition_feed, rand_idx, runner
 from tests.reference.tome import ToMeHooks
 
 # grid, ratio, locations, max src per band (-> bands)
@@ -45,7 +44,7 @@ def test_graph_equals_tomesd(exported, case, metric):
         ref = ToMeHooks(model, meta["sites"], grid, meta["r"], idx, metric=metric, bands=meta["bands"])
         with ref.installed():
             want = eager(model, inp)
-        assert_close(out, want, REFERENCE_ATOL, f"{_case_id(case)} metric={metric} batch {batch}: graph vs tomesd")
+        check(out, want, f"{_case_id(case)} metric={metric} batch {batch}: graph vs tomesd")
 
 
 def test_a_wrong_reference_is_caught(exported):
