@@ -3,7 +3,7 @@
 - Threshold: with each block's r set to the count this very call has above T (max over the batch), the
   match graph equals the paper's adaptive forward; the pooled r (one r for every block) does not.
 - Cache: the apply graph fed the match graph's indices from inputs A, run on inputs B, equals tomesd's
-  merge/unmerge closures recorded on A and applied to B (what ``ca_tome`` caches).
+  merge/unmerge closures recorded on A and applied to B (what ``ca_tome`` caches); also banded.
 1e-4, fp32; random activations (no ties in the similarity sort).
 """
 
@@ -21,9 +21,10 @@ SITES = ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
 BLOCKS = ["transformer_blocks.0", "transformer_blocks.1"]
 
 
-def _graphs(exported, grid, r_blocks, metric, tag):
+def _graphs(exported, grid, r_blocks, metric, tag, max_src_per_band=3840):
     model, base, d = exported("dit", grid)
-    cfg = ToMeConfig(0.0, r=round(sum(r_blocks.values()) / len(r_blocks)), r_blocks=r_blocks, metric=metric)
+    cfg = ToMeConfig(0.0, r=round(sum(r_blocks.values()) / len(r_blocks)), r_blocks=r_blocks, metric=metric,
+                     max_src_per_band=max_src_per_band)
     match = runner(d, CaToMePass(cfg, "match")(base).model, f"ref_catome_{tag}_match.onnx")
     apply = runner(d, CaToMePass(cfg, "apply")(base).model, f"ref_catome_{tag}_apply.onnx")
     return model, match, apply
@@ -49,24 +50,25 @@ def test_per_block_r_at_the_threshold_count_is_the_paper(exported, metric, thres
     assert max_err(match_pooled.infer(feed(inp, **partition_feed(grid, idx)))["sample"], want) > 1e-3
 
 
-@pytest.mark.parametrize("metric", ["sublayer", "block"])
-def test_apply_with_cached_indices_is_the_cached_matching(exported, metric):
-    grid = (6, 6)
+@pytest.mark.parametrize("metric,grid,bands", [("sublayer", (6, 6), 1), ("block", (6, 6), 1), ("block", (8, 8), 2)])
+def test_apply_with_cached_indices_is_the_cached_matching(exported, metric, grid, bands):
     r_blocks = {"transformer_blocks.0": 12, "transformer_blocks.1": 18}
-    model, match, apply = _graphs(exported, grid, r_blocks, metric, f"cache_{metric}")
+    model, match, apply = _graphs(exported, grid, r_blocks, metric, f"cache_{metric}_{grid[0]}",
+                                  3840 if bands == 1 else 24)  # 8x8: 2 bands of 24 src
     idx = rand_idx(grid, 4)
     a, b = inputs(model, 2, grid, 31), inputs(model, 2, grid, 32)
-    got_a = match.infer(feed(a, **partition_feed(grid, idx)))
+    got_a = match.infer(feed(a, **partition_feed(grid, idx, bands)))
     cached = {k: np.ascontiguousarray(v) for k, v in got_a.items() if k.startswith("catome_idx/")}
     got_b = apply.infer(feed(b, **cached))["sample"]
 
     closures: dict = {}
-    with ToMeHooks(model, SITES, grid, r_blocks, idx, metric=metric, cache=closures, record=True).installed():
+    with ToMeHooks(model, SITES, grid, r_blocks, idx, metric=metric, bands=bands, cache=closures,
+                   record=True).installed():
         want_a = eager(model, a)
-    with ToMeHooks(model, SITES, grid, r_blocks, idx, metric=metric, cache=closures).installed():
+    with ToMeHooks(model, SITES, grid, r_blocks, idx, metric=metric, bands=bands, cache=closures).installed():
         want_b = eager(model, b)
     check(got_a["sample"], want_a, "match graph vs the reference on A")
     check(got_b, want_b, "apply graph on B with A's indices vs A's closures on B")
     # matching afresh on B is something else: the cache is really used
-    with ToMeHooks(model, SITES, grid, r_blocks, idx, metric=metric).installed():
+    with ToMeHooks(model, SITES, grid, r_blocks, idx, metric=metric, bands=bands).installed():
         assert max_err(got_b, eager(model, b)) > 1e-3
