@@ -90,6 +90,7 @@ def main() -> None:
     p.add_argument("--catome-steps", type=int, default=None, help="CA-ToMe's steps (default --steps)")
     p.add_argument("--calib-samples", type=int, default=8, help="CA-ToMe calibration samples")
     p.add_argument("--latency-repeats", type=int, default=5)
+    p.add_argument("--suffix", default="", help="appended to each group's key in the JSON (another ratio: '@0.5')")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "deviations.json"))
     args = p.parse_args()
@@ -107,7 +108,7 @@ def main() -> None:
         reports = compare_plans(plans, unmerged_view(next(iter(plans.values()))), samples=samples, steps=steps,
                                 guidance=args.guidance, latency_repeats=args.latency_repeats)
         rows = [row(name, plans[name], q) for name, q in reports.items()]
-        result[group] = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "rows": rows,
+        result[group + args.suffix] = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "rows": rows,
                          "ratio": args.ratio if group == "tome" else None, "minutes": (time.time() - t0) / 60}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
