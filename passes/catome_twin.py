@@ -15,9 +15,10 @@ class CaToMeTwin(ToMeTwin):
     """ToMe on ``sites``; with ``cached`` set (block -> index tensors) it merges with those indices instead
     of matching (the apply variant); otherwise it matches (the match variant) and records the indices."""
 
-    def __init__(self, model: torch.nn.Module, sites: list[str], num_src: int, r: int, bands: int = 1,
-                 cached: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-        super().__init__(model, sites, num_src, r, bands)
+    def __init__(self, model: torch.nn.Module, sites: list[str], num_src: int, r: int | dict[str, int], bands: int = 1,
+                 cached: dict[str, dict[str, torch.Tensor]] | None = None, metric: str = "sublayer",
+                 metric_blocks: list[str] | None = None) -> None:
+        super().__init__(model, sites, num_src, r, bands, metric, metric_blocks)
         self.cached = cached
         self.recorded: dict[str, dict[str, torch.Tensor]] = {}
 

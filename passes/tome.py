@@ -1,8 +1,11 @@
 """The ToMe pass: insert merge/unmerge around attention and MLP of every transformer block.
 
 Locating is by module scope (:mod:`passes.locate`), the math is :mod:`passes.tome_graph`. Per block
-one matching is computed, on the input of the block's first merged sublayer, and shared by its other
-merged sublayers (tomesd also matches once per block). Residual adds stay on the full token set.
+one matching is computed and shared by the block's merged sublayers (tomesd also matches once per
+block). Its similarity metric is ``ToMeConfig.metric``: ``"sublayer"``, the input of the block's first
+merged sublayer (the adaLN-modulated norm output), or ``"block"``, the block's residual-stream input,
+as tomesd matches on the block input ``x``. Either way the merge applies to each sublayer's own input.
+Residual adds stay on the full token set.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from passes.errors import DitmergeError
 from passes.cleanup import FreeTokenAxisPass
 from passes.graphbuild import Emitter
 from passes.infra import GraphPass, PassResult
-from passes.locate import Site, find_sites, tensor_shapes
+from passes.locate import Site, Topology, _node_scopes, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, get_model_meta, import_graph, infer_shapes, provenance, set_model_meta
 from passes.partition import num_dst, plan_bands
 from passes.tome_graph import Geometry, MatchState, build_match, build_merge, build_unmerge
@@ -32,6 +35,11 @@ LOCATIONS = ("attn", "xattn", "joint", "mlp")
 # accuracy from 0.75 to 0.30 at ratio 0.3 (attention only: 0.70); see the README's quality table.
 DEFAULT_LOCATIONS = ("attn", "joint")
 TOPK_LIMIT = 3840  # TensorRT's largest TopK K
+METRICS = ("sublayer", "block")
+# Block input, as tomesd: on the bundled model at ratio 0.3 (attention, 20 seeds, 25 DDIM steps) it gave
+# PSNR 20.7 / 14.5 dB (mean / worst), FID 525, class accuracy 0.75 against the sublayer input's
+# 19.3 / 12.5 dB, FID 642, 0.70 (benchmarks/results/deviations.json).
+DEFAULT_METRIC = "block"
 
 
 def merged_count(ratio: float, tokens: int, num_src: int) -> int:
@@ -54,6 +62,9 @@ class ToMeConfig:
     stride: tuple[int, int] = (2, 2)
     max_src_per_band: int = TOPK_LIMIT  # TensorRT's TopK limit; more src tokens match within bands of the grid
     r: int | None = None  # tokens removed, exactly (calibrated methods); None: int(N * ratio)
+    metric: str = DEFAULT_METRIC  # what the matching compares: "sublayer" input or "block" input (tomesd)
+    # tokens removed per block (block path -> r), overriding ``r`` (CA-ToMe's per-block calibration)
+    r_blocks: dict[str, int] | None = None
 
     def validate(self, grid: tuple[int, int]) -> None:
         if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool):
@@ -65,10 +76,13 @@ class ToMeConfig:
         bad = [loc for loc in self.locations if loc not in LOCATIONS]
         if bad or not self.locations:
             raise DitmergeError(f"unknown merge locations {bad or '(none)'}; choose from {', '.join(LOCATIONS)}")
+        if self.metric not in METRICS:
+            raise DitmergeError(f"unknown ToMe metric {self.metric!r}; choose from {', '.join(METRICS)}")
         n = grid[0] * grid[1]
-        if self.r is not None and not 0 <= self.r <= n - num_dst(grid, self.stride):
-            raise DitmergeError(f"r={self.r} is outside [0, {n - num_dst(grid, self.stride)}] (the src tokens of a "
-                                f"{grid[0]}x{grid[1]} grid with {self.stride[0]}x{self.stride[1]} cells)")
+        for r in ([self.r] if self.r is not None else []) + list((self.r_blocks or {}).values()):
+            if not 0 <= r <= n - num_dst(grid, self.stride):
+                raise DitmergeError(f"r={r} is outside [0, {n - num_dst(grid, self.stride)}] (the src tokens of a "
+                                    f"{grid[0]}x{grid[1]} grid with {self.stride[0]}x{self.stride[1]} cells)")
 
 
 def graph_grid(model: onnx.ModelProto) -> tuple[int, int]:
@@ -106,7 +120,8 @@ class ToMePass(GraphPass):
 
     def stamp(self) -> dict:
         return {"pass": self.name, "method": "tome", "bucket": self.bucket, "ratio": self.config.ratio,
-                "locations": list(self.config.locations)}
+                "locations": list(self.config.locations), "metric": self.config.metric,
+                **({"r_blocks": dict(self.config.r_blocks)} if self.config.r_blocks else {})}
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         cfg = self.config
@@ -124,13 +139,23 @@ class ToMePass(GraphPass):
             raise DitmergeError(f"a {grid[0]}x{grid[1]} grid cannot be cut into equal bands of whole "
                                 f"{cfg.stride[0]}-row cells with at most {cfg.max_src_per_band} src tokens each")
         r = (merged_count(cfg.ratio, n, na) if cfg.r is None else cfg.r) // bands * bands
-        if r == 0:
+        r_blocks = {b: v // bands * bands for b, v in (cfg.r_blocks or {}).items()}
+        if (r == 0 and not r_blocks) or (r_blocks and not any(r_blocks.values())):
             return PassResult(model, False)
-        geo = Geometry(tokens=n, num_src=na, r=r, bands=bands)
 
         model = FreeTokenAxisPass(n)(model).model
         chosen, skipped, sites, shaped = merge_sites(model, cfg.locations)
+        if r_blocks:
+            merged_blocks = list(dict.fromkeys(s.block for s in chosen))
+            unknown = sorted(set(merged_blocks) - set(r_blocks))
+            if unknown:
+                raise DitmergeError(f"r_blocks gives no r for {', '.join(unknown)}")
+            # the bucket's r: the mean over blocks (what the plan reports as tokens removed)
+            r = round(sum(r_blocks[b] for b in merged_blocks) / len(merged_blocks))
+            chosen = [s for s in chosen if r_blocks[s.block] > 0]
+        geos = {s.block: Geometry(tokens=n, num_src=na, r=r_blocks.get(s.block, r), bands=bands) for s in chosen}
         shapes = tensor_shapes(shaped)
+        metric_inputs = block_inputs(shaped, n, [s.block for s in chosen]) if cfg.metric == "block" else {}
 
         graph, meta = import_graph(model)
         tensors = graph.tensors()
@@ -146,7 +171,8 @@ class ToMePass(GraphPass):
             channels_out = int(shapes[site.image_output][1][2])
             em.prefix = f"ditmerge_{self.name}/{site.path}"
             if site.block not in states:
-                states[site.block] = self._block_state(em, site.block, x, geo)
+                metric = tensors[metric_inputs[site.block]] if site.block in metric_inputs else x
+                states[site.block] = self._block_state(em, site.block, metric, geos[site.block])
             state = states[site.block]
             merged = build_merge(em, x, state, channels_in)
             inside = set(site.nodes)
@@ -162,7 +188,9 @@ class ToMePass(GraphPass):
         out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
         set_model_meta(out, tome={"ratio": cfg.ratio, "r": r, "num_src": na, "tokens": n, "stride": list(cfg.stride),
                                   "bands": bands,
-                                  "locations": list(cfg.locations),
+                                  "locations": list(cfg.locations), "metric": cfg.metric,
+                                  **({"metric_blocks": list(metric_inputs)} if cfg.metric == "block" else {}),
+                                  **({"r_blocks": {b: g.r for b, g in geos.items()}} if r_blocks else {}),
                                   "sites": [s.path for s in chosen]}, **self._extra_meta())
         out = infer_shapes(out)
         _summarize(chosen, skipped, sites, cfg.locations, r, n)
@@ -181,6 +209,31 @@ class ToMePass(GraphPass):
 
     def _extra_meta(self) -> dict:
         return {}
+
+
+def block_inputs(model: onnx.ModelProto, n: int, blocks: list[str]) -> dict[str, str]:
+    """Each block's residual-stream input: the one ``[B, N, C]`` tensor its nodes read from outside.
+
+    ``model`` must carry shapes. This is what tomesd matches on (the block input ``x``, before norm1).
+    Blocks that read more than one such tensor (Flux's double blocks) are left out.
+    """
+    members: dict[str, list[onnx.NodeProto]] = {b: [] for b in blocks}
+    for node in model.graph.node:
+        scopes = _node_scopes(node)[0]
+        for b in blocks:
+            if any(sc == b or sc.endswith("." + b) for sc in scopes):
+                members[b].append(node)
+                break
+    topo = Topology.of(model, n)
+    out = {}
+    for b, nodes in members.items():
+        ins = [t for t in topo.boundary(nodes)[0] if topo.image_like(t)]
+        if len(ins) == 1:
+            out[b] = ins[0]
+        else:
+            logger.info("tome: metric=block: %s reads %d [B, %d, C] tensors from outside, not one residual-stream "
+                        "input; it matches on its sublayer input", b, len(ins), n)
+    return out
 
 
 def _summarize(chosen: list[Site], skipped: list[Site], sites: list[Site], locations: tuple[str, ...], r: int, n: int) -> None:

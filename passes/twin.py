@@ -28,12 +28,19 @@ class ToMeTwin:
         model: the diffusers transformer.
         sites: module paths to merge around, in execution order within each block.
         num_src: number of src tokens of the partition.
-        r: tokens merged away.
+        r: tokens merged away; or block path -> its r (per-block calibration).
         bands: horizontal bands of the grid, each matched on its own.
+        metric: "sublayer" (match on the first merged sublayer's input) or "block" (on the block's input).
+        metric_blocks: with metric "block", the blocks that match on their input (None: every block);
+            the others match on their sublayer input, as the pass does where a block has no single input.
     """
 
-    def __init__(self, model: torch.nn.Module, sites: list[str], num_src: int, r: int, bands: int = 1) -> None:
+    def __init__(self, model: torch.nn.Module, sites: list[str], num_src: int, r: int | dict[str, int],
+                 bands: int = 1, metric: str = "sublayer", metric_blocks: list[str] | None = None) -> None:
         self.model, self.sites, self.num_src, self.r, self.bands = model, sites, num_src, r, bands
+        blocks = list(dict.fromkeys(p.rsplit(".", 1)[0] for p in sites))
+        self.metric_blocks = set(blocks if metric_blocks is None else metric_blocks) if metric == "block" else set()
+        self._block_x: dict[str, torch.Tensor] = {}
         self.partition: torch.Tensor | None = None
         self.partition_inv: torch.Tensor | None = None
         self._matches: dict[str, tome_math.TorchMatch] = {}
@@ -44,6 +51,9 @@ class ToMeTwin:
     @contextlib.contextmanager
     def installed(self) -> Iterator[ToMeTwin]:
         handles = [self.model.register_forward_pre_hook(lambda *_: self._matches.clear())]
+        for block in self.metric_blocks:
+            handles.append(self.model.get_submodule(block).register_forward_pre_hook(self._capture(block),
+                                                                                     with_kwargs=True))
         for path in self.sites:
             module = self.model.get_submodule(path)
             block = path.rsplit(".", 1)[0]
@@ -55,12 +65,18 @@ class ToMeTwin:
             for h in handles:
                 h.remove()
             self._matches.clear()
+            self._block_x.clear()
+
+    def _capture(self, block: str):
+        def hook(_module, args, kwargs):
+            self._block_x[block] = _image_arg(args, kwargs)[0]
+        return hook
 
     def _pre(self, block: str):
         def hook(_module, args, kwargs):
             x, rebuild = _image_arg(args, kwargs)
             if block not in self._matches:
-                self._matches[block] = self._match(block, x)
+                self._matches[block] = self._match(block, self._block_x[block] if block in self.metric_blocks else x)
             return rebuild(tome_math.merge(x, self._matches[block]))
         return hook
 
@@ -68,7 +84,8 @@ class ToMeTwin:
         """The matching of ``block`` for input ``x`` (subclasses may reuse cached indices)."""
         if self.partition is None:
             raise RuntimeError("ToMeTwin.set_partition() was not called")
-        return tome_math.match(x, self.partition, self.partition_inv, self.num_src, self.r, self.bands)
+        r = self.r[block] if isinstance(self.r, dict) else self.r
+        return tome_math.match(x, self.partition, self.partition_inv, self.num_src, r, self.bands)
 
     def _post(self, block: str):
         def hook(_module, _args, _kwargs, output):

@@ -14,19 +14,22 @@ from export.methods import MAIN, BucketGraphs, BuildContext, Method
 from export.onnx_export import eager_forward
 from passes.onnxutil import get_model_meta
 from passes.partition import draw_partition, plan_bands
-from passes.tome import DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
+from passes.tome import DEFAULT_LOCATIONS, DEFAULT_METRIC, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
 
 
 class ToMe(Method):
     name = "tome"
-    defaults = {"locations": DEFAULT_LOCATIONS, "stride": (2, 2)}
+    # metric: what the matching compares, "sublayer" (the adaLN-modulated sublayer input) or "block" (the
+    # block's input, as tomesd); benchmarks/deviations.py measures both
+    defaults = {"locations": DEFAULT_LOCATIONS, "stride": (2, 2), "metric": DEFAULT_METRIC}
 
     def config(self, ratio: float) -> ToMeConfig:
         return ToMeConfig(ratio=ratio, locations=tuple(self.options["locations"]),
-                          stride=tuple(int(s) for s in self.options["stride"]))
+                          stride=tuple(int(s) for s in self.options["stride"]), metric=str(self.options["metric"]))
 
     def params(self) -> dict:
-        return {"locations": list(self.options["locations"]), "stride": list(self.options["stride"])}
+        return {"locations": list(self.options["locations"]), "stride": list(self.options["stride"]),
+                "metric": self.options["metric"]}
 
     def validate(self, specs: list[BucketSpec], grid: tuple[int, int]) -> None:
         for spec in specs:

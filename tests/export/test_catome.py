@@ -92,7 +92,10 @@ def test_plan_records_calibration_and_both_variants(plan_dir):
         counts = {k: v["counts"] for k, v in calib["merge_points"].items()}
         assert counts.keys() == BLOCKS.keys()
         assert all(len(c) == OPTIONS["calib_samples"] * 5 for c in counts.values())  # 5 of 10 steps per bucket
-        assert calib["r"] == derive_r(counts, "median", num_src=12, bands=1)[0] == b["r"]
+        # one r per block from that block's counts (r_per_block, the default); the bucket's r is their mean
+        r_blocks = {k: derive_r({k: c}, "median", num_src=12, bands=1)[0] for k, c in counts.items()}
+        assert calib["r_blocks"] == r_blocks == b["method_meta"]["r_blocks"]
+        assert calib["r"] == round(sum(r_blocks.values()) / len(r_blocks)) == b["r"]
         assert 0 < b["r"] and b["ratio"] == b["r"] / 16 and b["kept_tokens"] == 16 - b["r"]
         assert set(b["graphs"]) == {"main", "match"}
         assert b["tensorrt_check"] == []

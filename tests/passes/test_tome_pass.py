@@ -37,7 +37,8 @@ def test_merges_every_block_and_stamps_provenance(exported):
                              "transformer_blocks.1.attn1", "transformer_blocks.1.ff"]
     assert meta["r"] == 8 and meta["num_src"] == 12
     stamps = provenance(res.model)
-    assert stamps == [{"bucket": 3, "locations": ["attn", "joint", "mlp"], "method": "tome", "pass": "tome", "ratio": 0.5}]
+    assert stamps == [{"bucket": 3, "locations": ["attn", "joint", "mlp"], "method": "tome", "pass": "tome", "ratio": 0.5,
+                       "metric": "block"}]
     assert len(_inserted(res.model)) > 20
     assert {i.name for i in res.model.graph.input} >= {PARTITION_INPUT, PARTITION_INV_INPUT}
     # the exporter's scope metadata survives the onnx-graphsurgeon round trip
@@ -129,3 +130,21 @@ def test_a_baked_token_count_is_refused_not_merged(exported):
         raw = export_onnx(tiny_dit(sample_size=8), d / "raw.onnx", GRID)
     attn = [s for s in find_sites(infer_shapes(raw), 16) if s.kind == "attn"]
     assert attn and all("baked" in s.reason for s in attn)
+
+
+def test_metric_and_per_block_r_options(exported):
+    """metric=block matches on each block's residual-stream input; r_blocks sets r block by block."""
+    _, base, _ = exported("dit", GRID)
+    for metric in ("block", "sublayer"):
+        meta = json.loads(get_model_meta(ToMePass(ToMeConfig(0.5, metric=metric))(base).model)["tome"])
+        assert meta["metric"] == metric and meta["r"] == 8
+    res = ToMePass(ToMeConfig(0.0, r=5, r_blocks={"transformer_blocks.0": 3, "transformer_blocks.1": 0}))(base)
+    meta = json.loads(get_model_meta(res.model)["tome"])
+    assert meta["r_blocks"] == {"transformer_blocks.0": 3} and meta["sites"] == ["transformer_blocks.0.attn1"]
+    assert meta["r"] == 2  # the mean over both blocks, the unmerged one included
+    with pytest.raises(DitmergeError, match="unknown ToMe metric"):
+        ToMePass(ToMeConfig(0.5, metric="query"))(base)
+    with pytest.raises(DitmergeError, match="r_blocks gives no r for transformer_blocks.1"):
+        ToMePass(ToMeConfig(0.0, r_blocks={"transformer_blocks.0": 3}))(base)
+    with pytest.raises(DitmergeError, match=r"r=13 is outside"):
+        ToMePass(ToMeConfig(0.0, r_blocks={"transformer_blocks.0": 13, "transformer_blocks.1": 1}))(base)
