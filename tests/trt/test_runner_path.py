@@ -1,0 +1,192 @@
+"""The one runner path on CPU: lazy activation for every backend, and TensorRT's device I/O with a fake engine.
+
+The fake ``tensorrt`` module stands in for the real one (not installed here): its engine copies input
+``x`` into output ``y`` and ``2 * x`` into ``z`` through the raw addresses the runner binds, so the test
+sees exactly which buffers the runner handed to the engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from passes.errors import DitmergeError
+from runtime.runners import OrtRunner, Runner, torch_feed
+
+
+class _FakeContext:
+    def __init__(self, engine: _FakeEngine) -> None:
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = shape
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def get_tensor_shape(self, name):
+        return self.shapes["x"]
+
+    def execute_async_v3(self, stream):
+        n = int(np.prod(self.shapes["x"]))
+        x = (ctypes.c_float * n).from_address(self.addresses["x"])
+        ctypes.memmove(self.addresses["y"], self.addresses["x"], 4 * n)
+        z = (ctypes.c_float * n).from_address(self.addresses["z"])
+        for i in range(n):
+            z[i] = 2 * x[i]
+        self.engine.executed += 1
+        return True
+
+
+class _FakeEngine:
+    executed = 0
+
+    def __init__(self) -> None:
+        self.num_io_tensors = 3
+        self.contexts: list[_FakeContext] = []
+
+    def get_tensor_name(self, i):
+        return ["x", "y", "z"][i]
+
+    def get_tensor_mode(self, name):
+        return "in" if name == "x" else "out"
+
+    def get_tensor_shape(self, name):
+        return (-1, 3)
+
+    def get_tensor_dtype(self, name):
+        return "f32"
+
+    def create_execution_context(self):
+        self.contexts.append(_FakeContext(self))
+        return self.contexts[-1]
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.15.1"
+    state = {"deserialized": 0, "engine": None}
+
+    class Runtime:
+        def __init__(self, log):
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            state["deserialized"] += 1
+            state["engine"] = _FakeEngine()
+            return state["engine"]
+
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Runtime = Runtime
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="in")
+    trt.float32, trt.float16, trt.bfloat16, trt.int32, trt.int64, trt.bool = "f32", "f16", "bf16", "i32", "i64", "b"
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return state
+
+
+def _runner(tmp_path):
+    from runtime.trt_runner import TrtRunner
+
+    (tmp_path / "e.engine").write_bytes(b"engine")
+    return TrtRunner(tmp_path / "e.engine", tmp_path / "g.onnx", strip=False, device="cpu")
+
+
+def test_trt_runner_activates_on_first_infer(tmp_path, fake_trt):
+    runner = _runner(tmp_path)
+    assert not runner.is_active and fake_trt["deserialized"] == 0
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    out = runner({"x": x})  # never activated: the first call activates
+    assert runner.is_active and fake_trt["deserialized"] == 1
+    assert torch.equal(out["y"], x) and torch.equal(out["z"], 2 * x)
+    runner.infer({"x": x})
+    assert fake_trt["deserialized"] == 1 and fake_trt["engine"].executed == 2  # activated once
+
+
+def test_trt_runner_binds_device_tensors_without_copies(tmp_path, fake_trt):
+    """A tensor on the runner's device in the engine's dtype is bound as it is; outputs are torch tensors there."""
+    runner = _runner(tmp_path)
+    x = torch.randn(4, 3)
+    out = runner({"x": x})
+    ctx = fake_trt["engine"].contexts[0]
+    assert ctx.addresses["x"] == x.data_ptr()  # bound in place: no staging copy
+    assert ctx.addresses["y"] == out["y"].data_ptr() and ctx.addresses["z"] == out["z"].data_ptr()
+    assert all(isinstance(v, torch.Tensor) and v.device == torch.device("cpu") for v in out.values())
+    # an output fed back as the next step's input (method state) is bound in place too
+    runner({"x": out["z"]})
+    assert ctx.addresses["x"] == out["z"].data_ptr()
+    # a numpy input (what a host pipeline gives) and a float64 tensor are converted once, to the engine's dtype
+    out2 = runner({"x": np.ones((2, 3))})
+    assert out2["y"].dtype == torch.float32 and torch.equal(out2["z"], torch.full((2, 3), 2.0))
+
+
+def test_plan_transformer_forward_uses_the_one_runner_path():
+    """``PlanTransformer.forward`` calls ``runner.infer`` (lazy activation) and no backend-specific method."""
+    import inspect
+
+    from runtime import transformer
+
+    src = inspect.getsource(transformer.PlanTransformer.forward)
+    assert "runner.infer(feed)" in src and "infer_torch" not in src
+    from runtime.trt_runner import TrtRunner
+
+    assert not hasattr(TrtRunner, "infer_torch")
+
+
+def test_ort_runner_activates_on_first_infer(tmp_path):
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [2])], [helper.make_tensor_value_info("y", T.FLOAT, [2])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)], ir_version=10), tmp_path / "g.onnx")
+    runner = OrtRunner(tmp_path / "g.onnx", ["CPUExecutionProvider"])
+    assert runner.session is None and not runner.device_io
+    out = runner({"x": np.array([-1.0, 2.0], np.float32)})
+    assert runner.is_active and out["y"].tolist() == [0.0, 2.0]
+
+
+def test_base_runner_lifecycle():
+    calls = []
+
+    class R(Runner):
+        def activate_impl(self):
+            calls.append("activate")
+
+        def deactivate_impl(self):
+            calls.append("deactivate")
+
+        def infer_impl(self, feed):
+            return feed
+
+    r = R()
+    r({"a": 1})
+    r({"a": 2})
+    r.deactivate()
+    r({"a": 3})
+    assert calls == ["activate", "deactivate", "activate"]
+
+
+def test_torch_feed_keeps_tensors_and_checks_them():
+    inputs = {"hidden_states": (np.dtype(np.float32), ["B", 4, 8, 8]), "timestep": (np.dtype(np.int64), ["B"]),
+              "cache": (np.dtype(np.float32), ["B", 16, 8])}
+    hs = torch.randn(2, 4, 8, 8)
+    cache = torch.zeros(2, 16, 8)
+    feed = torch_feed(inputs, {"hidden_states": hs, "timestep": torch.tensor(500)}, {"cache": cache})
+    # no copy, no host round trip: the same storage goes to the runner
+    assert feed["hidden_states"].data_ptr() == hs.data_ptr() and feed["cache"].data_ptr() == cache.data_ptr()
+    assert feed["timestep"].shape == (2,) and int(feed["timestep"][1]) == 500  # broadcast to the batch
+    with pytest.raises(DitmergeError, match="axis 2 must be 8"):
+        torch_feed(inputs, {"hidden_states": torch.randn(2, 4, 9, 8), "timestep": torch.tensor([1, 1])}, {"cache": cache})
+    with pytest.raises(DitmergeError, match="batch"):
+        torch_feed(inputs, {"hidden_states": hs, "timestep": torch.tensor([1, 1, 1])}, {"cache": cache})
+    with pytest.raises(DitmergeError, match="dtype"):
+        torch_feed(inputs, {"hidden_states": hs, "timestep": torch.tensor([1.5, 2.0])}, {"cache": cache})
+    with pytest.raises(DitmergeError, match="did not give"):
+        torch_feed(inputs, {"hidden_states": hs}, {"cache": cache})
