@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from passes.errors import DitmergeError
+from passes.graphbuild import PIN_FP32
 from passes.trt_check import assert_tensorrt_ready
 from runtime.trt_runner import gpu_name, tensorrt_status
 
@@ -69,10 +70,14 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", ti
         raise DitmergeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 matmuls miss the 1e-3 agreement with onnxruntime fp32
+    elif precision in ("fp16", "bf16"):
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+        pinned = pin_fp32_layers(network, trt)
+        if pinned:
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            logger.info("%s: %d layers pinned to fp32 in the %s build", onnx_path.name, pinned, precision)
     if strip:
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
         config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
@@ -93,6 +98,28 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", ti
     _write_atomic(engine_path, bytes(serialized))
     if timing_cache:
         _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+
+
+def pin_fp32_layers(network, trt) -> int:
+    """Keep the layers of nodes the graph builders marked (``passes.graphbuild.PIN_FP32``) in fp32.
+
+    onnx-tensorrt names each layer after its ONNX node, so the marker in the node name survives. Returns
+    how many layers were pinned. (TensorRT 10.12 deprecates these precision hints in favour of strongly
+    typed networks; they still apply through 10.x.)
+    """
+    marker = "/" + PIN_FP32
+    floats = {trt.float32, trt.float16, trt.bfloat16}
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if marker not in layer.name:
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype in floats:
+                layer.set_output_type(j, trt.float32)
+        pinned += 1
+    return pinned
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -190,3 +190,47 @@ def test_torch_feed_keeps_tensors_and_checks_them():
         torch_feed(inputs, {"hidden_states": hs, "timestep": torch.tensor([1.5, 2.0])}, {"cache": cache})
     with pytest.raises(DitmergeError, match="did not give"):
         torch_feed(inputs, {"hidden_states": hs}, {"cache": cache})
+
+
+def test_reduced_precision_builds_pin_the_marked_layers():
+    """Layers named after PIN_FP32 nodes (AT-EDM's importance) get fp32 precision and float outputs; others don't."""
+    from export.trt_build import pin_fp32_layers
+
+    class Out:
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+    class Layer:
+        def __init__(self, name, dtypes):
+            self.name, self.outs, self.precision, self.set = name, [Out(d) for d in dtypes], None, {}
+            self.num_outputs = len(dtypes)
+
+        def get_output(self, j):
+            return self.outs[j]
+
+        def set_output_type(self, j, dtype):
+            self.set[j] = dtype
+
+    trt = types.SimpleNamespace(float32="f32", float16="f16", bfloat16="bf16")
+    layers = [Layer("atedm/fp32.logits_3", ["f16"]), Layer("atedm/fp32.keep_9", ["f16", "i64"]),
+              Layer("atedm/metric_4", ["f16"]), Layer("node_fp32.x", ["f16"])]
+    network = types.SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
+    assert pin_fp32_layers(network, trt) == 2
+    assert layers[0].precision == "f32" and layers[0].set == {0: "f32"}
+    assert layers[1].set == {0: "f32"}  # the int64 indices output keeps its type
+    assert layers[2].precision is None and layers[3].precision is None
+
+
+def test_atedm_importance_nodes_carry_the_pin_marker():
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    from passes.atedm_graph import PruneGeometry, build_importance
+    from passes.graphbuild import PIN_FP32, Emitter
+
+    graph = gs.Graph(opset=23)
+    q, k = gs.Variable("q", np.float32, [1, 2, 16, 4]), gs.Variable("k", np.float32, [1, 2, 16, 4])
+    em = Emitter(graph, "atedm")
+    build_importance(em, q, k, 0.5, PruneGeometry((4, 4), 8, 4, 2))
+    ops = {n.op for n in graph.nodes if f"/{PIN_FP32}" in n.name}
+    assert {"MatMul", "Softmax", "ReduceMean", "Div"} <= ops
