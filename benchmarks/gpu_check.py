@@ -184,19 +184,21 @@ def generation(spec: PlanSpec, tf, model, steps: int) -> np.ndarray:
     return state.numpy()
 
 
-def latency(fn, repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds of ``fn()`` (synchronized on the GPU when one is in use)."""
+def latency(calls: dict, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds of each call, run round-robin (drift hits all alike), synchronized on the GPU."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
-        fn()
+        for fn in calls.values():
+            fn()
     sync()
-    times = []
+    times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 
 def _psnr(a: np.ndarray, ref: np.ndarray) -> float:
@@ -216,9 +218,9 @@ def check_cpu(spec: PlanSpec, plan: Path, model, repeats: int) -> dict:
         base = call(model, tf, x, T_BASE, scale)
         err = float((torch.as_tensor(base) - eager).abs().max())
         res = {"base_vs_eager_max_abs": err, "base_vs_eager_ok": err <= 1e-4,
-               "ort_cpu_ms": {"merged": 1e3 * latency(lambda: call(model, tf, x, T_MERGED, scale), repeats),
-                              "unmerged": 1e3 * latency(lambda: call(model, tf, x, T_BASE, scale), repeats),
-                              "torch_eager": 1e3 * latency(lambda: call(model, model, x, T_BASE, scale), repeats)}}
+               "ort_cpu_ms": latency({"merged": lambda: call(model, tf, x, T_MERGED, scale),
+                                      "unmerged": lambda: call(model, tf, x, T_BASE, scale),
+                                      "torch_eager": lambda: call(model, model, x, T_BASE, scale)}, repeats)}
     res["reference_generation_steps"] = spec.gen_steps
     return res
 
@@ -255,16 +257,16 @@ def check_trt(spec: PlanSpec, plan: Path, model, precision: str, reference: np.n
             res["psnr_vs_ort_fp32"] = _psnr(gen, reference)
             res["ok"] = res["psnr_vs_ort_fp32"] >= MIN_PSNR
         xc = _to(x, "cuda")
-        res["latency_ms"] = {"merged_engine": 1e3 * latency(lambda: call(model, tf, xc, T_MERGED, scale), repeats),
-                             "unmerged_engine": 1e3 * latency(lambda: call(model, tf, xc, T_BASE, scale), repeats)}
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         gpu_model = model.to("cuda", dtype)
         xe = _to(x, "cuda", dtype)
-        res["latency_ms"]["torch_eager"] = 1e3 * latency(lambda: call(model, gpu_model, xe, T_BASE, scale), repeats)
+        calls = {"merged_engine": lambda: call(model, tf, xc, T_MERGED, scale),
+                 "unmerged_engine": lambda: call(model, tf, xc, T_BASE, scale),
+                 "torch_eager": lambda: call(model, gpu_model, xe, T_BASE, scale)}
         if spec.compile and precision == "fp16":  # compile once, in the deployment precision (budget)
             compiled = torch.compile(gpu_model)
-            res["latency_ms"]["torch_compile"] = 1e3 * latency(lambda: call(model, compiled, xe, T_BASE, scale),
-                                                               repeats, warmup=2)
+            calls["torch_compile"] = lambda: call(model, compiled, xe, T_BASE, scale)
+        res["latency_ms"] = latency(calls, repeats)
         model.to("cpu", torch.float32)
     res["speedup_vs_unmerged_engine"] = res["latency_ms"]["unmerged_engine"] / res["latency_ms"]["merged_engine"]
     runners = [r for r in tf._runners.values() if r.is_active]
