@@ -138,7 +138,7 @@ class PlanTransformer(torch.nn.Module):
         state = self._gen.state
         state.t = float(t_train[0])
 
-        batch = int(np.shape(_np(hidden_states))[0])
+        batch = int(hidden_states.shape[0]) if isinstance(hidden_states, torch.Tensor) else len(hidden_states)
         variant, extra = self.policy.select(state, bucket, batch)
         graph = bucket.graphs.get(variant)
         if graph is None:

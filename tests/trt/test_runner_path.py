@@ -234,3 +234,60 @@ def test_atedm_importance_nodes_carry_the_pin_marker():
     build_importance(em, q, k, 0.5, PruneGeometry((4, 4), 8, 4, 2))
     ops = {n.op for n in graph.nodes if f"/{PIN_FP32}" in n.name}
     assert {"MatMul", "Softmax", "ReduceMean", "Div"} <= ops
+
+
+class _DeviceOrt(Runner):
+    """A device runner on CPU: onnxruntime inside, torch tensors at its border (as TrtRunner's), counting activations."""
+
+    device_io = True
+
+    def __init__(self, inner: OrtRunner, log: list) -> None:
+        super().__init__()
+        self.inner, self.log, self.activations = inner, log, 0
+
+    def activate_impl(self) -> None:
+        self.activations += 1
+
+    def deactivate_impl(self) -> None:
+        pass
+
+    def infer_impl(self, feed: dict) -> dict:
+        assert all(isinstance(v, torch.Tensor) for v in feed.values())  # no numpy conversion on the way in
+        self.log.append({k: v.data_ptr() for k, v in feed.items()})
+        out = self.inner.infer({k: v.numpy() for k, v in feed.items()})
+        out = {k: torch.from_numpy(v.copy()) for k, v in out.items()}
+        self.log.append({k: v.data_ptr() for k, v in out.items()})
+        return out
+
+
+def test_forward_keeps_method_state_as_the_runners_tensors(tmp_path):
+    """Through ``PlanTransformer.forward`` with a device runner: each runner activates on its first call, and
+    CA-ToMe's cached matching (outputs of a match step) is fed to the apply steps as the very same tensors."""
+    from export.build import build_plan
+    from runtime.transformer import PlanTransformer
+    from runtime.plan import Plan
+    from tests.helpers import tiny_dit
+
+    tiny_dit(sample_size=8, num_classes=10).save_pretrained(tmp_path / "model" / "transformer")
+    build_plan(str(tmp_path / "model"), method="catome", buckets="0.5", out=tmp_path / "plan", measure=False,
+               options={"threshold": 0.5, "statistic": "median", "calib_samples": 2, "calib_steps": 4,
+                        "schedule": (0, 8)}, quality_samples=0, progress=False)
+    tf = PlanTransformer(Plan.load(tmp_path / "plan"), backend="cpu", deterministic=True)
+    log: list = []
+    plain = tf.runner
+    wrapped: dict = {}
+
+    def runner(graph):
+        if graph not in wrapped:
+            wrapped[graph] = _DeviceOrt(plain(graph), log)
+        return wrapped[graph]
+
+    tf.runner = runner
+    x = torch.randn(2, 4, 8, 8)
+    labels = torch.tensor([1, 2])
+    outs = [tf(x, timestep=torch.tensor([t, t]), class_labels=labels).sample for t in (999, 990, 980)]
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert all(r.activations == 1 for r in wrapped.values()) and len(wrapped) == 2  # match and apply, once each
+    match_out, apply_in = log[1], log[2]
+    cached = {k for k in match_out if k.startswith("catome_idx/")}
+    assert cached and all(apply_in[k] == match_out[k] for k in cached)  # the same buffers: no host round trip
