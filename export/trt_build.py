@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from passes.errors import DitmergeError
+from passes.graphbuild import PIN_FP32
 from passes.trt_check import assert_tensorrt_ready
 from runtime.trt_runner import gpu_name, tensorrt_status
 
@@ -44,7 +45,8 @@ def engine_key(graph_sha256: str, precision: str, trt_version: str, gpu: str, st
 
 
 def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", timing_cache: Path | None = None,
-                 batch: tuple[int, int, int] = (1, 2, 8), strip: bool = True, workspace_gb: float = 8.0) -> None:
+                 batch: tuple[int, int, int] = (1, 2, 8), strip: bool = True, workspace_gb: float = 8.0,
+                 opt_level: int | None = None) -> None:
     """Parse ``onnx_path`` (path-based: external weights resolve beside it) and write a serialized engine.
 
     Args:
@@ -55,6 +57,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", ti
         batch: (min, opt, max) batch of the optimization profile; all other dims are static.
         strip: build a weight-stripped, refittable engine.
         workspace_gb: builder workspace limit.
+        opt_level: TensorRT's builder optimization level (0-5; None: TensorRT's default, 3); lower builds faster.
     """
     import onnx
     import tensorrt as trt
@@ -69,10 +72,16 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", ti
         raise DitmergeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
+    if opt_level is not None:
+        config.builder_optimization_level = opt_level
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 matmuls miss the 1e-3 agreement with onnxruntime fp32
+    elif precision in ("fp16", "bf16"):
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+        pinned = pin_fp32_layers(network, trt)
+        if pinned:
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            logger.info("%s: %d layers pinned to fp32 in the %s build", onnx_path.name, pinned, precision)
     if strip:
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
         config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
@@ -95,6 +104,28 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", ti
         _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
+def pin_fp32_layers(network, trt) -> int:
+    """Keep the layers of nodes the graph builders marked (``passes.graphbuild.PIN_FP32``) in fp32.
+
+    onnx-tensorrt names each layer after its ONNX node, so the marker in the node name survives. Returns
+    how many layers were pinned. (TensorRT 10.12 deprecates these precision hints in favour of strongly
+    typed networks; they still apply through 10.x.)
+    """
+    marker = "/" + PIN_FP32
+    floats = {trt.float32, trt.float16, trt.bfloat16}
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if marker not in layer.name:
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype in floats:
+                layer.set_output_type(j, trt.float32)
+        pinned += 1
+    return pinned
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
@@ -103,7 +134,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def build_plan_engines(plan_dir: Path, manifest: dict, precision: str = "fp16", strip: bool = True,
                        batch: tuple[int, int, int] = (1, 2, 8), reuse_from: Path | None = None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, opt_level: int | None = None) -> dict:
     """Build (or reuse from cache) one engine per distinct graph of a plan; returns the engines table.
 
     ``reuse_from`` is the previous plan directory: engines whose key matches and its timing cache are
@@ -132,7 +163,7 @@ def build_plan_engines(plan_dir: Path, manifest: dict, precision: str = "fp16", 
             logger.info("engine %s is cached (key %s)", name, key)
         else:
             logger.info("building %s (%s) ...", name, precision)
-            build_engine(plan_dir / graph, path, precision, plan_dir / TIMING_CACHE, batch, strip)
+            build_engine(plan_dir / graph, path, precision, plan_dir / TIMING_CACHE, batch, strip, opt_level=opt_level)
         from runtime.plan import sha256_file
 
         engines[graph] = {"file": name, "sha256": sha256_file(path), "key": key, "precision": precision,

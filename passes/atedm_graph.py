@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.graphbuild import Emitter
+from passes.graphbuild import PIN_FP32, Emitter, unit_rows
 
 NORM_EPS = 1e-6
 
@@ -81,21 +81,27 @@ def static_scores(grid: tuple[int, int]) -> np.ndarray:
 
 
 def build_importance(em: Emitter, q: gs.Variable, k: gs.Variable, scale: float, geo: PruneGeometry) -> gs.Variable:
-    """G-WPR scores ``[B, 1, N]`` from the attention probabilities of the sampled query rows."""
+    """G-WPR scores ``[B, 1, N]`` from the attention probabilities of the sampled query rows.
+
+    Every node is pinned to fp32 in reduced-precision TensorRT builds (the ``PIN_FP32`` hint): the logits
+    of un-normalised q, k overflow fp16, and scores near 1/N underflow it into ties.
+    """
     n = geo.tokens
     rows = em.ints("rows", geo.sample_rows)
-    qs = em.op("Gather", [q, rows], {"axis": 2})  # [B, H, S, D]
-    logits = em.op("MatMul", [qs, em.op("Transpose", [k], {"perm": [0, 1, 3, 2]})], hint="logits")  # [B, H, S, N]
-    logits = em.op("Mul", [logits, em.const("scale", np.float32(scale))])
-    probs = em.op("Softmax", [logits], {"axis": -1}, hint="probs")
+    qs = em.op("Gather", [q, rows], {"axis": 2}, hint=PIN_FP32 + "queries")  # [B, H, S, D]
+    kt = em.op("Transpose", [k], {"perm": [0, 1, 3, 2]}, hint=PIN_FP32 + "keys")
+    logits = em.op("MatMul", [qs, kt], hint=PIN_FP32 + "logits")  # [B, H, S, N]
+    logits = em.op("Mul", [logits, em.const("scale", np.float32(scale))], hint=PIN_FP32 + "scaled")
+    probs = em.op("Softmax", [logits], {"axis": -1}, hint=PIN_FP32 + "probs")
     # A = mean over heads: [B, S, N]
-    attn = em.op("ReduceMean", [probs, em.ints("heads", [1])], {"keepdims": 0}, hint="attn_map")
+    attn = em.op("ReduceMean", [probs, em.ints("heads", [1])], {"keepdims": 0}, hint=PIN_FP32 + "attn_map")
     # s = 1/N; s <- (s[idx] A) / sum(s[idx] A)
     s = em.const("uniform", np.full((1, 1, n), 1.0 / n, dtype=np.float32))
     for _ in range(geo.iterations):
-        votes = em.op("Gather", [s, rows], {"axis": 2})  # [B|1, 1, S]
-        v = em.op("MatMul", [votes, attn])  # [B, 1, N]
-        s = em.op("Div", [v, em.op("ReduceSum", [v, em.ints("axis", [-1])], {"keepdims": 1})], hint="wpr")
+        votes = em.op("Gather", [s, rows], {"axis": 2}, hint=PIN_FP32 + "votes")  # [B|1, 1, S]
+        v = em.op("MatMul", [votes, attn], hint=PIN_FP32 + "vote_sum")  # [B, 1, N]
+        total = em.op("ReduceSum", [v, em.ints("axis", [-1])], {"keepdims": 1}, hint=PIN_FP32 + "total")
+        s = em.op("Div", [v, total], hint=PIN_FP32 + "wpr")
     return s
 
 
@@ -103,8 +109,9 @@ def build_prune(em: Emitter, x: gs.Variable, scores: gs.Variable, geo: PruneGeom
                 channels: int) -> tuple[gs.Variable, PruneState]:
     """``x [B, N, C]`` -> its ``k`` highest-scoring tokens ``[B, k, C]``, and the refill map."""
     n, kk = geo.tokens, geo.kept
-    s2 = em.op("Squeeze", [scores, em.ints("axis", [1])])  # [B, N]
-    _, keep = em.op("TopK", [s2, em.ints("k", [kk])], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2)
+    s2 = em.op("Squeeze", [scores, em.ints("axis", [1])], hint=PIN_FP32 + "scores")  # [B, N]
+    _, keep = em.op("TopK", [s2, em.ints("k", [kk])], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2,
+                    hint=PIN_FP32 + "keep")
 
     batch = em.op("Squeeze", [em.op("Shape", [x], {"start": 0, "end": 1}), em.ints("axis", [0])])
     boff = em.op("Unsqueeze", [em.op("Range", [em.ints("zero", 0), batch, em.ints("one", 1)]), em.ints("axis", [1])])
@@ -121,8 +128,7 @@ def build_prune(em: Emitter, x: gs.Variable, scores: gs.Variable, geo: PruneGeom
     slot = em.op("ArgMax", [onehot], {"axis": 1, "keepdims": 0})  # [B, N]
 
     # best[b, p] = argmax_j cos(x[b, p], x[b, keep[b, j]]) (first maximum on ties)
-    norm = em.op("Sqrt", [em.op("ReduceSum", [em.op("Mul", [x, x]), em.ints("axis", [-1])], {"keepdims": 1})])
-    m = em.op("Div", [x, em.op("Max", [norm, em.const("eps", np.float32(NORM_EPS))])], hint="metric")
+    m = unit_rows(em, x, NORM_EPS)  # x / ||x||, scaled first (fp16-safe)
     mk = em.op("Gather", [em.op("Reshape", [m, em.ints("shape", [-1, channels])]), keep_flat], {"axis": 0})
     sim = em.op("MatMul", [m, em.op("Transpose", [mk], {"perm": [0, 2, 1]})], hint="similarity")  # [B, N, k]
     best = em.op("ArgMax", [sim], {"axis": -1, "keepdims": 0})  # [B, N]

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from passes.atedm_graph import NORM_EPS
+from passes.tome_math import unit
 
 
 @dataclasses.dataclass
@@ -39,7 +40,7 @@ def select(x: torch.Tensor, scores: torch.Tensor, kept: int) -> TorchPrune:
     onehot = keep[:, :, None] == torch.arange(n, device=x.device)  # [B, k, N]
     is_kept = onehot.any(1)
     slot = onehot.to(x.dtype).argmax(1)
-    m = x / x.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
+    m = unit(x, NORM_EPS)
     mk = m.gather(1, keep[..., None].expand(-1, -1, m.shape[-1]))
     best = (m @ mk.transpose(-1, -2)).argmax(-1)  # [B, N]
     return TorchPrune(keep, torch.where(is_kept, slot, best))

@@ -33,3 +33,33 @@ class Emitter:
         self.graph.nodes.append(node)
         self.inserted.append(name)
         return outputs[0] if num_outputs == 1 else outputs
+
+
+def inverse_permutation(em: Emitter, order: gs.Variable, size: int, axis: int) -> gs.Variable:
+    """``rank`` with ``rank[..., order[..., i]] = i`` along ``axis`` (of length ``size``), all in int64.
+
+    A ScatterElements (no reduction; a native TensorRT layer) of ``0..size-1`` into the positions
+    ``order`` names. The data operand is ``order`` itself: it is a permutation, so every element is
+    overwritten. Indices never pass through floating point, where fp16 loses integers above 2048.
+    """
+    shape = [1] * axis + [size]
+    iota = em.op("Expand", [em.ints("iota", np.arange(size, dtype=np.int64).reshape(shape)), em.op("Shape", [order])])
+    return em.op("ScatterElements", [order, order, iota], {"axis": axis}, hint="rank")
+
+
+# Emitter hint prefix of nodes a reduced-precision TensorRT build must keep in fp32 (export/trt_build.py)
+PIN_FP32 = "fp32."
+
+
+def unit_rows(em: Emitter, x: gs.Variable, eps: float) -> gs.Variable:
+    """``x / max(||x||, eps)`` along the last axis, safe in fp16 and bf16.
+
+    The row is first divided by its largest magnitude (floored at ``eps``), so every square is at most
+    1 and the sum at most the channel count: ``x * x`` of hidden states near 1e3 would overflow fp16
+    (max 65504). Cosine similarity is scale-invariant, so the result equals the plain normalisation
+    except for rows whose largest magnitude is below ``eps``.
+    """
+    amax = em.op("ReduceMax", [em.op("Abs", [x]), em.ints("axis", [-1])], {"keepdims": 1})
+    xs = em.op("Div", [x, em.op("Max", [amax, em.const("eps", np.float32(eps))])], hint="scaled")
+    norm = em.op("Sqrt", [em.op("ReduceSum", [em.op("Mul", [xs, xs]), em.ints("axis", [-1])], {"keepdims": 1})])
+    return em.op("Div", [xs, em.op("Max", [norm, em.const("eps", np.float32(eps))])], hint="metric")

@@ -2,8 +2,8 @@
 
 No knowledge of DiTs or node names here (the pass wires these in); the eager twin of the same math,
 op for op, is :mod:`passes.sdtm_math`. Everything is TensorRT-safe: TopK with a constant K (the
-window count, <= 3840 for grids up to 123x123 windows), Gather, ReduceMean, Where, no scatter and
-no data-dependent shapes.
+window count, <= 3840 for grids up to 123x123 windows), Gather, ReduceMean, Where, ScatterElements
+without a reduction (the inverse permutation, in int64), no data-dependent shapes.
 
 Structure stage ("SSM" in the released code): the grid is tiled into 2x2 windows. Window score =
 similarity + a_s * staleness, where
@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.graphbuild import Emitter
+from passes.graphbuild import Emitter, inverse_permutation, unit_rows
 from passes.tome_graph import NORM_EPS
 
 COUNTER_EPS = 1e-6  # the released code's eps in c / (mean(c) + eps)
@@ -96,9 +96,7 @@ def batch_offsets(em: Emitter, x: gs.Variable) -> gs.Variable:
 
 
 def _unit(em: Emitter, x: gs.Variable) -> gs.Variable:
-    # m = x / max(||x||, eps)
-    norm = em.op("Sqrt", [em.op("ReduceSum", [em.op("Mul", [x, x]), em.ints("axis", [-1])], {"keepdims": 1})])
-    return em.op("Div", [x, em.op("Max", [norm, em.const("eps", np.float32(NORM_EPS))])], hint="metric")
+    return unit_rows(em, x, NORM_EPS)  # x / ||x||, scaled first (fp16-safe)
 
 
 def build_window_match(em: Emitter, x: gs.Variable, counter: gs.Variable, geo: WindowGeometry,
@@ -119,10 +117,9 @@ def build_window_match(em: Emitter, x: gs.Variable, counter: gs.Variable, geo: W
                    {"keepdims": 0})  # [B, Nw]
     score = em.op("Add", [sim, em.op("Mul", [prio_w, em.const("a_s", np.float32(a_s))])], hint="score")
 
-    # windows by score, descending (ties: lower index first); rank = inverse permutation via a second TopK
+    # windows by score, descending (ties: lower index first); rank = its inverse permutation, in int64
     _, order = em.op("TopK", [score, em.ints("k", [nw])], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2)
-    order_f = em.op("Cast", [order], {"to": onnx.TensorProto.FLOAT})
-    _, rank = em.op("TopK", [order_f, em.ints("k", [nw])], {"axis": -1, "largest": 0, "sorted": 1}, num_outputs=2)
+    rank = inverse_permutation(em, order, nw, axis=1)
     chosen = em.op("Slice", [order, em.ints("zero", [0]), em.ints("k", [k]), em.ints("axis", [1])])
     rest = em.op("Slice", [order, em.ints("k", [k]), em.ints("nw", [nw]), em.ints("axis", [1])])
 

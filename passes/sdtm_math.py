@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from passes.sdtm_graph import COUNTER_EPS, WindowGeometry
-from passes.tome_graph import NORM_EPS
+from passes.tome_math import unit
 
 
 @dataclasses.dataclass
@@ -26,7 +26,7 @@ class TorchWindowMatch:
 def window_scores(x: torch.Tensor, counter: torch.Tensor, geo: WindowGeometry, a_s: float) -> torch.Tensor:
     """``[B, Nw]``: ||window mean of unit tokens||^2 + a_s * window mean of c / (mean c + eps)."""
     windows = torch.from_numpy(geo.windows())
-    m = x / x.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
+    m = unit(x)
     mean = m[:, windows].mean(2)
     sim = mean.square().sum(-1)
     prio = counter / (counter.mean(1, keepdim=True) + COUNTER_EPS)

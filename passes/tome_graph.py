@@ -1,8 +1,10 @@
 """ToMe merge/unmerge as ONNX subgraphs (DESIGN.md §3), with no knowledge of DiTs or node names.
 
 Everything here is what TensorRT parses and builds: TopK with K = src tokens per band (<= 3840),
-Gather / GatherElements, MatMul, Equal, no scatter with a reduction, no data-dependent shapes. The
-eager twin of this math is :mod:`passes.tome_math`; keep the two in step.
+Gather / GatherElements, MatMul, Equal, ScatterElements without a reduction (the int64 inverse
+permutation), no data-dependent shapes. Index paths stay integer and norms are scaled before they
+square, so fp16 / bf16 engines keep every index exact. The eager twin of this math is
+:mod:`passes.tome_math`; keep the two in step.
 
 Inputs of the matching: ``x [B, N, C]``, the partition ``P [N]`` (int64; per band its ``Na`` src
 positions, then its ``Nb`` dst positions) and its inverse ``Pinv [N]`` (position -> index in ``P``),
@@ -18,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.graphbuild import Emitter
+from passes.graphbuild import Emitter, inverse_permutation, unit_rows
 
 NORM_EPS = 1e-6
 
@@ -99,11 +101,7 @@ def build_match_indices(em: Emitter, x: gs.Variable, partition: gs.Variable, par
     dst_idx = em.op("Slice", [bands, em.ints("na", [na]), em.ints("end", [na + nb]), em.ints("axis", [1])],
                     hint="dst_idx")
 
-    # m = x / max(||x||, eps)
-    sq = em.op("Mul", [x, x])
-    norm = em.op("Sqrt", [em.op("ReduceSum", [sq, em.ints("axis", [-1])], {"keepdims": 1})])
-    norm = em.op("Max", [norm, em.const("eps", np.float32(NORM_EPS))])
-    m = em.op("Div", [x, norm], hint="metric")
+    m = unit_rows(em, x, NORM_EPS)  # x / ||x||, scaled first (fp16-safe)
 
     # scores[b, k, i, j] = <m_src_ki, m_dst_kj>; each src picks its best dst in its band
     a = em.op("Gather", [m, src_idx], {"axis": 1})  # [B, K, Na, C]
@@ -114,9 +112,7 @@ def build_match_indices(em: Emitter, x: gs.Variable, partition: gs.Variable, par
 
     # order: src sorted by best similarity, descending (ties: lower index first, as torch's stable sort)
     _, order = em.op("TopK", [node_max, em.ints("k", [na])], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2)
-    # rank = inverse permutation of order, without a scatter: ascending TopK of the (exact) float indices
-    order_f = em.op("Cast", [order], {"to": onnx.TensorProto.FLOAT})
-    _, rank = em.op("TopK", [order_f, em.ints("k", [na])], {"axis": -1, "largest": 0, "sorted": 1}, num_outputs=2)
+    rank = inverse_permutation(em, order, na, axis=2)  # [B, K, Na] position of each src in ``order``
 
     unm_order = em.op("Slice", [order, em.ints("r", [r]), em.ints("na", [na]), em.ints("axis", [2])])
     mrg_order = em.op("Slice", [order, em.ints("zero", [0]), em.ints("r", [r]), em.ints("axis", [2])])
@@ -180,8 +176,10 @@ def build_merge(em: Emitter, x: gs.Variable, state: MatchState, channels: int) -
     unm = em.op("Gather", [xf, state.unm_flat], {"axis": 0})  # [B, Na-r, C]
     mrg = em.op("Gather", [xf, state.mrg_flat], {"axis": 0})  # [B, K, r/K, C]
     dst = em.op("Gather", [xf, state.dst_flat], {"axis": 0})  # [B, K, Nb/K, C]
-    # mean without scatter-reduce: sum into dst with the one-hot assignment, divide by the count
-    dst = em.op("Div", [em.op("Add", [dst, em.op("MatMul", [state.assign, mrg])]), state.count])
+    # mean without scatter-reduce: dst / count + (assign / count) @ mrg; dividing first keeps every partial
+    # sum a convex combination (summing 100 tokens near 1e3 first would overflow fp16)
+    weights = em.op("Div", [state.assign, state.count], hint="merge_weights")
+    dst = em.op("Add", [em.op("Div", [dst, state.count]), em.op("MatMul", [weights, mrg])])
     dst = em.op("Reshape", [dst, em.ints("shape", [0, geo.num_dst, channels])])
     return em.op("Concat", [unm, dst], {"axis": 1}, hint="merged")
 

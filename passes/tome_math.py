@@ -30,6 +30,12 @@ class TorchMatch:
         return {"unm": self.unm, "mrg": self.mrg, "mrg_dst": self.mrg_dst, "dst": self.dst, "row": self.row}
 
 
+def unit(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """``x / ||x||`` as :func:`passes.graphbuild.unit_rows`: scaled by the row's max magnitude first (fp16-safe)."""
+    xs = x / x.abs().amax(-1, keepdim=True).clamp_min(eps)
+    return xs / xs.square().sum(-1, keepdim=True).sqrt().clamp_min(eps)
+
+
 def best_match(x: torch.Tensor, partition: torch.Tensor, num_src: int, bands: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Each src token's best cosine similarity to a dst of its band and that dst's index: ``[B, K, Na]`` each."""
     n = x.shape[1]
@@ -37,7 +43,7 @@ def best_match(x: torch.Tensor, partition: torch.Tensor, num_src: int, bands: in
     na, nb = num_src // k, (n - num_src) // k
     per_band = partition.view(k, na + nb)
     src_idx, dst_idx = per_band[:, :na], per_band[:, na:]
-    m = x / x.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
+    m = unit(x)
     scores = m[:, src_idx] @ m[:, dst_idx].transpose(-1, -2)  # [B, K, Na, Nb]
     return scores.amax(-1), scores.argmax(-1)
 
@@ -79,7 +85,7 @@ def merge(x: torch.Tensor, mt: TorchMatch) -> torch.Tensor:
     unm = x.gather(1, mt.unm[..., None].expand(-1, -1, c))
     mrg = x.gather(1, mt.mrg.reshape(b, -1)[..., None].expand(-1, -1, c)).view(*mt.mrg.shape, c)
     dst = x[:, mt.dst]  # [B, K, Nb/K, C]
-    dst = (dst + mt.assign @ mrg) / mt.count
+    dst = dst / mt.count + (mt.assign / mt.count) @ mrg
     return torch.cat([unm, dst.reshape(b, -1, c)], 1)
 
 

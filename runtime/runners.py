@@ -1,7 +1,13 @@
 """One runner interface for every backend: ``activate()`` / ``infer(feed)`` / ``deactivate()``.
 
 Modelled on Polygraphy's runners: subclasses override the ``*_impl`` hooks, the base class keeps the
-lifecycle honest. Sessions are created on first use.
+lifecycle honest. ``infer`` (also ``runner(feed)``) is the one way to run a graph: it activates on first
+use, for every backend, so nothing can reach an engine or a session that was never created. Sessions
+are created on first use.
+
+Where the data lives is the runner's ``device_io``: onnxruntime runners take and return numpy arrays;
+device runners (TensorRT) take torch tensors wherever they are and return torch CUDA tensors, so
+inputs, outputs and method state (caches, cached indices) stay on the GPU between steps.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 class Runner:
     name = "runner"
+    device_io = False  # True: feeds and outputs are torch tensors on the device (see the module docstring)
 
     def __init__(self) -> None:
         self.is_active = False
@@ -34,9 +41,12 @@ class Runner:
             self.deactivate_impl()
             self.is_active = False
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feed: dict) -> dict:
+        """Run the graph on ``feed``; activates the runner first if it is not active yet."""
         self.activate()
         return self.infer_impl(feed)
+
+    __call__ = infer
 
     def __enter__(self) -> Runner:
         self.activate()
@@ -51,7 +61,7 @@ class Runner:
     def deactivate_impl(self) -> None:
         raise NotImplementedError
 
-    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer_impl(self, feed: dict) -> dict:
         raise NotImplementedError
 
 
@@ -169,3 +179,50 @@ class OrtRunner(Runner):
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(None, feed)
         return {o.name: v for o, v in zip(self.session.get_outputs(), outputs)}
+
+
+def torch_feed(inputs: dict[str, tuple[np.dtype, list]], values: dict[str, object],
+               extra: dict[str, object] | None = None) -> dict:
+    """The feed of a device runner: graph inputs as torch tensors, left on the device they are on.
+
+    The checks of ``PlanTransformer._feed`` (names, ranks, static dims, one batch, lossless dtypes) on
+    tensors, without a host copy: a CUDA tensor stays a CUDA tensor. ``extra`` (the policy's inputs:
+    partitions, caches, counters) passes through as it is.
+    """
+    import torch
+
+    extra = extra or {}
+    feed: dict = {}
+    batch = None
+    for name, (want, shape) in inputs.items():
+        if name in extra:
+            feed[name] = torch.as_tensor(extra[name])
+            continue
+        value = values.get(name)
+        if value is None:
+            raise DitmergeError(f"the plan's graph needs input {name!r} {shape}, which the call did not give")
+        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        t = t.detach()
+        if name == "timestep" and t.ndim == 0:
+            t = t.reshape(1)
+        want_t = torch.from_numpy(np.zeros(0, want)).dtype
+        if t.dtype != want_t:
+            if t.dtype.is_complex or (not want_t.is_floating_point and t.dtype.is_floating_point
+                                      and not bool(torch.all(t == torch.round(t)))):
+                raise DitmergeError(f"input {name!r} has dtype {t.dtype}; the graph takes {want}")
+        if t.ndim != len(shape):
+            raise DitmergeError(f"input {name!r} has shape {list(t.shape)}; the graph takes {shape}")
+        for axis, (got, exp) in enumerate(zip(t.shape, shape)):
+            if isinstance(exp, int) and got != exp:
+                raise DitmergeError(f"input {name!r} has shape {list(t.shape)}; the graph takes {shape} "
+                                    f"(axis {axis} must be {exp})")
+            if axis == 0 and isinstance(exp, str):
+                if name == "timestep" and batch is not None and got == 1 and batch != 1:
+                    t = t.expand(batch)
+                    got = batch
+                if batch is None:
+                    batch = got
+                elif got != batch:
+                    raise DitmergeError(f"input {name!r} has batch {got}, other inputs have batch {batch}")
+        feed[name] = t  # the runner casts and moves it (on the device, one copy at most)
+    return feed

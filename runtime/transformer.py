@@ -18,7 +18,7 @@ import torch
 from passes.errors import DitmergeError
 from runtime.plan import Plan
 from runtime.policies import GenState, policy_for
-from runtime.runners import OrtRunner, SharedWeights, ort_providers
+from runtime.runners import OrtRunner, SharedWeights, ort_providers, torch_feed
 
 logger = logging.getLogger(__name__)
 
@@ -138,23 +138,21 @@ class PlanTransformer(torch.nn.Module):
         state = self._gen.state
         state.t = float(t_train[0])
 
-        batch = int(np.shape(_np(hidden_states))[0])
+        batch = int(hidden_states.shape[0]) if isinstance(hidden_states, torch.Tensor) else len(hidden_states)
         variant, extra = self.policy.select(state, bucket, batch)
         graph = bucket.graphs.get(variant)
         if graph is None:
             raise DitmergeError(f"bucket {bucket.index} of the plan has no {variant!r} graph (it has "
                                 f"{', '.join(bucket.graphs)}); rebuild the plan")
         runner = self.runner(graph)
-        feed = self._feed(self._inputs[graph], _family_feed(self.family, hidden_states, timestep, kwargs), extra)
+        values = _family_feed(self.family, hidden_states, timestep, kwargs)
+        # device runners (TensorRT) take torch tensors where they are; method state stays on the device
+        feed = (torch_feed if runner.device_io else self._feed)(self._inputs[graph], values, extra)
         device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
-        if self.use_trt:
-            outputs = runner.infer_torch(feed)
-            sample = outputs["sample"].to(device)
-        else:
-            outputs = runner.infer(feed)
-            sample = torch.from_numpy(outputs["sample"]).to(device)
+        outputs = runner.infer(feed)  # the one path for every backend: activates the runner on first use
+        sample = torch.as_tensor(outputs["sample"]).to(device)
         if len(outputs) > 1:
-            self.policy.update(state, bucket, variant, {k: _np(v) for k, v in outputs.items() if k != "sample"})
+            self.policy.update(state, bucket, variant, {k: v for k, v in outputs.items() if k != "sample"})
         state.steps += 1
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 

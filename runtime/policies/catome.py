@@ -68,7 +68,9 @@ class CaToMePolicy(StepPolicy):
     def update(self, state: GenState, bucket, variant: str, outputs: dict[str, np.ndarray]) -> None:
         if variant != MATCH:
             return
-        indices = {k: np.ascontiguousarray(v) for k, v in outputs.items() if k.startswith(INDEX_PREFIX)}
+        # torch tensors (a device runner's outputs) stay where they are: the cache never leaves the GPU
+        indices = {k: v if hasattr(v, "device") else np.ascontiguousarray(v)
+                   for k, v in outputs.items() if k.startswith(INDEX_PREFIX)}
         state.data["cache"] = {"bucket": bucket.index, "batch": state.data["batch"], "indices": indices}
 
 

@@ -44,8 +44,10 @@ class SdtmPolicy(StepPolicy):
         feed = {COUNTER_INPUT: counter}
         if meta.get("merge") == "bipartite":
             rng = None if self.deterministic else state.rng
+            # the partition is drawn on the host: the one [B, N] copy of a device counter per detail step
+            host = counter.cpu().numpy() if hasattr(counter, "cpu") else counter
             feed[PARTITION_INPUT], feed[PARTITION_INV_INPUT] = partition_from_counter(
-                self.grid, counter, rng, int(meta.get("bands", 1)))
+                self.grid, host, rng, int(meta.get("bands", 1)))
         for path in needs:
             feed[cache_input(path)] = cache[path]
         return MAIN, feed

@@ -52,29 +52,49 @@ def test_auto_backend_falls_back_to_onnxruntime(tmp_path):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_engines_match_onnxruntime_and_eager(tmp_path, precision):
-    """fp32 engines within 1e-3 of onnxruntime; fp16 engines by PSNR of a full generation."""
-    import torch
-
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_engines_match_onnxruntime(tmp_path, precision):
+    """benchmarks/gpu_check.py's check on the bundled plan: fp32 forwards within 1e-3 of onnxruntime CPU fp32;
+    fp16 / bf16 generations at PSNR >= 30 dB against onnxruntime CPU fp32."""
     import runtime
-    from export.build import build_plan
-    from export.quality import psnr
-    from runtime.generate import sample_classes
+    from benchmarks.gpu_check import SPECS, build, check_trt, generation
 
-    build_plan("builtin:tiny-dit", buckets="999-500:0.5,499-0:0", out=tmp_path / "p", backend="trt", precision=precision,
-               measure=False, progress=False)
-    trt_tf = runtime.load(tmp_path / "p", backend="trt", deterministic=True)
-    ort_tf = runtime.load(tmp_path / "p", backend="cpu", deterministic=True)
-    assert trt_tf.use_trt
-    x = torch.randn(2, 4, 32, 32)
-    kw = dict(timestep=torch.tensor([900, 900]), class_labels=torch.tensor([1, 10]))
-    a, b = trt_tf(x, **kw).sample.float().cpu().numpy(), ort_tf(x, **kw).sample.numpy()
-    if precision == "fp32":
-        assert float(np.abs(a - b).max()) <= 1e-3
-    else:
-        imgs = [sample_classes(tf, [1, 2], steps=20, seed=0, progress=False) for tf in (trt_tf, ort_tf)]
-        assert psnr(imgs[0], imgs[1]).min() >= 30
+    spec = SPECS["bundled"]
+    plan, model = build(spec, tmp_path)
+    reference = generation(spec, runtime.load(plan, backend="cpu", deterministic=True), model, spec.gen_steps)
+    res = check_trt(spec, plan, model, precision, reference, repeats=3, opt_level=2)
+    assert res["ok"], res
+
+
+@gpu
+@pytest.mark.gpu
+def test_generate_cli_runs_on_tensorrt(tmp_path):
+    import subprocess
+    import sys
+
+    from export.build import build_plan
+
+    build_plan("builtin:tiny-dit", buckets="999-500:0.5,499-0:0", out=tmp_path / "p", backend="trt",
+               precision="fp16", measure=False, progress=False)
+    proc = subprocess.run([sys.executable, "-m", "runtime", "generate", "--plan", str(tmp_path / "p"), "--backend", "trt",
+                           "--class-label", "1", "--steps", "4", "--out", str(tmp_path / "img"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "img").glob("*.png"))) == 1
+
+
+def test_gpu_check_cpu_mode_writes_its_json(tmp_path):
+    """Without TensorRT the check still builds the plan, runs onnxruntime against eager, and says what it skipped."""
+    from benchmarks.gpu_check import main
+
+    out = tmp_path / "check.json"
+    assert main(["--cpu", "--plans", "bundled", "--repeats", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["tensorrt_skipped"] == "--cpu given" and report["failed"] == []
+    cpu = report["plans"]["bundled"]["cpu"]
+    assert cpu["base_vs_eager_ok"] and cpu["base_vs_eager_max_abs"] <= 1e-4 and cpu["reference_finite"]
+    assert {"merged", "unmerged", "torch_eager"} <= set(cpu["ort_cpu_ms"])
+    assert {"date", "gpu", "versions"} <= set(report) and report["versions"]["onnxruntime"]
 
 
 @gpu
