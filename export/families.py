@@ -25,6 +25,12 @@ class Family:
     default_grid: Callable[[torch.nn.Module], tuple[int, int]]
     timestep_scale: float = 1.0  # transformer timestep = scheduler timestep * scale
     batch_inputs: tuple[str, ...] = ()  # inputs whose first axis is the batch
+    # input -> its prompt-length axis: exported dynamic, since pipelines send their own prompt length
+    text_inputs: dict[str, int] = dataclasses.field(default_factory=dict)
+    # the timesteps its pipelines send (scheduler scale): "discrete" 0..T-1 (DDPM-trained: DDIM, DPM-Solver, ...)
+    # or "flow" in [0, T] (flow matching: sigma * T, with 1000.0 at the first step)
+    timesteps: str = "discrete"
+    scheduler: str = "ddpm"  # the kind of scheduler its pipelines use: "ddpm" (epsilon/v on betas) or "flow"
 
 
 def _latents(model: torch.nn.Module, batch: int, grid: tuple[int, int], g: torch.Generator) -> torch.Tensor:
@@ -120,13 +126,17 @@ FAMILIES = {
     "PixArtTransformer2DModel": Family("pixart", "PixArtTransformer2DModel", _pixart_inputs, _pixart_call,
                                        _square_grid,
                                        batch_inputs=("hidden_states", "encoder_hidden_states", "encoder_attention_mask",
-                                                     "timestep", "resolution", "aspect_ratio")),
+                                                     "timestep", "resolution", "aspect_ratio"),
+                                       text_inputs={"encoder_hidden_states": 1, "encoder_attention_mask": 1}),
     "SD3Transformer2DModel": Family("sd3", "SD3Transformer2DModel", _sd3_inputs, _sd3_call, _square_grid,
-                                    batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")),
+                                    batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+                                    text_inputs={"encoder_hidden_states": 1}, timesteps="flow", scheduler="flow"),
     "FluxTransformer2DModel": Family("flux", "FluxTransformer2DModel", _flux_inputs, _flux_call,
                                      lambda m: (64, 64), timestep_scale=1e-3,
                                      batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections",
-                                                   "timestep", "guidance")),
+                                                   "timestep", "guidance"),
+                                     text_inputs={"encoder_hidden_states": 1, "txt_ids": 0}, timesteps="flow",
+                                     scheduler="flow"),
 }
 
 
