@@ -73,6 +73,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_third_party() -> None:
+    """Keep the default run to progress and the report: no notices from torch's exporter (its torchvision
+    op registrations), diffusers (accelerate's low_cpu_mem_usage), transformers or Python warnings; -v shows them."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "diffusers", "transformers",
+                 "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     kwargs = dict(model=args.model, method=args.method, buckets=args.buckets, out=args.out,
@@ -87,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def run() -> None:
+        if not args.verbose:
+            quiet_third_party()
         from export.build import bucket_table, build_plan, quality_table, sweep_table
 
         if args.repeats < 1:

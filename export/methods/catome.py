@@ -45,6 +45,9 @@ PAPER_SCHEDULE_STEPS = 50
 
 class CaToMe(Method):
     name = "catome"
+    unsupported = dict.fromkeys(
+        ("sd3", "flux"), "its calibration samples DDPM trajectories with DDIM and its checkpoints are DDIM steps; "
+        "flow-matching sampling is not implemented")
     defaults: dict[str, object] = {  # noqa: RUF012 (read-only, as Method.defaults)
         "threshold": 0.7,  # the paper's recommended T
         "statistic": "mean",  # over the bucket's counts: mean, median, max, min or pNN
