@@ -140,6 +140,38 @@ FAMILIES = {
 }
 
 
+def pipeline_scheduler(scheduler_config: dict | None, num_train_timesteps: int = 1000):
+    """The sampler the model's pipeline runs: the scheduler saved beside the model, except a training-only
+    DDPMScheduler, which pipelines (and ``runtime.generate``) replace by DDIM on the same betas."""
+    import diffusers
+
+    cfg = dict(scheduler_config or {})
+    name = cfg.pop("_class_name", "DDIMScheduler")
+    if name == "DDPMScheduler":
+        name = "DDIMScheduler"
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "set_timesteps"):
+        raise DitmergeError(f"the model's scheduler {name} is not a diffusers scheduler this diffusers knows")
+    cfg.setdefault("num_train_timesteps", num_train_timesteps)
+    return cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+
+
+def reference_timesteps(scheduler_config: dict | None, steps: int, num_train_timesteps: int = 1000) -> list[float]:
+    """The timesteps the model's own pipeline scheduler sends for ``steps`` steps, noisiest first.
+
+    Step-based schedules (SDTM's stages, CA-ToMe's checkpoints) are placed on these, so they follow DDIM
+    "leading", DPM-Solver "linspace" or any other spacing as the pipeline runs it. Without a scheduler
+    config beside the model: diffusers' DDIMScheduler defaults.
+    """
+    sched = pipeline_scheduler(scheduler_config, num_train_timesteps)
+    name = type(sched).__name__
+    if getattr(sched.config, "use_dynamic_shifting", False):
+        raise DitmergeError(f"{name} shifts its timesteps by resolution (use_dynamic_shifting); step schedules "
+                            "cannot be placed before the resolution is known")
+    sched.set_timesteps(steps)
+    return [float(t) for t in sched.timesteps]
+
+
 def family_of(model: torch.nn.Module) -> Family:
     name = type(model).__name__
     if name not in FAMILIES:
