@@ -1,4 +1,4 @@
-"""torch.export -> ONNX at opset 23, dynamic batch, weights in one external file."""
+"""torch.export -> ONNX at opset 23, dynamic batch and prompt length, weights in one external file."""
 
 from __future__ import annotations
 
