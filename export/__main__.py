@@ -50,7 +50,11 @@ def parser() -> argparse.ArgumentParser:
                    help=f"where ToMe merges, comma-separated from {', '.join(LOCATIONS)} "
                         f"(default: {','.join(DEFAULT_LOCATIONS)})")
     p.add_argument("--grid", type=_grid, default=None, help="token grid ROWSxCOLS (default: the model's native size)")
-    p.add_argument("--text-len", type=int, default=8, help="prompt tokens of text-conditioned models (default: 8)")
+    p.add_argument("--text-len", type=int, default=8,
+                   help="prompt tokens of the example inputs for text-conditioned models; the graphs take any "
+                        "prompt length (default: 8)")
+    p.add_argument("--num-train-timesteps", type=int, default=1000,
+                   help="training timesteps of the model's scheduler, which the buckets cover (default: 1000)")
     p.add_argument("--no-measure", dest="measure", action="store_false", help="skip fidelity and latency measurement")
     p.add_argument("--repeats", type=int, default=20, help="timed forwards per graph for latency medians (default: 20)")
     p.add_argument("--quality-samples", type=int, default=20,
@@ -69,12 +73,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_third_party() -> None:
+    """Keep the default run to progress and the report: no notices from torch's exporter (its torchvision
+    op registrations), diffusers (accelerate's low_cpu_mem_usage), transformers or Python warnings; -v shows them."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "diffusers", "transformers",
+                 "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     kwargs = dict(model=args.model, method=args.method, buckets=args.buckets, out=args.out,
                   locations=tuple(s.strip() for s in args.locations.split(",") if s.strip()) if args.locations else None,
                   options=dict(args.options), grid=args.grid,
-                  text_len=args.text_len, measure=args.measure, repeats=args.repeats,
+                  text_len=args.text_len, num_train_timesteps=args.num_train_timesteps, measure=args.measure, repeats=args.repeats,
                   quality_samples=args.quality_samples, quality_steps=args.quality_steps,
                   backend=args.backend, precision=args.precision,
                   sweep=args.sweep, progress=args.progress)
@@ -83,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def run() -> None:
+        if not args.verbose:
+            quiet_third_party()
         from export.build import bucket_table, build_plan, quality_table, sweep_table
 
         if args.repeats < 1:

@@ -153,6 +153,7 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
     steps.set_postfix_str("loading model")
     torch_model = load_transformer(model)
     family = family_of(torch_model)
+    meth.check_family(family)
     grid = tuple(grid) if grid else family.default_grid(torch_model)
     meth.validate(specs, grid)
     method = meth.name
@@ -235,7 +236,8 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tool_versions": _versions(),
         "model": {"source": model, "class": family.class_name, "family": family.name, "grid": list(grid),
-                  "tokens": n_tokens, "text_len": text_len, "timestep_scale": family.timestep_scale,
+                  "tokens": n_tokens, "text_len": text_len, "text_axis": "dynamic", "timestep_scale": family.timestep_scale,
+                  "timesteps": family.timesteps,
                   "num_train_timesteps": num_train_timesteps, "config": _json_config(torch_model.config),
                   "scheduler": scheduler_config(model)},
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(stage / WEIGHTS_FILE)},
@@ -437,8 +439,11 @@ def bucket_table(manifest: dict) -> str:
     rows = ["| bucket | timesteps | ratio | r | tokens kept | FLOPs vs full | fidelity (max abs) | latency ms | speed-up "
             "| TensorRT check |", "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    top = max(b["t_hi"] for b in manifest["buckets"])
+    flow = manifest["model"].get("timesteps") == "flow"  # flow matching: the noisiest bucket also takes t = T
     for b in manifest["buckets"]:
-        rows.append(f"| {b['index']} | {b['t_hi']}..{b['t_lo']} | {b['ratio']:g} | {b['r']} | {b['kept_tokens']} | "
+        t_hi = b["t_hi"] + 1 if flow and b["t_hi"] == top else b["t_hi"]
+        rows.append(f"| {b['index']} | {t_hi}..{b['t_lo']} | {b['ratio']:g} | {b['r']} | {b['kept_tokens']} | "
                     f"{b['flops_rel']:.3f} | {fmt(b['fidelity_max_abs'], '.2e')} | {fmt(b['latency_ms'], '.2f')} | "
                     f"{fmt(b['speedup'], '.2f')}x | {'pass' if not b['tensorrt_check'] else 'FAIL'} |")
     return "\n".join(rows)

@@ -50,10 +50,11 @@ def count_trajectories(model: torch.nn.Module, family, blocks: dict[str, str], s
     Class-conditional models sample classes round-robin with classifier-free guidance; a sample's count
     at a step is the larger of its conditional and unconditional halves (the paper takes the maximum
     over the batch of a call). Other families get random prompt embeddings (the export has no text
-    encoder), so their counts are only a rough guide. Trajectories are DDIM from seeded noise; the
+    encoder), so their counts are only a rough guide. Trajectories follow the model's own pipeline
+    scheduler (:func:`export.families.pipeline_scheduler`) from seeded noise; the
     partition is drawn per step from a seeded stream, as the runtime draws it.
     """
-    from runtime.generate import make_scheduler
+    from export.families import pipeline_scheduler
 
     n = grid[0] * grid[1]
     num_src = n - num_dst(grid, stride)
@@ -68,7 +69,7 @@ def count_trajectories(model: torch.nn.Module, family, blocks: dict[str, str], s
     else:
         logger.info("catome calibration: %s has no class labels; counting on random prompt embeddings, no guidance",
                     family.name)
-    sched = make_scheduler(scheduler_config)
+    sched = pipeline_scheduler(scheduler_config)  # the family's own sampler (DPM-Solver for PixArt, ...)
     sched.set_timesteps(steps)
     rng = np.random.default_rng(seed)
 

@@ -25,6 +25,12 @@ class Family:
     default_grid: Callable[[torch.nn.Module], tuple[int, int]]
     timestep_scale: float = 1.0  # transformer timestep = scheduler timestep * scale
     batch_inputs: tuple[str, ...] = ()  # inputs whose first axis is the batch
+    # input -> its prompt-length axis: exported dynamic, since pipelines send their own prompt length
+    text_inputs: dict[str, int] = dataclasses.field(default_factory=dict)
+    # the timesteps its pipelines send (scheduler scale): "discrete" 0..T-1 (DDPM-trained: DDIM, DPM-Solver, ...)
+    # or "flow" in [0, T] (flow matching: sigma * T, with 1000.0 at the first step)
+    timesteps: str = "discrete"
+    scheduler: str = "ddpm"  # the kind of scheduler its pipelines use: "ddpm" (epsilon/v on betas) or "flow"
 
 
 def _latents(model: torch.nn.Module, batch: int, grid: tuple[int, int], g: torch.Generator) -> torch.Tensor:
@@ -120,14 +126,50 @@ FAMILIES = {
     "PixArtTransformer2DModel": Family("pixart", "PixArtTransformer2DModel", _pixart_inputs, _pixart_call,
                                        _square_grid,
                                        batch_inputs=("hidden_states", "encoder_hidden_states", "encoder_attention_mask",
-                                                     "timestep", "resolution", "aspect_ratio")),
+                                                     "timestep", "resolution", "aspect_ratio"),
+                                       text_inputs={"encoder_hidden_states": 1, "encoder_attention_mask": 1}),
     "SD3Transformer2DModel": Family("sd3", "SD3Transformer2DModel", _sd3_inputs, _sd3_call, _square_grid,
-                                    batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")),
+                                    batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+                                    text_inputs={"encoder_hidden_states": 1}, timesteps="flow", scheduler="flow"),
     "FluxTransformer2DModel": Family("flux", "FluxTransformer2DModel", _flux_inputs, _flux_call,
                                      lambda m: (64, 64), timestep_scale=1e-3,
                                      batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections",
-                                                   "timestep", "guidance")),
+                                                   "timestep", "guidance"),
+                                     text_inputs={"encoder_hidden_states": 1, "txt_ids": 0}, timesteps="flow",
+                                     scheduler="flow"),
 }
+
+
+def pipeline_scheduler(scheduler_config: dict | None, num_train_timesteps: int = 1000):
+    """The sampler the model's pipeline runs: the scheduler saved beside the model, except a training-only
+    DDPMScheduler, which pipelines (and ``runtime.generate``) replace by DDIM on the same betas."""
+    import diffusers
+
+    cfg = dict(scheduler_config or {})
+    name = cfg.pop("_class_name", "DDIMScheduler")
+    if name == "DDPMScheduler":
+        name = "DDIMScheduler"
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "set_timesteps"):
+        raise DitmergeError(f"the model's scheduler {name} is not a diffusers scheduler this diffusers knows")
+    cfg.setdefault("num_train_timesteps", num_train_timesteps)
+    return cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+
+
+def reference_timesteps(scheduler_config: dict | None, steps: int, num_train_timesteps: int = 1000) -> list[float]:
+    """The timesteps the model's own pipeline scheduler sends for ``steps`` steps, noisiest first.
+
+    Step-based schedules (SDTM's stages, CA-ToMe's checkpoints) are placed on these, so they follow DDIM
+    "leading", DPM-Solver "linspace" or any other spacing as the pipeline runs it. Without a scheduler
+    config beside the model: diffusers' DDIMScheduler defaults.
+    """
+    sched = pipeline_scheduler(scheduler_config, num_train_timesteps)
+    name = type(sched).__name__
+    if getattr(sched.config, "use_dynamic_shifting", False):
+        raise DitmergeError(f"{name} shifts its timesteps by resolution (use_dynamic_shifting); step schedules "
+                            "cannot be placed before the resolution is known")
+    sched.set_timesteps(steps)
+    return [float(t) for t in sched.timesteps]
 
 
 def family_of(model: torch.nn.Module) -> Family:

@@ -1,4 +1,4 @@
-"""torch.export -> ONNX at opset 23, dynamic batch, weights in one external file."""
+"""torch.export -> ONNX at opset 23, dynamic batch and prompt length, weights in one external file."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 OPSET = 23  # attention becomes one Attention node and reshapes use -1 (DESIGN.md §2)
 WEIGHTS_FILE = "weights.bin"
+TEXT_AXIS = "text"  # the name of the prompt-length dim in exported graphs
+MAX_TEXT_LEN = 4096
 
 
 def example_inputs(model: torch.nn.Module, batch: int, grid: tuple[int, int], text_len: int = 8,
@@ -29,12 +31,18 @@ def eager_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> to
 
 
 def export_onnx(model: torch.nn.Module, out_path: Path, grid: tuple[int, int], text_len: int = 8) -> onnx.ModelProto:
-    """Export ``model`` to ``out_path`` (+ ``weights.bin`` beside it); returns the weightless ModelProto."""
+    """Export ``model`` to ``out_path`` (+ ``weights.bin`` beside it); returns the weightless ModelProto.
+
+    ``text_len`` is the prompt length of the example inputs only: the graph takes any length.
+    """
     family = family_of(model)
     inputs = example_inputs(model, 2, grid, text_len)
     names = list(inputs)
+    # 2. Dynamic axes: the batch, and the prompt length (pipelines send 120, 300, 333, 512 tokens, ...)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    dynamic = {n: ({0: batch} if n in family.batch_inputs else None) for n in names}
+    text = torch.export.Dim(TEXT_AXIS, min=2, max=MAX_TEXT_LEN)
+    dynamic = {n: ({0: batch} if n in family.batch_inputs else {}) | (
+        {family.text_inputs[n]: text} if n in family.text_inputs else {}) or None for n in names}
     wrapper = GraphWrapper(model, family, names).eval()
     processors = export_processors(model)
     original = model.attn_processors if processors else None

@@ -44,6 +44,9 @@ def engine_key(graph_sha256: str, precision: str, trt_version: str, gpu: str, st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+TEXT_PROFILE = (1, 120, 512)  # prompt lengths an engine takes (min, opt, max): PixArt 120/300, SD3 333, Flux 512
+
+
 def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", timing_cache: Path | None = None,
                  batch: tuple[int, int, int] = (1, 2, 8), strip: bool = True, workspace_gb: float = 8.0,
                  opt_level: int | None = None) -> None:
@@ -92,8 +95,12 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", ti
     for i in range(network.num_inputs):
         t = network.get_input(i)
         shape = list(t.shape)
-        if shape and shape[0] == -1:
-            lo, opt, hi = ([b] + shape[1:] for b in batch)
+        if shape and shape[0] == -1 or -1 in shape:
+            # the batch (axis 0 of batched inputs) and the prompt length (any other dynamic axis, e.g. txt_ids'
+            # axis 0): min / opt / max from ``batch`` and TEXT_PROFILE
+            batched = shape[0] == -1 and t.name != "txt_ids"
+            lo, opt, hi = ([(b if batched and a == 0 else txt) if d == -1 else d for a, d in enumerate(shape)]
+                           for b, txt in zip(batch, TEXT_PROFILE))
             profile.set_shape(t.name, lo, opt, hi)
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)

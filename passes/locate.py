@@ -154,8 +154,10 @@ def find_sites(model: onnx.ModelProto, num_tokens: int) -> list[Site]:
         baked = _baked_token_count(model, nodes, num_tokens)
         img_in = [t for t in ins if image_like(t)]
         img_out = [t for t in outs if image_like(t)]
+        # [N + L, D] position tables (L symbolic with a dynamic prompt length; "batch" marks [B, C] embeddings)
         rotary = [t for t in ins if shapes.get(t, (0, []))[0] in FLOAT_TYPES and len(shapes[t][1]) == 2
-                  and isinstance(shapes[t][1][0], int) and shapes[t][1][0] > num_tokens]
+                  and ((isinstance(shapes[t][1][0], int) and shapes[t][1][0] > num_tokens)
+                       or (isinstance(shapes[t][1][0], str) and shapes[t][1][0] != "batch"))]
         if site.kind == "single":
             site.fail("text and image tokens share one sequence in this block")
         elif site.kind == "joint" and rotary:

@@ -183,7 +183,7 @@ def check_tensorrt(model: onnx.ModelProto) -> list[Violation]:
         if vi.name in inits:
             continue
         for axis, d in enumerate(vi.type.tensor_type.shape.dim):
-            if axis > 0 and not d.HasField("dim_value"):
+            if axis > 0 and not d.HasField("dim_value") and d.dim_param != "text":  # prompt length: a profile range
                 found.append(Violation(vi.name, "input", f"axis {axis} is dynamic ({d.dim_param or '?'}); only the "
                                                          "batch axis may be, so every bucket's token count is static"))
     return found

@@ -89,9 +89,44 @@ class Plan:
         """The TensorRT engine record of ``graph``."""
         return self.manifest.get("engines", {})[graph]
 
+    @property
+    def timesteps(self) -> str:
+        """"discrete": DDPM-trained, the pipeline sends 0..T-1; "flow": flow matching, sigma * T in [0, T]."""
+        return self.model.get("timesteps") or _FAMILY_DEFAULTS.get(self.model.get("family"), _DDPM)["timesteps"]
+
+    @property
+    def scheduler_kind(self) -> str:
+        return "flow" if self.timesteps == "flow" else "ddpm"
+
+    @property
+    def prediction_type(self) -> str | None:
+        """What the model predicts (DDPM-style schedulers only), from the scheduler config beside it."""
+        if self.scheduler_kind == "flow":
+            return None
+        return (self.model.get("scheduler") or {}).get("prediction_type", "epsilon")
+
+    @property
+    def t_max(self) -> float:
+        """The largest timestep the pipeline sends: T - 1 for DDPM-trained models, T (sigma 1) for flow matching."""
+        t = int(self.model.get("num_train_timesteps", 1000))
+        return float(t if self.timesteps == "flow" else t - 1)
+
+    def covers(self, bucket: Bucket, t: float) -> bool:
+        """``bucket.covers(t)``, and for flow matching t up to T in the noisiest bucket (sigma = 1 is t = T)."""
+        if bucket.covers(t):
+            return True
+        return (self.timesteps == "flow" and bucket.t_hi == max(b.t_hi for b in self.buckets)
+                and bucket.t_hi + 1 <= t <= self.t_max)
+
     def bucket_for(self, t: float) -> Bucket:
         for b in self.buckets:
-            if b.covers(t):
+            if self.covers(b, t):
                 return b
         spans = ", ".join(f"[{b.t_lo}, {b.t_hi}]" for b in self.buckets)
-        raise DitmergeError(f"timestep {t} is outside every bucket of the plan ({spans})")
+        scale = "flow-matching timesteps 0..T" if self.timesteps == "flow" else "DDPM timesteps 0..T-1"
+        raise DitmergeError(f"timestep {t} is outside every bucket of the plan ({spans}; {scale}, "
+                            f"T = {self.model.get('num_train_timesteps', 1000)})")
+
+
+_DDPM = {"timesteps": "discrete"}
+_FAMILY_DEFAULTS = {"sd3": {"timesteps": "flow"}, "flux": {"timesteps": "flow"}}  # plans written before "timesteps"

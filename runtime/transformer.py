@@ -8,8 +8,10 @@ the timestep goes up (a new denoising loop) or on :meth:`PlanTransformer.reset`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,35 @@ def _np(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+# the keyword arguments of a diffusers transformer call that each family's graph takes
+_CONSUMED = {
+    "dit": {"class_labels"},
+    "pixart": {"encoder_hidden_states", "encoder_attention_mask", "added_cond_kwargs"},
+    "sd3": {"encoder_hidden_states", "pooled_projections"},
+    "flux": {"encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids", "guidance"},
+}
+
+
+def _check_unused(family: str, kw: dict) -> None:
+    """Refuse arguments the plan's graph cannot honour (LoRA scales, IP-adapter embeds, ControlNet residuals).
+
+    Pipelines pass some of them on every call, empty: None and empty dicts are fine.
+    """
+    for key, value in kw.items():
+        if key in _CONSUMED.get(family, ()) or value is None or (isinstance(value, dict) and not value):
+            continue
+        raise DitmergeError(f"the plan cannot take {key}={_describe(value)}: its graph was exported without it "
+                            f"(a {family} plan takes {', '.join(sorted(_CONSUMED.get(family, ())))})")
+
+
+def _describe(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(map(str, value)) + "}"
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)}"
+    return type(value).__name__
 
 
 def _family_feed(family: str, hidden_states, timestep, kw: dict) -> dict[str, object]:
@@ -54,6 +85,7 @@ def _family_feed(family: str, hidden_states, timestep, kw: dict) -> dict[str, ob
 class _Generation(threading.local):
     state: GenState | None = None
     last_t: float | None = None
+    context: str | None = None  # the pipeline's cache_context name ("cond", "uncond") of the current call
 
 
 class PlanTransformer(torch.nn.Module):
@@ -99,6 +131,20 @@ class PlanTransformer(torch.nn.Module):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs) -> Iterator[None]:
+        """What Flux-style pipelines wrap each call in (diffusers' ``CacheMixin``): the name of the call
+        ("cond", "uncond") is kept for the step policy, so cached state can be told apart per branch."""
+        previous, self._gen.context = self._gen.context, name
+        try:
+            yield
+        finally:
+            self._gen.context = previous
+
+    def check_scheduler(self, scheduler) -> None:
+        """Refuse a scheduler whose timesteps or prediction do not fit what the plan was built for."""
+        check_scheduler(self.plan, scheduler)
+
     def runner(self, graph: str):
         with self._runner_lock:
             if graph not in self._runners:
@@ -129,14 +175,16 @@ class PlanTransformer(torch.nn.Module):
         if t.size == 0:
             raise DitmergeError("timestep is empty")
         t_train = t / self.timestep_scale
+        _check_unused(self.family, kwargs)
         bucket = self.plan.bucket_for(float(t_train[0]))
-        if any(not bucket.covers(float(v)) for v in t_train):
+        if any(not self.plan.covers(bucket, float(v)) for v in t_train):
             raise DitmergeError(f"the timesteps of one call {t_train.tolist()} fall in different buckets")
         if self._gen.state is None or (self._gen.last_t is not None and t_train[0] > self._gen.last_t):
             self.reset()
         self._gen.last_t = float(t_train[0])
         state = self._gen.state
         state.t = float(t_train[0])
+        state.context = self._gen.context
 
         batch = int(hidden_states.shape[0]) if isinstance(hidden_states, torch.Tensor) else len(hidden_states)
         variant, extra = self.policy.select(state, bucket, batch)
@@ -147,7 +195,10 @@ class PlanTransformer(torch.nn.Module):
         runner = self.runner(graph)
         values = _family_feed(self.family, hidden_states, timestep, kwargs)
         # device runners (TensorRT) take torch tensors where they are; method state stays on the device
-        feed = (torch_feed if runner.device_io else self._feed)(self._inputs[graph], values, extra)
+        if runner.device_io:
+            feed = torch_feed(self._inputs[graph], values, extra)
+        else:
+            feed = self._feed(self._inputs[graph], values, extra, self.plan)
         device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
         outputs = runner.infer(feed)  # the one path for every backend: activates the runner on first use
         sample = torch.as_tensor(outputs["sample"]).to(device)
@@ -158,14 +209,14 @@ class PlanTransformer(torch.nn.Module):
 
     @staticmethod
     def _feed(inputs: dict[str, tuple[np.dtype, list]], values: dict[str, object],
-              extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Check names, ranks, static dims, batch and dtypes against the graph; cast where lossless.
+              extra: dict[str, np.ndarray] | None = None, plan: Plan | None = None) -> dict[str, np.ndarray]:
+        """Check names, ranks, static dims, dynamic dims (by name: batch, text) and dtypes; cast where lossless.
 
         ``extra`` holds the policy's inputs (partitions, caches), passed through as they are.
         """
         extra = extra or {}
         feed: dict[str, np.ndarray] = {}
-        batch = None
+        bound: dict[str, tuple[int, str]] = {}  # dynamic dim name -> (size, the input that set it)
         for name, (want, shape) in inputs.items():
             if name in extra:
                 feed[name] = np.ascontiguousarray(extra[name])
@@ -185,17 +236,35 @@ class PlanTransformer(torch.nn.Module):
             for axis, (got, exp) in enumerate(zip(arr.shape, shape)):
                 if isinstance(exp, int) and got != exp:
                     raise DitmergeError(f"input {name!r} has shape {list(arr.shape)}; the graph takes {shape} "
-                                        f"(axis {axis} must be {exp})")
-                if axis == 0 and isinstance(exp, str):
-                    if name == "timestep" and batch is not None and got == 1 and batch != 1:
-                        arr = np.broadcast_to(arr, (batch,)).copy()
-                        got = batch
-                    if batch is None:
-                        batch = got
-                    elif got != batch:
-                        raise DitmergeError(f"input {name!r} has batch {got}, other inputs have batch {batch}")
+                                        f"(axis {axis} must be {exp}){_fixed_dim_hint(name, plan)}")
+                if not isinstance(exp, str):
+                    continue
+                if name == "timestep" and exp == "batch" and got == 1 and bound.get(exp, (1,))[0] != 1:
+                    arr = np.broadcast_to(arr, (bound[exp][0],)).copy()
+                    got = arr.shape[0]
+                if exp not in bound:
+                    bound[exp] = (got, name)
+                elif got != bound[exp][0]:
+                    what = "batch" if exp == "batch" else f"{exp} length"
+                    raise DitmergeError(f"input {name!r} has {what} {got}, other inputs have {what} {bound[exp][0]} "
+                                        f"({bound[exp][1]!r})")
             feed[name] = np.ascontiguousarray(arr)
         return feed
+
+
+def _fixed_dim_hint(name: str, plan: Plan | None) -> str:
+    """What to rebuild with when a call's shape differs from a plan's static dims."""
+    if plan is None:
+        return ""
+    m = plan.model
+    if name in ("hidden_states", "img_ids"):
+        grid = "x".join(map(str, m.get("grid", [])))
+        return (f"; the plan was built for a {grid} token grid (merged graphs have a static token count): "
+                f"build a plan for this resolution with `python -m export --grid ROWSxCOLS`")
+    if name in ("encoder_hidden_states", "encoder_attention_mask", "txt_ids"):
+        return (f"; the plan was exported for prompts of {m.get('text_len')} tokens: rebuild it with "
+                "`python -m export --text-len N` (plans from this version take any prompt length)")
+    return ""
 
 
 def graph_inputs(path: Path) -> dict[str, tuple[np.dtype, list]]:
@@ -244,8 +313,42 @@ def _use_tensorrt(plan: Plan, backend: str) -> bool:
     return True
 
 
+def check_scheduler(plan: Plan, scheduler) -> None:
+    """Refuse a pipeline scheduler that disagrees with the plan's model: the kind of schedule (DDPM-trained
+    or flow matching), the number of training timesteps, and the prediction type."""
+    cfg = dict(getattr(scheduler, "config", {}) or {})
+    name = type(scheduler).__name__
+    want_kind = plan.scheduler_kind
+    kind = "flow" if "FlowMatch" in name else "ddpm"
+    if kind != want_kind:
+        raise DitmergeError(f"the pipeline's scheduler {name} is a {_KIND[kind]} scheduler; the plan's {plan.model['class']} "
+                            f"was trained for {_KIND[want_kind]}: use the model's own scheduler")
+    want_t = int(plan.model.get("num_train_timesteps", 1000))
+    got_t = cfg.get("num_train_timesteps")
+    if got_t is not None and int(got_t) != want_t:
+        raise DitmergeError(f"the pipeline's scheduler {name} has num_train_timesteps={got_t}; the plan's buckets "
+                            f"cover the model's {want_t} training timesteps: use a scheduler with "
+                            f"num_train_timesteps={want_t} or rebuild the plan with --num-train-timesteps {got_t}")
+    want_pred = plan.prediction_type
+    got_pred = cfg.get("prediction_type")
+    if kind == "ddpm" and want_pred and got_pred and got_pred != want_pred:
+        raise DitmergeError(f"the pipeline's scheduler {name} has prediction_type={got_pred!r}; the plan's model "
+                            f"predicts {want_pred!r}: set the scheduler's prediction_type to {want_pred!r}")
+
+
+_KIND = {"flow": "flow-matching", "ddpm": "DDPM-style (noise schedule of betas)"}
+
+
 def load(plan_dir: str | Path, backend: str = "auto", seed: int = 0, deterministic: bool = False,
-         verify: bool = True, threads: int = 0, prepack: bool = True) -> PlanTransformer:
-    """Load a plan; the result can replace ``pipe.transformer`` in a diffusers pipeline."""
-    return PlanTransformer(Plan.load(plan_dir, verify=verify), backend=backend, seed=seed,
-                           deterministic=deterministic, threads=threads, prepack=prepack)
+         verify: bool = True, threads: int = 0, prepack: bool = True, pipeline=None) -> PlanTransformer:
+    """Load a plan; the result can replace ``pipe.transformer`` in a diffusers pipeline.
+
+    With ``pipeline`` the plan checks the pipeline's scheduler against its model (a mismatch would give
+    wrong images, not an error) and installs itself as ``pipeline.transformer``.
+    """
+    tf = PlanTransformer(Plan.load(plan_dir, verify=verify), backend=backend, seed=seed,
+                         deterministic=deterministic, threads=threads, prepack=prepack)
+    if pipeline is not None:
+        tf.check_scheduler(pipeline.scheduler)
+        pipeline.transformer = tf
+    return tf

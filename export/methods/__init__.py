@@ -64,6 +64,8 @@ class Method:
     defaults: dict[str, object] = {}
     #: the bucket spec used when the user gives none
     default_buckets: str = DEFAULT_BUCKETS
+    #: families (export.families names) this method refuses, with the reason; README's family x method matrix
+    unsupported: dict[str, str] = {}
 
     def __init__(self, options: dict[str, object] | None = None) -> None:
         options = dict(options or {})
@@ -86,6 +88,15 @@ class Method:
 
     def validate(self, specs: list[BucketSpec], grid: tuple[int, int]) -> None:
         """Refuse bad ratios or options before any graph is built (the model is loaded, nothing exported)."""
+
+    def check_family(self, family) -> None:
+        """Refuse a model family the method does not support, before anything is exported."""
+        if family.name in self.unsupported:
+            from export.families import FAMILIES
+
+            ok = [f.name for f in FAMILIES.values() if f.name not in self.unsupported]
+            raise DitmergeError(f"method {self.name!r} does not support {family.class_name} ({family.name}): "
+                                f"{self.unsupported[family.name]}; it supports {', '.join(ok)}")
 
     def prepare(self, ctx: BuildContext) -> None:
         """Work shared by all buckets (calibration, loading trained routers); runs once per build."""

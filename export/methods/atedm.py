@@ -41,6 +41,12 @@ from passes.onnxutil import get_model_meta
 
 class ATEDM(Method):
     name = "atedm"
+    unsupported = {
+        "sd3": "G-WPR and pruning are built for self-attention over the image tokens; MMDiT joint attention "
+               "(image and text in one sequence) is not handled",
+        "flux": "G-WPR and pruning are built for self-attention over the image tokens; Flux's joint and "
+                "single-stream attention hold image and text in one sequence",
+    }
     # one ratio for every bucket: DSAP, not the ratios, makes the early buckets prune less
     default_buckets = "0.3,0.3,0.3"
     defaults: ClassVar[dict[str, object]] = {

@@ -51,6 +51,9 @@ PAPER_SCHEDULE_STEPS = 50
 
 class CaToMe(Method):
     name = "catome"
+    unsupported = dict.fromkeys(
+        ("sd3", "flux"), "its calibration samples DDPM trajectories with DDIM and its checkpoints are DDIM steps; "
+        "flow-matching sampling is not implemented")
     defaults: dict[str, object] = {  # noqa: RUF012 (read-only, as Method.defaults)
         "threshold": 0.7,  # the paper's recommended T
         "statistic": "mean",  # over the bucket's counts: mean, median, max, min or pNN
@@ -78,6 +81,7 @@ class CaToMe(Method):
         self.specs: list[BucketSpec] = []
         self.source = ""
         self.calibration: dict[int, dict] = {}
+        self.checkpoint_timesteps: list[float] = []
         self._feeds: dict[tuple, dict[str, np.ndarray]] = {}
 
     def config(self, r: int, r_blocks: dict[str, int] | None = None) -> ToMeConfig:
@@ -86,12 +90,29 @@ class CaToMe(Method):
                           metric=str(self.options["metric"]))
 
     def params(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}
+        if self.checkpoint_timesteps:
+            out["checkpoint_timesteps"] = self.checkpoint_timesteps
+        return out
+
+    def _checkpoints(self, num_train_timesteps: int) -> list[float]:
+        """The schedule's steps as the timesteps the model's own scheduler gives them in a ``schedule_steps`` run:
+        the runtime matches when a call reaches one, whatever the sampler and step count."""
+        from export.families import reference_timesteps
+        from export.load import scheduler_config
+
+        try:
+            cfg = scheduler_config(self.source) if self.source else None
+        except (OSError, ValueError):
+            cfg = None
+        ts = reference_timesteps(cfg, int(self.options["schedule_steps"]), num_train_timesteps)
+        return sorted({ts[int(s)] for s in self.options["schedule"] if 0 <= int(s) < len(ts)}, reverse=True)
 
     def bucket_specs(self, buckets: str, num_train_timesteps: int, model: str) -> list[BucketSpec]:
         """Timestep ranges from ``--buckets``; the ratios are placeholders until :meth:`prepare` calibrates."""
         self.source = model
         self.specs = parse_buckets(buckets, num_train_timesteps)
+        self.checkpoint_timesteps = self._checkpoints(num_train_timesteps)
         if any(s.ratio for s in self.specs):
             logger.info("catome: the ratios of --buckets %r are ignored; r per bucket comes from calibration", buckets)
         return self.specs

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 class MoD(Method):
     name = "mod"
+    unsupported = dict.fromkeys(
+        ("pixart", "sd3", "flux"), "routers are fine-tuned by export.train_mod, which trains class-conditional DiTs only")
 
     def __init__(self, options: dict[str, object] | None = None) -> None:
         super().__init__(options)

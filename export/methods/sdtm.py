@@ -3,8 +3,9 @@
 Stages as buckets. The method is defined over a reference schedule of ``steps`` denoising steps
 (default 50): steps ``s < switch_step`` form the *structure* stage, the rest the *detail* stage
 (the released code switches after step ``switch_step``, i.e. at ``s <= switch_step``; we take the
-issue's "first 40 %"). Steps map to timesteps as diffusers' DDIM scheduler with "leading" spacing
-does: ``t(s) = (steps - 1 - s) * (T // steps) + steps_offset``. Bucket boundaries lie just above a
+issue's "first 40 %"). Steps map to timesteps as the model's own pipeline scheduler (its config saved
+beside the model) spaces them: DDIM "leading" ``t(s) = (steps - 1 - s) * (T // steps) + steps_offset``,
+DPM-Solver "linspace", ...; DDIM's when no scheduler is saved. Bucket boundaries lie just above a
 step's timestep, so a sampler with a different step count still switches stage at the same noise level.
 Each stage is cut into ``buckets_per_stage`` runs of consecutive steps; a bucket's ratio is the mean
 of the cosine schedule ``rho(s) = (ratio - dev) + 2 dev cos(pi/2 s / (steps - 1))`` over its steps
@@ -75,8 +76,15 @@ class StageBucket:
 
 
 def stage_buckets(steps: int, switch_step: int, ratio: float, dev: float, per_stage: int,
-                  num_train_timesteps: int, steps_offset: int = 0) -> list[StageBucket]:
-    """The buckets of the SDTM schedule, noisiest first (see the module docstring)."""
+                  num_train_timesteps: int, steps_offset: int = 0,
+                  timesteps: list[float] | None = None) -> list[StageBucket]:
+    """The buckets of the SDTM schedule, noisiest first (see the module docstring).
+
+    ``timesteps``: the pipeline scheduler's timesteps for ``steps`` steps (:func:`reference_timesteps`);
+    None: DDIM "leading" spacing with ``steps_offset``.
+    """
+    if timesteps is None:
+        timesteps = [step_timestep(s, steps, num_train_timesteps, steps_offset) for s in range(steps)]
     groups = []
     for stage, lo, hi in (("structure", 0, min(switch_step, steps)), ("detail", min(switch_step, steps), steps)):
         count = hi - lo
@@ -89,7 +97,7 @@ def stage_buckets(steps: int, switch_step: int, ratio: float, dev: float, per_st
     t_max = num_train_timesteps - 1
     for i, (stage, first, last) in enumerate(groups):
         t_hi = t_max if i == 0 else out[-1].spec.t_lo - 1
-        t_lo = 0 if i == len(groups) - 1 else step_timestep(groups[i + 1][1], steps, num_train_timesteps, steps_offset) + 1
+        t_lo = 0 if i == len(groups) - 1 else int(math.floor(timesteps[groups[i + 1][1]])) + 1
         r = float(np.mean([rho(s, steps, ratio, dev) for s in range(first, last + 1)]))
         out.append(StageBucket(stage, first, last, BucketSpec(t_lo, t_hi, round(r, 4))))
     return out
@@ -97,6 +105,9 @@ def stage_buckets(steps: int, switch_step: int, ratio: float, dev: float, per_st
 
 class Sdtm(Method):
     name = "sdtm"
+    unsupported: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("sd3", "flux"), "its structure/detail stages and protected steps are placed on DDIM 'leading' timesteps; "
+        "on a shifted flow-matching schedule the structure stage would cover other steps (not mapped yet)")
     defaults: ClassVar[dict[str, object]] = {
         "steps": 50,  # the reference schedule the stages and ratios are defined over
         "switch_step": 20,  # first step of the detail stage
@@ -118,6 +129,7 @@ class Sdtm(Method):
     def __init__(self, options: dict[str, object] | None = None) -> None:
         super().__init__(options)
         self._stages: dict[tuple[int, int], str] = {}
+        self._timesteps: list[float] | None = None  # the pipeline scheduler's, for the reference step count
 
     def params(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}
@@ -130,8 +142,9 @@ class Sdtm(Method):
                                 f"buckets_per_stage={o['buckets_per_stage']}")
         if o["steps"] > num_train_timesteps:
             raise DitmergeError(f"sdtm steps={o['steps']} exceeds the {num_train_timesteps} training timesteps")
+        self._timesteps = _reference(model, o["steps"], num_train_timesteps)
         return stage_buckets(o["steps"], o["switch_step"], o["ratio"], o["dev"], o["buckets_per_stage"],
-                             num_train_timesteps, _steps_offset(model))
+                             num_train_timesteps, timesteps=self._timesteps)
 
     def bucket_specs(self, buckets: str, num_train_timesteps: int, model: str) -> list[BucketSpec]:
         if buckets != DEFAULT_BUCKETS:
@@ -153,7 +166,8 @@ class Sdtm(Method):
             return "structure"
         if o["switch_step"] == 0:
             return "detail"
-        boundary = step_timestep(o["switch_step"], o["steps"], num_train_timesteps) + 1
+        ts = self._timesteps or [step_timestep(s, o["steps"], num_train_timesteps) for s in range(o["steps"])]
+        boundary = int(math.floor(ts[o["switch_step"]])) + 1
         return "structure" if spec.t_lo >= boundary else "detail"
 
     def config(self, stage: str, ratio: float, variant: str = "merged") -> SdtmConfig:
@@ -259,14 +273,16 @@ def sdtm_fidelity(model: torch.nn.Module, run, inputs: dict[str, torch.Tensor], 
     return err
 
 
-def _steps_offset(model: str) -> int:
+def _reference(model: str, steps: int, num_train_timesteps: int) -> list[float]:
+    """The timesteps of the model's own scheduler (saved beside it) for ``steps`` steps; DDIM's without one."""
+    from export.families import reference_timesteps
     from export.load import scheduler_config
 
     try:
         cfg = scheduler_config(model) if model else None
     except (OSError, ValueError):  # an unreadable folder: diffusers' default
         cfg = None
-    return int((cfg or {}).get("steps_offset", 0))
+    return reference_timesteps(cfg, steps, num_train_timesteps)
 
 
 METHOD = Sdtm

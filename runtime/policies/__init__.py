@@ -25,7 +25,8 @@ class GenState:
     seed: int
     rng: np.random.Generator
     steps: int = 0  # calls made so far in this generation
-    t: float | None = None  # the current call's timestep on the training scale (0..num_train_timesteps-1)
+    t: float | None = None  # the current call's timestep on the training scale (0..num_train_timesteps-1; flow: ..T)
+    context: str | None = None  # the pipeline's cache_context of the call ("cond", "uncond"), when it gives one
     data: dict = dataclasses.field(default_factory=dict)
 
 

@@ -10,10 +10,11 @@ state, so it starts empty for every generation. A step runs the ``match`` varian
 
 every other step runs ``main`` (the apply variant) fed from the cache.
 
-The schedule is given as steps of a ``schedule_steps``-step run (the paper's: 50). Other step counts map
-it by progress through the trajectory, p = (T - 1 - t) / T for the call's timestep t: a step matches
-when p passes the next checkpoint c / schedule_steps. For 50 DDIM steps this is exactly the listed
-steps, for 20 steps the same fractions of the trajectory.
+The schedule is given as steps of a ``schedule_steps``-step run (the paper's: 50). The build turns them
+into the timesteps the model's own scheduler gives those steps (``checkpoint_timesteps``): a call matches
+when its timestep reaches the next one. For 50 steps of that scheduler this is exactly the listed steps;
+for other step counts, the same noise levels. Plans without them map by progress through the
+trajectory, p = (T - 1 - t) / T, against c / schedule_steps.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class CaToMePolicy(StepPolicy):
         self.schedule_steps = int(self.params.get("schedule_steps", 50))
         self.checkpoints = sorted(int(s) / self.schedule_steps for s in self.params.get("schedule", PAPER_SCHEDULE))
         self.num_train_timesteps = int(plan.model.get("num_train_timesteps", 1000))
+        # the checkpoints as timesteps of the model's own scheduler (plans since issue 17); older plans map by progress
+        self.checkpoint_timesteps = sorted((float(t) for t in self.params.get("checkpoint_timesteps", ())), reverse=True)
 
     def progress(self, state: GenState) -> float:
         """How far through the trajectory this call is, in [0, 1)."""
@@ -51,7 +54,10 @@ class CaToMePolicy(StepPolicy):
         if not bucket.meta.get("r") or MATCH not in bucket.graphs:
             log.append((state.steps, bucket.index, MAIN))
             return MAIN, {}
-        reached = bisect.bisect_right(self.checkpoints, self.progress(state) + 1e-9)
+        if self.checkpoint_timesteps and state.t is not None:
+            reached = sum(1 for c in self.checkpoint_timesteps if state.t <= c + 1e-6)
+        else:
+            reached = bisect.bisect_right(self.checkpoints, self.progress(state) + 1e-9)
         due = reached > state.data.get("reached", 0)
         state.data["reached"] = max(reached, state.data.get("reached", 0))
         cached = state.data.get("cache")
