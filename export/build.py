@@ -258,7 +258,7 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
             b["engines"]["tensorrt"] = manifest["engines"][b["graph"]]
     cfg = manifest["model"]["config"]
     if (measure and quality_samples > 0 and cfg.get("in_channels") == 3 and cfg.get("num_embeds_ada_norm")
-            and any(b["r"] for b in manifest["buckets"])):
+            and any(b["r"] or len(b["graphs"]) > 1 for b in manifest["buckets"])):  # merged, or cached steps
         steps.set_postfix_str("generating for the quality report")
         from export.report_quality import measure_quality
         from runtime.plan import Plan
