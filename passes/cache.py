@@ -109,15 +109,26 @@ def locate_span(model: onnx.ModelProto, num_tokens: int, start: int, end: int) -
             if m and m.group(1) in wanted:
                 nodes.append(node)
                 break
-    span.nodes = [n.name for n in nodes]
     topo = Topology.of(model, num_tokens)
+    nodes = _absorb_unscoped(model, nodes, topo)
+    span.nodes = [n.name for n in nodes]
     ins, outs = topo.boundary(nodes)
 
+    text_tokens = _text_tokens(model)
+    if text_tokens == num_tokens:
+        span.reason = f"text and image streams both have {num_tokens} tokens; their residuals cannot be told apart"
+        return span
+
     def tokens(name: str) -> tuple[str, int, int] | None:
+        # token streams only: image [B, N, C] or text [B, L, C] (not e.g. PixArt's [B, 6, C] modulation)
         elem, dims = topo.shapes.get(name, (0, []))
-        if elem not in FLOAT_TYPES or len(dims) != 3 or not isinstance(dims[1], int) or not isinstance(dims[2], int):
+        if elem not in FLOAT_TYPES or len(dims) != 3 or not isinstance(dims[2], int):
             return None
-        return ("image" if dims[1] == num_tokens else "text"), dims[1], dims[2]
+        if dims[1] == num_tokens:
+            return "image", num_tokens, dims[2]
+        if text_tokens is not None and dims[1] == text_tokens:
+            return "text", text_tokens, dims[2]
+        return None
 
     for name in outs:
         kind = tokens(name)
@@ -134,6 +145,34 @@ def locate_span(model: onnx.ModelProto, num_tokens: int, start: int, end: int) -
         span.reason = f"no [B, {num_tokens}, C] image stream leaves the span"
     span.streams.sort(key=lambda s: STREAMS.index(s.name))
     return span
+
+
+def _absorb_unscoped(model: onnx.ModelProto, nodes: list[onnx.NodeProto], topo: Topology) -> list[onnx.NodeProto]:
+    """Add the scope-less nodes that sit between the span's own (Flux's joint-attention Split has no scope)."""
+    inside = {n.name for n in nodes}
+    loose = [n for n in model.graph.node if not _node_scopes(n)[0] and n.name not in inside]
+    changed = True
+    while changed:
+        changed = False
+        for n in loose:
+            if n.name in inside:
+                continue
+            feeds = [t for t in n.input if t and t not in topo.inits and t in topo.producers]
+            used = {c for t in n.output for c in topo.consumers.get(t, ())}
+            if feeds and all(topo.producers[t] in inside for t in feeds) and used & inside:
+                inside.add(n.name)
+                changed = True
+    return [n for n in model.graph.node if n.name in inside]
+
+
+def _text_tokens(model: onnx.ModelProto) -> int | None:
+    """The prompt length L of text-conditioned graphs (their ``encoder_hidden_states`` input [B, L, D])."""
+    for vi in model.graph.input:
+        if vi.name == "encoder_hidden_states":
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) == 3 and dims[1].HasField("dim_value"):
+                return int(dims[1].dim_value)
+    return None
 
 
 @dataclasses.dataclass

@@ -68,7 +68,8 @@ class CacheTwin:
             for k, v in pairs.items():
                 self.outputs[k] = v - self.before[k]
             return None
-        new = {k: self.before[k] + self.residuals[k] for k in pairs}
+        # streams without a residual are those the graph drops after the span (Flux's last text output)
+        new = {k: self.before[k] + self.residuals[k] for k in pairs if k in self.residuals}
         if torch.is_tensor(output):
             return new["image"]
         return (new.get("text", output[0]), new["image"])
