@@ -15,8 +15,10 @@ cached steps (off by default: on small models the matching costs more than it sa
 
 Options:
     span: blocks cached, "START-END" inclusive (one for every bucket, or one per bucket, noisiest first);
-        "auto" leaves the first and the last block computed (DBCache's F1B1).
+        "auto" computes the first block only (first-block caching; DBCache's F1B0).
     interval: a full step every this many steps, one per bucket or one for all; 1 never caches.
+    full_above: every step whose timestep (training scale) is above this runs full: the first, noisiest
+        steps lay out the image and caching them costs the most (DBCache's warm-up steps); -1: none.
     adaptive: > 0 switches to the first-block-cache rule with this threshold (``interval`` caps the run of
         cached steps).
     locations, stride: ToMe's, for full steps of buckets with a ratio above 0.
@@ -67,9 +69,9 @@ DEFAULT_BUCKETS = "0,0,0"  # no merging: full steps run the unmerged graph
 def parse_span(text: str, blocks: int) -> tuple[int, int]:
     """"START-END" (inclusive block indices) or "auto" (all but the first and last) -> (start, end exclusive)."""
     if text == "auto":
-        if blocks < 3:
-            raise DitmergeError(f"span=auto caches all but the first and last block; the model has only {blocks}")
-        return 1, blocks - 1
+        if blocks < 2:
+            raise DitmergeError(f"span=auto caches all but the first block; the model has only {blocks}")
+        return 1, blocks
     try:
         a, b = (int(v) for v in text.split("-"))
     except ValueError:
@@ -93,7 +95,8 @@ class StepCache(Method):
     default_buckets = DEFAULT_BUCKETS
     defaults: ClassVar[dict[str, object]] = {
         "span": ("auto",),
-        "interval": (2,),
+        "interval": (3,),
+        "full_above": 900,
         "adaptive": 0.0,
         "locations": ("attn",),
         "stride": (2, 2),
@@ -114,14 +117,14 @@ class StepCache(Method):
 
     def validate(self, specs: list[BucketSpec], grid: tuple[int, int]) -> None:
         o = self.options
+        for spec in specs:
+            self.tome_config(spec.ratio).validate(grid)
         self._intervals = [int(v) for v in per_bucket(tuple(o["interval"]), len(specs), "interval")]
         if any(v < 1 for v in self._intervals):
             raise DitmergeError(f"interval {list(o['interval'])}: every value must be >= 1 (1: never cache)")
         if o["adaptive"] < 0:
             raise DitmergeError(f"adaptive={o['adaptive']} must be >= 0 (0: the fixed interval schedule)")
         per_bucket(tuple(o["span"]), len(specs), "span")
-        for spec in specs:
-            self.tome_config(spec.ratio).validate(grid)
 
     def prepare(self, ctx: BuildContext) -> None:
         blocks = len(block_paths(ctx.base))
@@ -152,6 +155,7 @@ class StepCache(Method):
         interval = self._intervals[index] if isinstance(index, int) else self._intervals[0]
         meta = {"span": [start, end], "blocks": info["blocks"], "streams": info["streams"],
                 "cache_bytes_per_sample": info["cache_bytes_per_sample"], "interval": interval,
+                "full_above": int(self.options["full_above"]),
                 "adaptive": float(self.options["adaptive"]), "merged_variants": merged_variants,
                 "span_nodes_kept": json.loads(get_model_meta(cached)["cache"])["span_nodes_kept"],
                 "r": tome.get("r", 0), "tome": tome, "stride": list(self.options["stride"]),

@@ -7,6 +7,7 @@ when
 
 - there is no usable cache: none yet this generation, another span (buckets may cache different
   blocks), or another batch size;
+- the step's timestep is above the plan's ``full_above`` (the noisiest steps lay the image out);
 - ``interval`` steps of the current bucket have passed since the last full step (``interval`` 1: always);
 - adaptive plans only: the front blocks' output of the last cached step moved more than the threshold
   (relative L1 against the last full step, the cached graph's ``cache_change``, worst row of the batch).
@@ -48,7 +49,9 @@ class CachePolicy(StepPolicy):
         interval = int(meta.get("interval", 1))
         threshold = float(meta.get("adaptive", 0.0))
         change = state.data.get("change")
-        full = not usable or state.data.get("since", 0) >= interval or (
+        above = float(meta.get("full_above", -1))
+        warm = above >= 0 and state.t is not None and state.t > above  # negative: no warm-up
+        full = not usable or warm or state.data.get("since", 0) >= interval or (
             threshold > 0 and change is not None and change > threshold)
         variant = MAIN if full else CACHED
         state.data.setdefault("log", []).append((state.steps, bucket.index, variant))
