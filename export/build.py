@@ -459,6 +459,11 @@ def render_report(manifest: dict) -> str:
                   f"- TensorRT check: static check for TensorRT >= {TENSORRT_MIN_VERSION} (ops, TopK K, scatter "
                   "reductions, data-dependent and dynamic shapes); failures are listed in plan.json"]
     lines += ["", bucket_table(manifest), ""]
+    multi = [b for b in manifest["buckets"] if len(b.get("variant_latency_ms") or {}) > 1]
+    if multi:  # methods with several graphs per bucket (cache, SDTM, CA-ToMe): each variant's forward
+        lines += ["Per-variant latency (ms per forward): " + "; ".join(
+            f"bucket {b['index']}: " + ", ".join(f"{v} {ms:.2f}" for v, ms in b["variant_latency_ms"].items())
+            for b in multi), ""]
     if "quality" in rep:
         lines += ["## Quality and end-to-end speed: merged plan vs unmerged plan", "", quality_table(rep["quality"]), "",
                   "![unmerged (top) vs merged (bottom), same seeds](samples.png)", ""]

@@ -57,13 +57,13 @@ from passes.cache_twin import CacheTwin
 from passes.errors import DitmergeError
 from passes.onnxutil import get_model_meta, infer_shapes
 from passes.partition import draw_partition, plan_bands
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
+from passes.tome import DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
 from passes.twin import ToMeTwin
 
 logger = logging.getLogger(__name__)
 
 CACHED = "cached"
-DEFAULT_BUCKETS = "0,0,0"  # no merging: full steps run the unmerged graph
+DEFAULT_BUCKETS = "0"  # one bucket, no merging: full steps run the unmerged graph
 
 
 def parse_span(text: str, blocks: int) -> tuple[int, int]:
@@ -98,7 +98,7 @@ class StepCache(Method):
         "interval": (3,),
         "full_above": 900,
         "adaptive": 0.0,
-        "locations": ("attn",),
+        "locations": DEFAULT_LOCATIONS,
         "stride": (2, 2),
         "merge_cached": False,
     }
