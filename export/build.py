@@ -260,7 +260,7 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
             b["engines"]["tensorrt"] = manifest["engines"][b["graph"]]
     cfg = manifest["model"]["config"]
     if (measure and quality_samples > 0 and cfg.get("in_channels") == 3 and cfg.get("num_embeds_ada_norm")
-            and any(b["r"] for b in manifest["buckets"])):
+            and any(b["r"] or len(b["graphs"]) > 1 for b in manifest["buckets"])):  # merged, or cached steps
         steps.set_postfix_str("generating for the quality report")
         from export.report_quality import measure_quality
         from runtime.plan import Plan
@@ -464,6 +464,11 @@ def render_report(manifest: dict) -> str:
                   f"- TensorRT check: static check for TensorRT >= {TENSORRT_MIN_VERSION} (ops, TopK K, scatter "
                   "reductions, data-dependent and dynamic shapes); failures are listed in plan.json"]
     lines += ["", bucket_table(manifest), ""]
+    multi = [b for b in manifest["buckets"] if len(b.get("variant_latency_ms") or {}) > 1]
+    if multi:  # methods with several graphs per bucket (cache, SDTM, CA-ToMe): each variant's forward
+        lines += ["Per-variant latency (ms per forward): " + "; ".join(
+            f"bucket {b['index']}: " + ", ".join(f"{v} {ms:.2f}" for v, ms in b["variant_latency_ms"].items())
+            for b in multi), ""]
     if "quality" in rep:
         lines += ["## Quality and end-to-end speed: merged plan vs unmerged plan", "", quality_table(rep["quality"]), "",
                   "![unmerged (top) vs merged (bottom), same seeds](samples.png)", ""]

@@ -29,10 +29,12 @@ def test_python_m_export_with_no_arguments_builds_a_valid_plan(tmp_path):
     assert "| bucket | timesteps | ratio |" in proc.stdout
     plan = Plan.load(tmp_path / "plan")  # verifies every hash
     manifest = json.loads((tmp_path / "plan" / "plan.json").read_text())
-    assert [b["ratio"] for b in manifest["buckets"]] == [0.3, 0.2, 0.1]
-    assert manifest["method"]["params"]["locations"] == ["attn", "joint"]
+    # the default: step caching, one bucket with a full and a cached variant
+    assert manifest["method"]["name"] == "cache" and [b["ratio"] for b in manifest["buckets"]] == [0.0]
+    assert all(set(b["graphs"]) == {"main", "cached"} for b in manifest["buckets"])
     assert all(b["fidelity_max_abs"] <= 1e-4 for b in manifest["buckets"])
-    assert plan.bucket_for(999).index == 0 and plan.bucket_for(0).index == 2
+    assert all(b["tensorrt_check"] == [] for b in manifest["buckets"])
+    assert plan.bucket_for(999).index == 0 and plan.bucket_for(0).index == 0
     assert not (tmp_path / "plan" / ".staging").exists()
     if manifest["model"]["source"] == "bundled:tiny-dit":  # the trained default: the report carries quality
         q = manifest["report"]["quality"]
@@ -42,6 +44,7 @@ def test_python_m_export_with_no_arguments_builds_a_valid_plan(tmp_path):
         assert q["e2e_speedup"] == pytest.approx(lat["unmerged"] / lat["merged"], rel=1e-9)
         assert "fid_merged" in q and (tmp_path / "plan" / "samples.png").stat().st_size > 0
         assert "## Quality and end-to-end speed" in (tmp_path / "plan" / "report.md").read_text()
+        assert "end-to-end latency" in proc.stdout and "PSNR dB" in proc.stdout  # the CLI prints both
 
 
 @pytest.mark.parametrize("args,message", [
@@ -61,7 +64,7 @@ def test_user_errors_exit_1_without_traceback(tmp_path, args, message):
 def test_print_python_shows_the_library_call(tmp_path):
     proc = _run("export", "--buckets", "0.3", "--print-python", cwd=tmp_path)
     assert proc.returncode == 0
-    assert "build_plan(model='bundled:tiny-dit', method='tome', buckets='0.3'" in proc.stdout
+    assert "build_plan(model='bundled:tiny-dit', method='cache', buckets='0.3'" in proc.stdout
 
 
 def test_help_documents_every_flag(tmp_path):

@@ -1,0 +1,301 @@
+"""The step-cache pass: a span of blocks whose residual a later step reuses (DESIGN.md §8, methods.md §7).
+
+A *span* is the blocks ``start..end-1`` of the model's block list (``transformer_blocks`` then
+``single_transformer_blocks``). Its *streams* are the token tensors that flow through it: the image
+tokens ``[B, N, C]`` and, in MMDiT blocks (SD3, Flux), the text tokens ``[B, L, C]``. Variants:
+
+- ``full``: the graph runs every block and also outputs ``cache_residual_out.<stream>`` = the stream after
+  the span minus before it (Delta-DiT's Delta-Cache; DBCache's middle-block residual);
+- ``cached``: the span's blocks are gone; each stream after the span is ``before + cache_residual.<stream>``
+  (an input), and the back blocks run on it.
+
+With ``adaptive`` set (first-block caching), ``full`` also outputs the image stream entering the span
+(the front blocks' output) as ``cache_front_out``, and ``cached`` takes it back as ``cache_front`` and
+outputs ``cache_change [B]`` = mean |front - front_ref| / mean |front_ref| per row, which the runtime
+compares with a threshold to choose the next step's variant.
+
+The span is located on the unmerged graph by module scope (as :mod:`passes.locate` finds sublayers) and
+its boundary checked by shape; the tensor names it finds survive the ToMe pass, so the same span can be
+cut out of, or read from, a merged graph (full steps that merge and cache).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import re
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from passes.errors import DitmergeError
+from passes.graphbuild import Emitter
+from passes.infra import GraphPass, PassResult
+from passes.locate import FLOAT_TYPES, Topology, _node_scopes
+from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
+
+logger = logging.getLogger(__name__)
+
+CACHE_INPUT = "cache_residual."
+CACHE_OUTPUT = "cache_residual_out."
+FRONT_INPUT = "cache_front"
+FRONT_OUTPUT = "cache_front_out"
+CHANGE_OUTPUT = "cache_change"
+VARIANTS = ("full", "cached")
+STREAMS = ("image", "text")
+_BLOCK_RE = re.compile(r"(?:^|\.)((single_transformer_blocks|transformer_blocks)\.(\d+))$")
+EPS = 1e-8  # keeps the relative change finite on an all-zero reference
+
+
+def cache_input(stream: str) -> str:
+    return CACHE_INPUT + stream
+
+
+def cache_output(stream: str) -> str:
+    return CACHE_OUTPUT + stream
+
+
+@dataclasses.dataclass
+class Stream:
+    name: str  # "image" or "text"
+    before: str  # tensor entering the span
+    after: str  # tensor leaving it
+    tokens: int
+    width: int
+
+
+@dataclasses.dataclass
+class Span:
+    """A located span: its blocks, their nodes and its streams; ``reason`` says why it cannot be cached."""
+
+    start: int
+    end: int
+    blocks: list[str]
+    nodes: list[str]
+    streams: list[Stream]
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def block_paths(model: onnx.ModelProto) -> list[str]:
+    """The model's blocks in execution order, as module paths (``transformer_blocks.0``, ...)."""
+    found: dict[str, tuple[bool, int]] = {}
+    for node in model.graph.node:
+        for scope in _node_scopes(node)[0]:
+            m = _BLOCK_RE.search(scope)
+            if m:
+                found[m.group(1)] = (m.group(2).startswith("single"), int(m.group(3)))
+    return sorted(found, key=found.__getitem__)
+
+
+def locate_span(model: onnx.ModelProto, num_tokens: int, start: int, end: int) -> Span:
+    """The span of blocks ``start..end-1`` of a shaped, unmerged graph, checked by shape."""
+    paths = block_paths(model)
+    span = Span(start, end, paths[start:end], [], [])
+    if not 0 <= start < end <= len(paths):
+        span.reason = f"span {start}-{end} is not inside the model's {len(paths)} blocks (0-{len(paths)})"
+        return span
+    wanted = set(span.blocks)
+    nodes = []
+    for node in model.graph.node:
+        for scope in _node_scopes(node)[0]:
+            m = _BLOCK_RE.search(scope)
+            if m and m.group(1) in wanted:
+                nodes.append(node)
+                break
+    topo = Topology.of(model, num_tokens)
+    nodes = _absorb_unscoped(model, nodes, topo)
+    span.nodes = [n.name for n in nodes]
+    ins, outs = topo.boundary(nodes)
+
+    text_tokens = _text_tokens(model)
+    if text_tokens == num_tokens:
+        span.reason = f"text and image streams both have {num_tokens} tokens; their residuals cannot be told apart"
+        return span
+
+    def tokens(name: str) -> tuple[str, int, int] | None:
+        # token streams only: image [B, N, C] or text [B, L, C] (not e.g. PixArt's [B, 6, C] modulation)
+        elem, dims = topo.shapes.get(name, (0, []))
+        if elem not in FLOAT_TYPES or len(dims) != 3 or not isinstance(dims[2], int):
+            return None
+        if dims[1] == num_tokens:
+            return "image", num_tokens, dims[2]
+        if text_tokens is not None and dims[1] == text_tokens:
+            return "text", text_tokens, dims[2]
+        return None
+
+    for name in outs:
+        kind = tokens(name)
+        if kind is None:
+            continue  # not a token stream (e.g. DiT's final-layer conditioning, computed in block 0): kept alive
+        matches = [i for i in ins if tokens(i) == kind]
+        if any(s.name == kind[0] for s in span.streams):
+            span.reason = f"the span outputs two {kind[0]} streams ({name} and another)"
+        elif len(matches) != 1:
+            span.reason = f"the {kind[0]} stream {name} {list(kind[1:])} has {len(matches)} inputs of its shape, expected 1"
+        else:
+            span.streams.append(Stream(kind[0], matches[0], name, kind[1], kind[2]))
+    if span.ok and not any(s.name == "image" for s in span.streams):
+        span.reason = f"no [B, {num_tokens}, C] image stream leaves the span"
+    span.streams.sort(key=lambda s: STREAMS.index(s.name))
+    return span
+
+
+def _absorb_unscoped(model: onnx.ModelProto, nodes: list[onnx.NodeProto], topo: Topology) -> list[onnx.NodeProto]:
+    """Add the scope-less nodes that sit between the span's own (Flux's joint-attention Split has no scope)."""
+    inside = {n.name for n in nodes}
+    loose = [n for n in model.graph.node if not _node_scopes(n)[0] and n.name not in inside]
+    changed = True
+    while changed:
+        changed = False
+        for n in loose:
+            if n.name in inside:
+                continue
+            feeds = [t for t in n.input if t and t not in topo.inits and t in topo.producers]
+            used = {c for t in n.output for c in topo.consumers.get(t, ())}
+            if feeds and all(topo.producers[t] in inside for t in feeds) and used & inside:
+                inside.add(n.name)
+                changed = True
+    return [n for n in model.graph.node if n.name in inside]
+
+
+def _text_tokens(model: onnx.ModelProto) -> int | None:
+    """The prompt length L of text-conditioned graphs (their ``encoder_hidden_states`` input [B, L, D])."""
+    for vi in model.graph.input:
+        if vi.name == "encoder_hidden_states":
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) == 3 and dims[1].HasField("dim_value"):
+                return int(dims[1].dim_value)
+    return None
+
+
+@dataclasses.dataclass
+class CacheConfig:
+    variant: str = "full"
+    start: int = 1
+    end: int = 2
+    adaptive: bool = False
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise DitmergeError(f"unknown cache variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
+        if self.adaptive and self.start < 1:
+            raise DitmergeError("the adaptive rule compares the front blocks' output: the span must start at block 1 "
+                                "or later")
+
+
+class CachePass(GraphPass):
+    """Insert one cache variant (see the module docstring); a second run with the same stamp is a no-op.
+
+    ``locate_on``: the unmerged graph to find the span in, when the input graph is already merged.
+    """
+
+    name = "cache"
+
+    def __init__(self, config: CacheConfig, bucket: int | str = "", locate_on: onnx.ModelProto | None = None) -> None:
+        self.config = config
+        self.bucket = bucket
+        self.locate_on = locate_on
+
+    def stamp(self) -> dict:
+        return json.loads(json.dumps({"pass": self.name, "method": "cache", "bucket": self.bucket,
+                                      **dataclasses.asdict(self.config)}))
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        from passes.tome import graph_grid
+
+        cfg = self.config
+        cfg.validate()
+        stamps = [s for s in provenance(model) if s.get("pass") == self.name]
+        if stamps:
+            if all(s == self.stamp() for s in stamps):
+                return PassResult(model, False)
+            raise DitmergeError(f"the graph already carries a step cache ({stamps[0]}); apply it to an uncached graph")
+        grid = graph_grid(model)
+        n = grid[0] * grid[1]
+        span = locate_span(infer_shapes(self.locate_on if self.locate_on is not None else model), n, cfg.start, cfg.end)
+        if not span.ok:
+            raise DitmergeError(f"cannot cache blocks {cfg.start}-{cfg.end - 1}: {span.reason}")
+        graph, meta = import_graph(model)
+        tensors = graph.tensors()
+        missing = [t for s in span.streams for t in (s.before, s.after) if t not in tensors]
+        if missing:
+            raise DitmergeError(f"the span's stream tensors {missing} are not in the graph (was it merged across "
+                                "block boundaries?)")
+        batch = graph.inputs[0].shape[0]
+        em = Emitter(graph, f"ditmerge_cache/{cfg.variant}")
+        image = next(s for s in span.streams if s.name == "image")
+        if cfg.variant == "full":
+            for s in span.streams:
+                res = em.op("Sub", [tensors[s.after], tensors[s.before]], hint=f"residual_{s.name}")
+                graph.outputs.append(_named_identity(em, res, cache_output(s.name), [batch, s.tokens, s.width]))
+            if cfg.adaptive:
+                graph.outputs.append(_named_identity(em, tensors[image.before], FRONT_OUTPUT,
+                                                     [batch, image.tokens, image.width]))
+        else:
+            span_nodes = set(span.nodes)
+            for s in span.streams:
+                cache = gs.Variable(cache_input(s.name), dtype=np.float32, shape=[batch, s.tokens, s.width])
+                graph.inputs.append(cache)
+                after = em.op("Add", [tensors[s.before], cache], hint=f"cached_{s.name}")
+                old = tensors[s.after]
+                for nd in list(old.outputs):
+                    if nd.name not in span_nodes and nd.name not in em.inserted:
+                        nd.inputs = [after if t is old else t for t in nd.inputs]
+                graph.outputs = [after if t is old else t for t in graph.outputs]
+            if cfg.adaptive:
+                ref = gs.Variable(FRONT_INPUT, dtype=np.float32, shape=[batch, image.tokens, image.width])
+                graph.inputs.append(ref)
+                graph.outputs.append(_named_identity(em, _relative_l1(em, tensors[image.before], ref), CHANGE_OUTPUT,
+                                                     [batch]))
+        out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
+        kept = _kept_span_nodes(out, span)
+        info = {"variant": cfg.variant, "start": cfg.start, "end": cfg.end, "blocks": span.blocks,
+                "adaptive": cfg.adaptive, "streams": {s.name: [s.tokens, s.width] for s in span.streams},
+                "cache_bytes_per_sample": int(sum(4 * s.tokens * s.width for s in span.streams)),
+                "span_nodes": len(span.nodes), "span_nodes_kept": kept}
+        set_model_meta(out, cache=info)
+        logger.info("cache: %s variant, blocks %d-%d (%s), streams %s%s", cfg.variant, cfg.start, cfg.end - 1,
+                    ", ".join(span.blocks), ", ".join(s.name for s in span.streams),
+                    f"; {kept} of the span's {len(span.nodes)} nodes stay (read after the span)" if cfg.variant ==
+                    "cached" and kept else "")
+        return PassResult(infer_shapes(out), True)
+
+
+def _relative_l1(em: Emitter, x: gs.Variable, ref: gs.Variable) -> gs.Variable:
+    """mean |x - ref| / (mean |ref| + eps) over tokens and channels: [B, N, C] -> [B]."""
+    axes = em.ints("axes", [1, 2])
+    diff = em.op("ReduceMean", [em.op("Abs", [em.op("Sub", [x, ref])]), axes], {"keepdims": 0})
+    norm = em.op("ReduceMean", [em.op("Abs", [ref]), axes], {"keepdims": 0})
+    return em.op("Div", [diff, em.op("Add", [norm, em.const("eps", np.float32(EPS))])], hint="relative_change")
+
+
+def _kept_span_nodes(model: onnx.ModelProto, span: Span) -> int:
+    names = set(span.nodes)
+    return sum(n.name in names for n in model.graph.node)
+
+
+def _named_identity(em: Emitter, x: gs.Variable, name: str, shape: list) -> gs.Variable:
+    out = gs.Variable(name, dtype=np.float32, shape=shape)
+    node = gs.Node(op="Identity", name=em._name("output"), inputs=[x], outputs=[out])
+    em.graph.nodes.append(node)
+    em.inserted.append(node.name)
+    return out
+
+
+def span_counts(model: onnx.ModelProto) -> collections.Counter:
+    """Nodes per block of a graph (for tests: which blocks a cached variant still runs)."""
+    counts: collections.Counter = collections.Counter()
+    for node in model.graph.node:
+        for scope in _node_scopes(node)[0]:
+            m = _BLOCK_RE.search(scope)
+            if m:
+                counts[m.group(1)] += 1
+                break
+    return counts
