@@ -63,7 +63,7 @@ class Stream:
     name: str  # "image" or "text"
     before: str  # tensor entering the span
     after: str  # tensor leaving it
-    tokens: int
+    tokens: int | str  # a dim name where the length is dynamic (the prompt axis)
     width: int
 
 
@@ -95,7 +95,39 @@ def block_paths(model: onnx.ModelProto) -> list[str]:
 
 
 def locate_span(model: onnx.ModelProto, num_tokens: int, start: int, end: int) -> Span:
-    """The span of blocks ``start..end-1`` of a shaped, unmerged graph, checked by shape."""
+    """The span of blocks ``start..end-1`` of a shaped, unmerged graph, checked by shape.
+
+    A dynamic prompt axis is fixed to a stand-in length for the search (shape inference loses its name
+    past the joint split and concat); the text stream's length is then reported as the axis name.
+    """
+    axis, model = _static_prompt(model, num_tokens)
+    span = _locate_span(model, num_tokens, start, end)
+    if axis is not None:
+        for s in span.streams:
+            if s.name == "text":
+                s.tokens = axis
+    return span
+
+
+def _static_prompt(model: onnx.ModelProto, num_tokens: int) -> tuple[str | None, onnx.ModelProto]:
+    """``model`` with its dynamic prompt axis (if any) set to a length unlike the image's, shapes re-inferred."""
+    dynamic = [d for vi in model.graph.input if vi.name == "encoder_hidden_states"
+               for d in vi.type.tensor_type.shape.dim[1:2] if d.dim_param]
+    if not dynamic:
+        return None, model
+    axis = dynamic[0].dim_param
+    length = num_tokens + 1  # any length the image stream does not have
+    fixed = onnx.ModelProto.FromString(model.SerializeToString())
+    for vi in fixed.graph.input:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param == axis:
+                d.dim_value = length  # clears dim_param (a oneof)
+            elif d.dim_param == "batch":
+                d.dim_value = 2  # static too, so computed reshapes (Flux's joint split) infer
+    return axis, infer_shapes(fixed)
+
+
+def _locate_span(model: onnx.ModelProto, num_tokens: int, start: int, end: int) -> Span:
     paths = block_paths(model)
     span = Span(start, end, paths[start:end], [], [])
     if not 0 <= start < end <= len(paths):
@@ -165,13 +197,18 @@ def _absorb_unscoped(model: onnx.ModelProto, nodes: list[onnx.NodeProto], topo: 
     return [n for n in model.graph.node if n.name in inside]
 
 
-def _text_tokens(model: onnx.ModelProto) -> int | None:
-    """The prompt length L of text-conditioned graphs (their ``encoder_hidden_states`` input [B, L, D])."""
+def _text_tokens(model: onnx.ModelProto) -> int | str | None:
+    """The prompt length L of text-conditioned graphs (their ``encoder_hidden_states`` input [B, L, D]).
+
+    An int where the export fixed it, the axis name (``"text"``) where the prompt length is dynamic.
+    """
     for vi in model.graph.input:
         if vi.name == "encoder_hidden_states":
             dims = vi.type.tensor_type.shape.dim
             if len(dims) == 3 and dims[1].HasField("dim_value"):
                 return int(dims[1].dim_value)
+            if len(dims) == 3 and dims[1].dim_param:
+                return dims[1].dim_param
     return None
 
 
@@ -258,7 +295,9 @@ class CachePass(GraphPass):
         kept = _kept_span_nodes(out, span)
         info = {"variant": cfg.variant, "start": cfg.start, "end": cfg.end, "blocks": span.blocks,
                 "adaptive": cfg.adaptive, "streams": {s.name: [s.tokens, s.width] for s in span.streams},
-                "cache_bytes_per_sample": int(sum(4 * s.tokens * s.width for s in span.streams)),
+                # per sample; a dynamic-length (prompt) stream counts per token of its length
+                "cache_bytes_per_sample": int(sum(4 * s.tokens * s.width for s in span.streams
+                                                  if isinstance(s.tokens, int))),
                 "span_nodes": len(span.nodes), "span_nodes_kept": kept}
         set_model_meta(out, cache=info)
         logger.info("cache: %s variant, blocks %d-%d (%s), streams %s%s", cfg.variant, cfg.start, cfg.end - 1,

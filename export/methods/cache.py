@@ -93,6 +93,12 @@ def per_bucket(values: tuple, count: int, what: str) -> list:
 class StepCache(Method):
     name = "cache"
     default_buckets = DEFAULT_BUCKETS
+    #: with the prompt axis dynamic, Flux's joint split sizes are computed at run time, so shape inference cannot
+    #: give the span's streams their shapes (the span locator checks them by shape)
+    unsupported: ClassVar[dict[str, str]] = {
+        "flux": "its joint split sizes follow the dynamic prompt length at run time, so the cached span's token "
+                "streams have no static shape to check",
+    }
     defaults: ClassVar[dict[str, object]] = {
         "span": ("auto",),
         "interval": (3,),
@@ -169,24 +175,28 @@ class StepCache(Method):
 
     def extra_feed(self, ctx: BuildContext, meta: dict, variant: str, batch: int,
                    seed: int | None = 0) -> dict[str, np.ndarray]:
-        return cache_extra_feed(meta, variant, batch, ctx.grid, np.random.default_rng(seed))
+        return cache_extra_feed(meta, variant, batch, ctx.grid, np.random.default_rng(seed), ctx.text_len)
 
     def fidelity(self, ctx: BuildContext, meta: dict, variant: str, run, inputs: dict[str, torch.Tensor]) -> float:
         batch = next(iter(inputs.values())).shape[0]
-        extra = cache_extra_feed(meta, variant, batch, ctx.grid, np.random.default_rng(0))
+        extra = cache_extra_feed(meta, variant, batch, ctx.grid, np.random.default_rng(0), ctx.text_len)
         return cache_fidelity(ctx.torch_model, run, inputs, meta, variant, extra)
 
 
 def cache_extra_feed(meta: dict, variant: str, batch: int, grid: tuple[int, int],
-                     rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Inputs of a variant beyond the model's: partitions of merged variants, random caches of cached ones."""
+                     rng: np.random.Generator, text_len: int = 8) -> dict[str, np.ndarray]:
+    """Inputs of a variant beyond the model's: partitions of merged variants, random caches of cached ones.
+
+    A stream whose length is the graph's dynamic prompt axis (``"text"``) gets ``text_len`` tokens.
+    """
     feed: dict[str, np.ndarray] = {}
     if variant in meta.get("merged_variants", []):
         feed[PARTITION_INPUT], feed[PARTITION_INV_INPUT] = draw_partition(grid, tuple(meta["stride"]), rng,
                                                                           int(meta["bands"]))
     if variant == CACHED:
         for stream, (tokens, width) in meta["streams"].items():
-            feed[cache_input(stream)] = (0.5 * rng.standard_normal((batch, tokens, width))).astype(np.float32)
+            length = text_len if isinstance(tokens, str) else tokens
+            feed[cache_input(stream)] = (0.5 * rng.standard_normal((batch, length, width))).astype(np.float32)
         if meta.get("adaptive"):
             tokens, width = meta["streams"]["image"]
             feed[FRONT_INPUT] = rng.standard_normal((batch, tokens, width)).astype(np.float32)
@@ -220,7 +230,8 @@ def _tome_twin(model: torch.nn.Module, tome: dict, extra: dict[str, np.ndarray])
 
     if not tome or PARTITION_INPUT not in extra:
         return contextlib.nullcontext()
-    twin = ToMeTwin(model, tome["sites"], tome["num_src"], tome["r"], tome.get("bands", 1))
+    twin = ToMeTwin(model, tome["sites"], tome["num_src"], tome.get("r_blocks") or tome["r"], tome.get("bands", 1),
+                    tome.get("metric", "sublayer"), tome.get("metric_blocks"))
     twin.set_partition(torch.from_numpy(extra[PARTITION_INPUT]), torch.from_numpy(extra[PARTITION_INV_INPUT]))
     return twin.installed()
 
