@@ -35,8 +35,7 @@ def tome_fidelity(model: torch.nn.Module, runner: OrtRunner, inputs: dict[str, t
     bands = tome_meta.get("bands", 1)
     part, inv = draw_partition(grid, tuple(tome_meta["stride"]), np.random.default_rng(seed), bands)
     out = runner.infer({**feed_of(inputs), PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})["sample"]
-    twin = ToMeTwin(model, tome_meta["sites"], tome_meta["num_src"], tome_meta.get("r_blocks") or tome_meta["r"], bands,
-                    tome_meta.get("metric", "sublayer"), tome_meta.get("metric_blocks"))
+    twin = ToMeTwin.from_meta(model, tome_meta)
     twin.set_partition(torch.from_numpy(part), torch.from_numpy(inv))
     with twin.installed():
         ref = eager_forward(model, inputs).numpy()

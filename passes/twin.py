@@ -45,6 +45,12 @@ class ToMeTwin:
         self.partition_inv: torch.Tensor | None = None
         self._matches: dict[str, tome_math.TorchMatch] = {}
 
+    @classmethod
+    def from_meta(cls, model: torch.nn.Module, meta: dict) -> ToMeTwin:
+        """The twin of a merged graph from its ToMe metadata (sites, r or r per block, bands, metric)."""
+        return cls(model, meta["sites"], meta["num_src"], meta.get("r_blocks") or meta["r"], meta.get("bands", 1),
+                   meta.get("metric", "sublayer"), meta.get("metric_blocks"))
+
     def set_partition(self, partition: torch.Tensor, partition_inv: torch.Tensor) -> None:
         self.partition, self.partition_inv = torch.as_tensor(partition), torch.as_tensor(partition_inv)
 

@@ -230,8 +230,7 @@ def _tome_twin(model: torch.nn.Module, tome: dict, extra: dict[str, np.ndarray])
 
     if not tome or PARTITION_INPUT not in extra:
         return contextlib.nullcontext()
-    twin = ToMeTwin(model, tome["sites"], tome["num_src"], tome.get("r_blocks") or tome["r"], tome.get("bands", 1),
-                    tome.get("metric", "sublayer"), tome.get("metric_blocks"))
+    twin = ToMeTwin.from_meta(model, tome)
     twin.set_partition(torch.from_numpy(extra[PARTITION_INPUT]), torch.from_numpy(extra[PARTITION_INV_INPUT]))
     return twin.installed()
 

@@ -80,7 +80,7 @@ class TwinTransformer(torch.nn.Module):
         self.calls.append((t, meta.get("r", 0)))
         ctx = contextlib.nullcontext()
         if meta.get("r"):
-            twin = ToMeTwin(self.model, meta["sites"], meta["num_src"], meta["r"], meta.get("bands", 1))
+            twin = ToMeTwin.from_meta(self.model, meta)
             part, inv = draw_partition(self.grid, tuple(meta["stride"]), None, meta.get("bands", 1))
             twin.set_partition(torch.from_numpy(part), torch.from_numpy(inv))
             ctx = twin.installed()
