@@ -27,9 +27,11 @@ from passes.errors import DitmergeError
 from passes.flops import count_flops
 from passes.infra import PassManager
 from passes.onnxutil import save_checked
+from passes.counts import count_feed
 from passes.trt_check import TENSORRT_MIN_VERSION, check_tensorrt
 from runtime.plan import FORMAT_VERSION, PLAN_FILE, sha256_file
 from runtime.runners import OrtRunner, SharedWeights
+from runtime.transformer import graph_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +189,10 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
     results: list[BucketResult] = []
     built: dict[int, BucketGraphs] = {}
     files: dict[int, dict[str, str]] = {}
+    staged: dict[str, str] = {}  # sha256 -> staged graph file: buckets whose graphs are equal share one file
     for i, spec in enumerate(specs):
         steps.set_postfix_str(f"bucket {i}: {method} ratio {spec.ratio}")
-        bg, names = _bucket_graphs(meth, ctx, spec, i, done)
+        bg, names = _bucket_graphs(meth, ctx, spec, i, done, staged)
         built[i], files[i] = bg, names
         main = names[MAIN]
         flops = base_flops if main == BASE_GRAPH else count_flops(bg.graphs[MAIN])
@@ -216,17 +219,20 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
             bg = built[res.index]
             res.fidelity = {}
             for variant, g in files[res.index].items():
+                counts = shape_feed(stage / g, bg.counts)
+                run = lambda f, rn=runners[g], c=counts: rn.infer({**f, **c})  # noqa: E731
                 res.fidelity[variant] = (report["export_fidelity_max_abs"] if g == BASE_GRAPH else
-                                         meth.fidelity(ctx, bg.meta, variant, runners[g].infer, inputs))
-                extra = meth.extra_feed(ctx, bg.meta, variant, 2)
-                calls.setdefault(g, lambda rn=runners[g], extra=extra: rn.infer({**feed, **extra}))
+                                         meth.fidelity(ctx, bg.meta, variant, run, inputs))
+                extra = {**meth.extra_feed(ctx, bg.meta, variant, 2), **counts}
+                calls.setdefault(_call_key(g, counts), lambda rn=runners[g], extra=extra: rn.infer({**feed, **extra}))
             res.fidelity_max_abs = max(res.fidelity.values())
         lat = interleaved_latency(calls, repeats=repeats)
         report["base_latency_ms"] = lat[BASE_GRAPH] * 1e3
         for res in results:
-            res.latency_ms = lat[res.graph] * 1e3
-            res.speedup = lat[BASE_GRAPH] / lat[res.graph]
-            res.variant_latency_ms = {v: lat[g] * 1e3 for v, g in files[res.index].items()}
+            keys = {v: _call_key(g, shape_feed(stage / g, built[res.index].counts)) for v, g in files[res.index].items()}
+            res.latency_ms = lat[keys[MAIN]] * 1e3
+            res.speedup = lat[BASE_GRAPH] / lat[keys[MAIN]]
+            res.variant_latency_ms = {v: lat[k] * 1e3 for v, k in keys.items()}
         for rn in runners.values():
             rn.deactivate()
         steps.update()
@@ -247,7 +253,8 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
                  "tensorrt_check": base_trt},
         "buckets": [{**dataclasses.asdict(r), "sha256": sha256_file(stage / r.graph), "engines": {},
                      "graphs": {v: {"file": g, "sha256": sha256_file(stage / g)} for v, g in files[r.index].items()},
-                     "method_meta": built[r.index].meta} for r in results],  # engines: filled below
+                     "method_meta": built[r.index].meta, "counts": built[r.index].counts}
+                    for r in results],  # engines: filled below
         "report": report,
     }
     if engines:
@@ -298,7 +305,7 @@ def _sweep(stage: Path, manifest: dict, meth: Method, ctx: BuildContext, ratios:
             if g is not None:
                 save_checked(g, stage / names[variant])
         view = copy.deepcopy(manifest)
-        view["buckets"] = [{**b, "graph": names[MAIN], "method_meta": bg.meta,
+        view["buckets"] = [{**b, "graph": names[MAIN], "method_meta": bg.meta, "counts": bg.counts,
                             "graphs": {v: {"file": f, "sha256": ""} for v, f in names.items()}} for b in view["buckets"]]
         q = measure_quality(Plan(stage, view), samples=samples, steps=steps)
         rows.append({"ratio": ratio, "r": bg.r, **q})
@@ -308,9 +315,24 @@ def _sweep(stage: Path, manifest: dict, meth: Method, ctx: BuildContext, ratios:
     return rows
 
 
-def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int,
-                   done: StageProgress) -> tuple[BucketGraphs, dict[str, str]]:
-    """Build (or, when an interrupted build finished it, reload) a bucket's graphs; save them staged."""
+def _call_key(graph: str, counts: dict) -> str:
+    """One latency measurement per graph and count lengths (buckets sharing a graph differ in counts)."""
+    return graph + "".join(f"|{k}={len(v)}" for k, v in sorted(counts.items()))
+
+
+def shape_feed(graph_path: Path, counts: dict[str, int]) -> dict:
+    """The count inputs (:mod:`passes.counts`) of ``counts`` that the graph at ``graph_path`` takes."""
+    names = graph_inputs(graph_path)
+    return {k: v for k, v in count_feed(counts).items() if k in names}
+
+
+def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int, done: StageProgress,
+                   staged: dict[str, str]) -> tuple[BucketGraphs, dict[str, str]]:
+    """Build (or, when an interrupted build finished it, reload) a bucket's graphs; save them staged.
+
+    A graph equal to one an earlier bucket staged (``staged``: sha256 -> file) is not written again: the
+    bucket references that file, so the runtime opens one session (one engine) for both.
+    """
     key = json.dumps({"graphs": index, **meth.stamp(spec, index)}, sort_keys=True, default=str)
     record = done.data["done"].get(key)
     if record is not None and "variants" in record:
@@ -320,16 +342,26 @@ def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int
             logger.info("resuming: reusing %s", ", ".join(files) or BASE_GRAPH)
             graphs = {v: None if f == BASE_GRAPH else onnx.load(ctx.stage / f, load_external_data=False)
                       for v, f in names.items()}
-            return BucketGraphs(graphs, record["meta"], record["r"], record["kept_tokens"]), names
+            for f in files:
+                staged.setdefault(sha256_file(ctx.stage / f), f)
+            return BucketGraphs(graphs, record["meta"], record["r"], record["kept_tokens"],
+                                record.get("counts", {})), names
     bg = meth.build_bucket(ctx, spec, index)
     names = {}
     for variant, g in bg.graphs.items():
         names[variant] = BASE_GRAPH if g is None else (f"bucket_{index}.onnx" if variant == MAIN
                                                        else f"bucket_{index}_{variant}.onnx")
         if g is not None:
-            save_checked(g, ctx.stage / names[variant])
+            path = ctx.stage / names[variant]
+            save_checked(g, path)
+            digest = sha256_file(path)
+            if staged.get(digest, names[variant]) != names[variant]:
+                path.unlink()
+                names[variant] = staged[digest]
+            staged.setdefault(digest, names[variant])
     done.record(key + "#files", sorted(set(names.values()) - {BASE_GRAPH}))
-    done.remember(key, {"variants": names, "meta": bg.meta, "r": bg.r, "kept_tokens": bg.kept_tokens})
+    done.remember(key, {"variants": names, "meta": bg.meta, "r": bg.r, "kept_tokens": bg.kept_tokens,
+                        "counts": bg.counts})
     return bg, names
 
 

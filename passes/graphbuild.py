@@ -63,3 +63,21 @@ def unit_rows(em: Emitter, x: gs.Variable, eps: float) -> gs.Variable:
     xs = em.op("Div", [x, em.op("Max", [amax, em.const("eps", np.float32(eps))])], hint="scaled")
     norm = em.op("Sqrt", [em.op("ReduceSum", [em.op("Mul", [xs, xs]), em.ints("axis", [-1])], {"keepdims": 1})])
     return em.op("Div", [xs, em.op("Max", [norm, em.const("eps", np.float32(eps))])], hint="metric")
+
+
+def count_input(graph: gs.Graph, key: str) -> gs.Variable:
+    """The graph input that carries count ``key`` by its length (:mod:`passes.counts`); added once."""
+    from passes.counts import count_input_name
+
+    name = count_input_name(key)
+    for t in graph.inputs:
+        if t.name == name:
+            return t
+    var = gs.Variable(name, dtype=np.int64, shape=[key])
+    graph.inputs.append(var)
+    return var
+
+
+def count_value(em: Emitter, count: gs.Variable) -> gs.Variable:
+    """The count as an int64 tensor of shape [1]: the length of its input, a shape tensor on TensorRT."""
+    return em.op("Shape", [count], hint="count_of")

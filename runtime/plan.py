@@ -9,7 +9,9 @@ from pathlib import Path
 
 from passes.errors import DitmergeError
 
-FORMAT_VERSION = 2  # 2: buckets may hold several graph variants and method metadata (1 still reads)
+# 3: a bucket is a shape: buckets may share a graph file and carry the ``counts`` fed as input lengths
+# (passes/counts.py). Versions 1 and 2 (one graph per bucket) are refused: rebuild them.
+FORMAT_VERSION = 3
 PLAN_FILE = "plan.json"
 
 
@@ -31,6 +33,7 @@ class Bucket:
     sha256: str
     graphs: dict = dataclasses.field(default_factory=dict, compare=False)  # variant -> file
     meta: dict = dataclasses.field(default_factory=dict, compare=False)  # the method's, for its runtime policy
+    counts: dict = dataclasses.field(default_factory=dict, compare=False)  # count key -> value (input lengths)
 
     def covers(self, t: float) -> bool:
         """Integer timesteps t_lo..t_hi, and the continuous range [t_lo, t_hi + 1) for float schedules."""
@@ -45,7 +48,7 @@ class Plan:
         self.manifest = manifest
         self.buckets = [Bucket(b["index"], b["t_lo"], b["t_hi"], b["ratio"], b["graph"], b["sha256"],
                                {k: v["file"] for k, v in b.get("graphs", {}).items()} or {"main": b["graph"]},
-                               b.get("method_meta", b.get("tome")) or {})
+                               b.get("method_meta") or {}, dict(b.get("counts") or {}))
                         for b in manifest["buckets"]]
 
     @property
@@ -70,6 +73,10 @@ class Plan:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise DitmergeError(f"{path} has format version {version!r}; this ditmerge reads versions up to "
                                 f"{FORMAT_VERSION}: upgrade ditmerge or rebuild the plan")
+        if version < FORMAT_VERSION:
+            raise DitmergeError(f"{path} has format version {version}, written by an older ditmerge that kept one "
+                                f"graph (and one copy of the weights) per bucket; this ditmerge reads version "
+                                f"{FORMAT_VERSION}: rebuild the plan with `python -m export` (same arguments)")
         plan = cls(directory, manifest)
         files = {b.graph: b.sha256 for b in plan.buckets}
         for b in manifest["buckets"]:

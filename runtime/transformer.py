@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from passes.counts import count_feed
 from passes.errors import DitmergeError
 from runtime.plan import Plan
 from runtime.policies import GenState, policy_for
@@ -193,6 +194,8 @@ class PlanTransformer(torch.nn.Module):
             raise DitmergeError(f"bucket {bucket.index} of the plan has no {variant!r} graph (it has "
                                 f"{', '.join(bucket.graphs)}); rebuild the plan")
         runner = self.runner(graph)
+        if bucket.counts:  # a bucket is a shape: its token counts are the lengths of count inputs
+            extra = {**extra, **{k: v for k, v in count_feed(bucket.counts).items() if k in self._inputs[graph]}}
         values = _family_feed(self.family, hidden_states, timestep, kwargs)
         # device runners (TensorRT) take torch tensors where they are; method state stays on the device
         if runner.device_io:

@@ -48,12 +48,15 @@ class BucketGraphs:
     """A bucket's graphs by variant (None: the unmerged base graph) and what the runtime needs to run them.
 
     ``meta`` is written to the plan as the bucket's ``method_meta``; the runtime policy reads it.
+    ``counts`` are the token counts the graphs take as input lengths (:mod:`passes.counts`): buckets
+    whose graphs are identical once their counts are inputs share one graph file.
     """
 
     graphs: dict[str, onnx.ModelProto | None]
     meta: dict
     r: int  # tokens removed at the deepest merge point of the MAIN variant
     kept_tokens: int
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class Method:
