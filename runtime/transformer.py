@@ -19,6 +19,7 @@ import torch
 
 from passes.counts import count_feed
 from passes.errors import DitmergeError
+from runtime.branches import variant_feed, variant_outputs
 from runtime.plan import Plan
 from runtime.policies import GenState, policy_for
 from runtime.runners import OrtRunner, SharedWeights, ort_providers, torch_feed
@@ -121,6 +122,7 @@ class PlanTransformer(torch.nn.Module):
         self._weights = SharedWeights(plan.dir / plan.manifest["weights"]["file"])
         self._runners: dict[str, object] = {}
         self._inputs: dict[str, dict[str, tuple[np.dtype, list]]] = {}
+        self._branches: dict[str, dict | None] = {}
         self._runner_lock = threading.Lock()
         self._gen = _Generation()
 
@@ -158,6 +160,7 @@ class PlanTransformer(torch.nn.Module):
                     self._runners[graph] = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads,
                                                      self.prepack)
                 self._inputs[graph] = graph_inputs(self.plan.dir / graph)
+                self._branches[graph] = graph_branches(self.plan.dir / graph)
             return self._runners[graph]
 
     def reset(self, seed: int | None = None) -> None:
@@ -197,6 +200,9 @@ class PlanTransformer(torch.nn.Module):
         if bucket.counts:  # a bucket is a shape: its token counts are the lengths of count inputs
             extra = {**extra, **{k: v for k, v in count_feed(bucket.counts).items() if k in self._inputs[graph]}}
         values = _family_feed(self.family, hidden_states, timestep, kwargs)
+        branched = self._branches.get(graph)
+        if branched:  # one graph for every variant: its count picks the branch, other variants' inputs get zeros
+            extra = {**extra, **variant_feed(branched, variant, self._inputs[graph], {**values, **extra})}
         # device runners (TensorRT) take torch tensors where they are; method state stays on the device
         if runner.device_io:
             feed = torch_feed(self._inputs[graph], values, extra)
@@ -204,6 +210,8 @@ class PlanTransformer(torch.nn.Module):
             feed = self._feed(self._inputs[graph], values, extra, self.plan)
         device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
         outputs = runner.infer(feed)  # the one path for every backend: activates the runner on first use
+        if branched:
+            outputs = variant_outputs(branched, variant, outputs)
         sample = torch.as_tensor(outputs["sample"]).to(device)
         if len(outputs) > 1:
             self.policy.update(state, bucket, variant, {k: v for k, v in outputs.items() if k != "sample"})
@@ -285,6 +293,15 @@ def graph_inputs(path: Path) -> dict[str, tuple[np.dtype, list]]:
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
         out[vi.name] = (np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)), dims)
     return out
+
+
+def graph_branches(path: Path) -> dict | None:
+    """The variants of a branched graph (:mod:`passes.branch`), or None for a graph of one variant."""
+    import onnx
+
+    from passes.branch import branch_info
+
+    return branch_info(onnx.load(path, load_external_data=False))
 
 
 def _use_tensorrt(plan: Plan, backend: str) -> bool:
