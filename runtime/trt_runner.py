@@ -55,9 +55,11 @@ def engine_memory(engine, trt) -> dict:
     out = {"profiles": n, "profile_activation_bytes": per_profile,
            "activation_bytes": max(per_profile + [int(getattr(engine, "device_memory_size_v2", 0))])}
     stat = getattr(trt, "EngineStat", None)
-    if stat is not None and hasattr(engine, "get_engine_stat"):
-        out["weights_bytes"] = int(engine.get_engine_stat(stat.TOTAL_WEIGHTS_SIZE))
-        out["stripped_weights_bytes"] = int(engine.get_engine_stat(stat.STRIPPED_WEIGHTS_SIZE))
+    for key, name in (("weights_bytes", "TOTAL_WEIGHTS_SIZE"), ("stripped_weights_bytes", "STRIPPED_WEIGHTS_SIZE")):
+        try:
+            out[key] = int(engine.get_engine_stat(getattr(stat, name)))
+        except Exception:  # noqa: BLE001 - a TensorRT without engine stats: the figure is left out, not guessed
+            pass
     return out
 
 

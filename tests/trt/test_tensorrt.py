@@ -114,7 +114,7 @@ def test_engines_are_cached_by_key_and_weight_stripped(tmp_path):
     from export.trt_build import build_engine
 
     graph = tmp_path / "p" / next(iter(m1["engines"]))
-    build_engine(graph, tmp_path / "full.engine", "fp16", strip=False)
+    build_engine(graph, tmp_path / "full.engine", "fp16", strip=False, profiles=m1["engines"][graph.name]["profiles"])
     assert engine.stat().st_size < (tmp_path / "full.engine").stat().st_size  # stripped: no weights inside
     assert json.loads((tmp_path / "p" / "plan.json").read_text())["engines"]
 
