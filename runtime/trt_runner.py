@@ -63,6 +63,9 @@ def engine_memory(engine, trt) -> dict:
     return out
 
 
+DEFAULT_DEVICE = "cuda"  # where runners put their outputs unless told otherwise (CPU tests set "cpu")
+
+
 class TrtRunner(Runner):
     """Runs one serialized engine (every bucket of its graph); refits a weight-stripped engine once, on load.
 
@@ -82,11 +85,11 @@ class TrtRunner(Runner):
     name = "tensorrt"
     device_io = True
 
-    def __init__(self, engine_path: Path, onnx_path: Path, strip: bool = True, device: str = "cuda",
+    def __init__(self, engine_path: Path, onnx_path: Path, strip: bool = True, device: str | None = None,
                  profiles: list[dict[str, int]] | None = None) -> None:
         super().__init__()
         self.engine_path, self.onnx_path, self.strip = engine_path, onnx_path, strip
-        self.device = device
+        self.device = device or DEFAULT_DEVICE
         self.expected_profiles = profiles  # from the plan's engines table: checked against the engine's
         self._lock = threading.Lock()
 

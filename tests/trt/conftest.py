@@ -6,12 +6,15 @@ sees exactly which buffers the runner handed to the engine. Like TensorRT, a con
 outside its profile, and refuses to run without device memory (USER_MANAGED) or with a null input address.
 
 Builder side: ``Builder`` / ``OnnxParser`` read the graph's inputs from the ONNX file and record the
-optimization profiles, flags and network flags of each build.
+optimization profiles, flags and network flags of each build. An engine the fake builder wrote
+deserializes as :class:`OrtEngine`: the graph itself, run by onnxruntime on the buffers the runner binds
+(so a whole plan runs "on TensorRT" on a CPU, profiles and all).
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
 import sys
 import types
 
@@ -107,6 +110,75 @@ class FakeEngine:
         return self.contexts[-1]
 
 
+_NP = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "i64": np.int64, "b": np.bool_}
+_TRT = {1: "f32", 10: "f16", 6: "i32", 7: "i64", 9: "b"}  # onnx TensorProto -> the fake's dtype names
+
+
+class OrtContext(FakeContext):
+    """Runs the engine's graph with onnxruntime on the bound input buffers; outputs go to the bound addresses."""
+
+    def _array(self, name, dtype, shape):
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if n == 0:
+            return np.zeros(shape, dtype)
+        raw = (ctypes.c_byte * n).from_address(self.addresses[name])
+        return np.frombuffer(raw, dtype=np.uint8).view(dtype).reshape(shape)
+
+    def _run(self):
+        e = self.engine
+        feed = {n: self._array(n, _NP[e.dtypes[n]], self.shapes[n]).copy() for n in e.inputs}
+        self.results = dict(zip(e.outputs, e.session.run(e.outputs, feed)))
+
+    def get_tensor_shape(self, name):
+        self._run()  # inputs are bound before the runner asks for output shapes
+        return self.results[name].shape
+
+    def execute_async_v3(self, stream):
+        need = self.engine.get_device_memory_size_for_profile_v2(self.profile)
+        if self.memory is None or not self.memory[0] or self.memory[1] < need:
+            return False
+        if any(not self.addresses.get(n) for n in self.engine.inputs):
+            return False
+        self._run()
+        for name, value in self.results.items():
+            if value.size:
+                ctypes.memmove(self.addresses[name], np.ascontiguousarray(value).ctypes.data, value.nbytes)
+        self.engine.executed += 1
+        self.engine.ran_profiles.append(self.profile)
+        return True
+
+
+class OrtEngine(FakeEngine):
+    """An engine that is its ONNX graph (onnxruntime CPU), with the profiles it was built with."""
+
+    def __init__(self, onnx_path: str, profiles: list[dict[str, int]]) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        super().__init__(profiles)
+        self.session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        model = onnx.load(onnx_path, load_external_data=False)
+        inits = {i.name for i in model.graph.initializer}
+        ins = [vi for vi in model.graph.input if vi.name not in inits]
+        self.inputs = [vi.name for vi in ins]
+        self.outputs = [o.name for o in model.graph.output]
+        self.names = self.inputs + self.outputs
+        self.num_io_tensors = len(self.names)
+        self.dtypes = {vi.name: _TRT[vi.type.tensor_type.elem_type] for vi in list(ins) + list(model.graph.output)}
+        self.dims = {vi.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim)
+                     for vi in list(ins) + list(model.graph.output)}
+
+    def get_tensor_shape(self, name):
+        return self.dims[name]
+
+    def get_tensor_dtype(self, name):
+        return self.dtypes[name]
+
+    def create_execution_context(self, strategy=STATIC):
+        self.contexts.append(OrtContext(self, strategy))
+        return self.contexts[-1]
+
+
 class FakeProfile:
     def __init__(self) -> None:
         self.shapes: dict[str, tuple] = {}
@@ -122,7 +194,7 @@ class FakeTensor:
 
 class FakeNetwork:
     def __init__(self, flags) -> None:
-        self.flags, self.inputs, self.num_layers = flags, [], 0
+        self.flags, self.inputs, self.num_layers, self.path = flags, [], 0, None
 
     @property
     def num_inputs(self):
@@ -135,6 +207,7 @@ class FakeNetwork:
 def _install(monkeypatch, state: dict) -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.15.1"
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # what importlib.util.find_spec reads (torch._dynamo)
 
     class Runtime:
         def __init__(self, log):
@@ -142,7 +215,8 @@ def _install(monkeypatch, state: dict) -> types.ModuleType:
 
         def deserialize_cuda_engine(self, blob):
             state["deserialized"] += 1
-            state["engine"] = FakeEngine(state["blobs"].get(bytes(blob), state["profiles"]))
+            built = state["blobs"].get(bytes(blob))
+            state["engine"] = OrtEngine(*built) if built else FakeEngine(state["profiles"])
             return state["engine"]
 
     class OnnxParser:
@@ -152,6 +226,7 @@ def _install(monkeypatch, state: dict) -> types.ModuleType:
         def parse_from_file(self, path):
             import onnx
 
+            self.network.path = path
             model = onnx.load(path, load_external_data=False)
             inits = {i.name for i in model.graph.initializer}
             for vi in model.graph.input:
@@ -203,10 +278,10 @@ def _install(monkeypatch, state: dict) -> types.ModuleType:
         def build_serialized_network(self, network, config):
             state["builds"].append({"flags": set(config.flags), "network_flags": network.flags,
                                     "profiles": [p.shapes for p in config.profiles]})
-            blob = b"engine:" + repr(state["builds"][-1]["profiles"]).encode()
-            state["blobs"][blob] = [{n[len(COUNT):]: s[0][0] for n, s in p.shapes.items() if n.startswith(COUNT)}
-                                    for p in config.profiles]  # what deserializing this engine gives
-            return blob
+            blob = b"engine:" + repr((network.path, state["builds"][-1]["profiles"])).encode()
+            state["blobs"][blob] = (network.path, [{n[len(COUNT):]: s[0][0] for n, s in p.shapes.items()
+                                                    if n.startswith(COUNT)} for p in config.profiles])
+            return blob  # deserializes as the graph run by onnxruntime, with these profiles
 
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
     trt.Runtime, trt.OnnxParser, trt.Builder = Runtime, OnnxParser, Builder

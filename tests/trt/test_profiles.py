@@ -84,7 +84,7 @@ def _count_graph(path, n: int = 8, k_offset: int | None = None, strongly: bool =
                                            helper.make_tensor_value_info("ditmerge_count_r", T.INT64, ["r"])],
                               [helper.make_tensor_value_info("v", T.FLOAT16 if strongly else T.FLOAT, None),
                                helper.make_tensor_value_info("i", T.INT64, None)], [init])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10), path)
     return path
 
 
@@ -132,7 +132,7 @@ def _plan_dir(tmp_path):
     base = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "b",
                              [helper.make_tensor_value_info("x", T.FLOAT, ["batch", 8])],
                              [helper.make_tensor_value_info("y", T.FLOAT, None)])
-    onnx.save(helper.make_model(base, opset_imports=[helper.make_opsetid("", 23)]), tmp_path / "base.onnx")
+    onnx.save(helper.make_model(base, opset_imports=[helper.make_opsetid("", 23)], ir_version=10), tmp_path / "base.onnx")
     (tmp_path / "weights.bin").write_bytes(b"")
     spans = [(750, 999, "g1.onnx", 5), (500, 749, "g1.onnx", 2), (250, 499, "g1.onnx", 2), (0, 249, "base.onnx", 0)]
     buckets = [{"index": i, "t_lo": lo, "t_hi": hi, "ratio": 0.5, "graph": g, "sha256": g[:2] * 32,
@@ -218,3 +218,41 @@ def test_plan_transformer_makes_one_trt_runner_per_engine_file(tmp_path, monkeyp
     assert runners[0] is runners[1] is runners[2] and runners[3] is not runners[0]  # per engine, not per bucket
     assert len(tf._engine_runners) == 2 and not runners[0].is_active  # created lazily, activated on first infer
     assert runners[0].engine_path.name == "g1.engine" and runners[0].expected_profiles == [{"r": 2}, {"r": 5}]
+
+
+def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monkeypatch):
+    """export -> engines -> ``runtime.load(backend="trt")`` -> forward, on the fake whose engines are their graphs
+    run by onnxruntime: every bucket's step equals the onnxruntime backend's, through one runner per engine
+    file, in the profile of the bucket's counts."""
+    import export.trt_build as tb
+    import runtime
+    import runtime.trt_runner as rt
+    from export.build import build_plan
+
+    for mod in (tb, rt):
+        monkeypatch.setattr(mod, "gpu_name", lambda: "FAKE GPU")
+    monkeypatch.setattr(tb, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(rt, "tensorrt_status", lambda: (True, ""))
+    monkeypatch.setattr(rt, "DEFAULT_DEVICE", "cpu")
+    plan = tmp_path / "p"
+    manifest = build_plan("builtin:tiny-dit", buckets="999-700:0.5,699-400:0.3,399-0:0", out=plan, measure=False,
+                          progress=False, quality_samples=0)
+    manifest["engines"] = tb.build_plan_engines(plan, manifest, "fp32", strip=False, progress=False)
+    assert len(fake_trt["builds"]) == len(manifest["engines"]) == len({b["graph"] for b in manifest["buckets"]})
+    (plan / "plan.json").write_text(json.dumps(manifest))
+    on_trt = runtime.load(plan, backend="trt", deterministic=True)
+    on_ort = runtime.load(plan, backend="cpu", deterministic=True)
+    assert on_trt.use_trt and not on_ort.use_trt
+    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 7])
+    for t in (850, 550, 100):
+        bucket = on_trt.plan.bucket_for(t)
+        got = on_trt(x, timestep=torch.tensor([t, t]), class_labels=labels).sample
+        want = on_ort(x, timestep=torch.tensor([t, t]), class_labels=labels).sample
+        assert float((got - want).abs().max()) <= 1e-5, t
+        runner = on_trt.runner(bucket.graph)
+        profiles = manifest["engines"][bucket.graph]["profiles"]
+        vector = {k: v for k, v in bucket.counts.items() if k in {k for p in profiles for k in p}}
+        assert runner.engine.ran_profiles[-1] == profiles.index(vector)  # the bucket's own profile
+    assert len(on_trt._engine_runners) == len(manifest["engines"])  # one runner per engine file
+    assert all(len(r.contexts) == len(r.profiles) for r in on_trt._engine_runners.values())
