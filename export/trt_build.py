@@ -63,11 +63,10 @@ def engine_key(graph_sha256: str, precision: str, trt_version: str, gpu: str, st
     if precision not in PRECISIONS:
         raise DitmergeError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     blob = json.dumps({"graph": graph_sha256, "precision": precision, "tensorrt": trt_version, "gpu": gpu,
-                       "strip": strip, "strongly_typed": strongly_typed, "batch": list(batch), "text": list(TEXT_PROFILE),
+                       "strip": strip, "strongly_typed": strongly_typed, "batch": list(batch),
+                       "text": list(TEXT_PROFILE),
                        "profiles": [dict(sorted(p.items())) for p in (profiles or [{}])]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 
 
 def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16", timing_cache: Path | None = None,

@@ -157,8 +157,9 @@ class PlanTransformer(torch.nn.Module):
                     # one runner per engine file: every bucket of the graph is one of its profiles
                     info = self.plan.engines(graph)
                     if info["file"] not in self._engine_runners:
-                        self._engine_runners[info["file"]] = TrtRunner(self.plan.dir / info["file"], self.plan.dir / graph,
-                                                                       info["strip"], profiles=info["profiles"])
+                        engine = self.plan.dir / info["file"]
+                        self._engine_runners[info["file"]] = TrtRunner(engine, self.plan.dir / graph, info["strip"],
+                                                                       profiles=info["profiles"])
                     self._runners[graph] = self._engine_runners[info["file"]]
                 else:
                     self._runners[graph] = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads,
@@ -340,8 +341,8 @@ def _stale_profiles(plan: Plan, engines: dict) -> str:
     rebuild = "rebuild them with `python -m export --backend trt` (same arguments)"
     for graph, info in engines.items():
         if not isinstance(info.get("profiles"), list) or not info["profiles"]:
-            return (f"engine {info.get('file', graph)} of plan {plan.dir} records no optimization profiles (built by an "
-                    f"older ditmerge, one engine per bucket); {rebuild}")
+            return (f"engine {info.get('file', graph)} of plan {plan.dir} records no optimization profiles (built "
+                    f"by an older ditmerge, one engine per bucket); {rebuild}")
     for b in plan.buckets:
         for graph in sorted(set(b.graphs.values())):
             profiles = engines[graph]["profiles"]

@@ -47,9 +47,9 @@ def gpu_name() -> str:
 
 
 def engine_memory(engine, trt) -> dict:
-    """What TensorRT reports of an engine's device memory: weights (engine stats, TensorRT >= 10.13 where
-    present) and the activation buffer of each optimization profile; ``activation_bytes`` is the largest,
-    the one buffer every context of the runner shares."""
+    """What TensorRT reports of an engine's device memory: its weights (the ``EngineStat`` figures, where
+    this TensorRT has them) and the activation buffer of each optimization profile. ``activation_bytes``
+    is the largest: the one buffer that every context of the runner shares."""
     n = max(1, int(getattr(engine, "num_optimization_profiles", 1)))
     per_profile = [int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(n)]
     out = {"profiles": n, "profile_activation_bytes": per_profile,

@@ -325,7 +325,8 @@ def test_topk_k_from_data_or_open_dims_is_refused():
     data = _count_model([helper.make_node("ReduceMax", ["kin", "ax"], ["k"], name="kmax", keepdims=1),
                          helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")], [_ints("ax", [0])],
                         extra_inputs=[("kin", T.INT64, [3])])
-    assert any("must be a constant or computed from input shapes" in r and "ReduceMax kmax" in r for r in _reasons(data))
+    assert any("must be a constant or computed from input shapes" in r and "ReduceMax kmax" in r
+               for r in _reasons(data))
     found = [str(v) for v in check_count_profiles(data, [{"r": 1}, {"r": 2}])]
     assert len(found) == 1 and "data-dependent K" in found[0]  # reported once, not per profile
     batch = _count_model([helper.make_node("Shape", ["x"], ["sx"], name="sx"),

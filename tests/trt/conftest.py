@@ -165,8 +165,10 @@ class OrtEngine(FakeEngine):
         self.names = self.inputs + self.outputs
         self.num_io_tensors = len(self.names)
         self.dtypes = {vi.name: _TRT[vi.type.tensor_type.elem_type] for vi in list(ins) + list(model.graph.output)}
-        self.dims = {vi.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim)
-                     for vi in list(ins) + list(model.graph.output)}
+        io = list(ins) + list(model.graph.output)
+        dims = lambda vi: tuple(d.dim_value if d.HasField("dim_value") else -1  # noqa: E731
+                                for d in vi.type.tensor_type.shape.dim)
+        self.dims = {vi.name: dims(vi) for vi in io}
 
     def get_tensor_shape(self, name):
         return self.dims[name]
@@ -207,7 +209,7 @@ class FakeNetwork:
 def _install(monkeypatch, state: dict) -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.15.1"
-    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # what importlib.util.find_spec reads (torch._dynamo)
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # importlib.util.find_spec reads it (torch._dynamo)
 
     class Runtime:
         def __init__(self, log):

@@ -47,7 +47,7 @@ def test_one_context_per_profile_over_one_shared_buffer(tmp_path, fake_trt):
     memories = {c.memory for c in engine.contexts}
     assert len(memories) == 1  # one buffer for all of them ...
     ptr, size = memories.pop()
-    assert ptr and size == 3000 == max(engine.get_device_memory_size_for_profile_v2(i) for i in range(3))  # ... the largest
+    assert ptr and size == 3000 == max(engine.get_device_memory_size_for_profile_v2(i) for i in range(3))  # the largest
     assert runner.memory["activation_bytes"] == 3000 and runner.memory["profile_activation_bytes"] == [1000, 2000, 3000]
 
 
@@ -132,7 +132,8 @@ def _plan_dir(tmp_path):
     base = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "b",
                              [helper.make_tensor_value_info("x", T.FLOAT, ["batch", 8])],
                              [helper.make_tensor_value_info("y", T.FLOAT, None)])
-    onnx.save(helper.make_model(base, opset_imports=[helper.make_opsetid("", 23)], ir_version=10), tmp_path / "base.onnx")
+    onnx.save(helper.make_model(base, opset_imports=[helper.make_opsetid("", 23)], ir_version=10),
+              tmp_path / "base.onnx")
     (tmp_path / "weights.bin").write_bytes(b"")
     spans = [(750, 999, "g1.onnx", 5), (500, 749, "g1.onnx", 2), (250, 499, "g1.onnx", 2), (0, 249, "base.onnx", 0)]
     buckets = [{"index": i, "t_lo": lo, "t_hi": hi, "ratio": 0.5, "graph": g, "sha256": g[:2] * 32,
@@ -153,7 +154,8 @@ def test_build_plan_engines_one_engine_per_graph_file(tmp_path, fake_trt, monkey
     assert engines["g1.onnx"]["profiles"] == [{"r": 2}, {"r": 5}]  # distinct count vectors, sorted
     assert engines["base.onnx"]["profiles"] == [{}]
     assert engines["g1.onnx"]["memory"]["profiles"] == 2
-    assert engines["g1.onnx"]["key"] == tb.engine_key("g1" * 32, "fp16", "10.15.1", "FAKE GPU", True, [{"r": 2}, {"r": 5}])
+    assert engines["g1.onnx"]["key"] == tb.engine_key("g1" * 32, "fp16", "10.15.1", "FAKE GPU", True,
+                                                      [{"r": 2}, {"r": 5}])
     # cached by key: a second call builds nothing; one more count vector is a new engine
     again = tb.build_plan_engines(tmp_path, {**manifest, "engines": engines}, "fp16", progress=False)
     assert again == engines and len(fake_trt["builds"]) == 2
@@ -196,7 +198,8 @@ def test_plans_with_stale_engine_tables_are_refused(tmp_path, caplog):
 
     old = _engines([{"r": 2}, {"r": 5}])
     del old["g1.onnx"]["profiles"]  # an engines table of an older ditmerge
-    with pytest.raises(DitmergeError, match="records no optimization profiles.*rebuild them with `python -m export --backend trt`"):
+    with pytest.raises(DitmergeError, match="records no optimization profiles.*rebuild them with "
+                                            "`python -m export --backend trt`"):
         _use_tensorrt(_plan(tmp_path, old), "trt")
     assert _use_tensorrt(_plan(tmp_path, old), "auto") is False and "no optimization profiles" in caplog.text
     with pytest.raises(DitmergeError, match=r"no optimization profile for bucket 0's counts \{'r': 5\}"):

@@ -138,7 +138,8 @@ def _profile_graph(path, n: int = 64, c: int = 1024):
              helper.make_node("TopK", ["s", "kept"], ["v", "i"], name="topk", axis=-1)]
     graph = helper.make_graph(nodes, "profiles", [helper.make_tensor_value_info("x", T.FLOAT, ["batch", n, c]),
                                                   helper.make_tensor_value_info("ditmerge_count_r", T.INT64, ["r"])],
-                              [helper.make_tensor_value_info("y", T.FLOAT, None), helper.make_tensor_value_info("v", T.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", T.FLOAT, None),
+                               helper.make_tensor_value_info("v", T.FLOAT, None)],
                               [numpy_helper.from_array(w, "w"), ints("n", [n]), ints("zero", [0]), ints("one", [1]),
                                ints("two", [2])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
@@ -160,7 +161,8 @@ def test_multi_profile_engine_holds_the_weights_once(tmp_path):
     weight_bytes = _profile_graph(tmp_path / "g.onnx")
     profiles = [{"r": 0}, {"r": 16}, {"r": 32}]
     build_engine(tmp_path / "g.onnx", tmp_path / "multi.engine", "fp32", strip=False, profiles=profiles, opt_level=2)
-    build_engine(tmp_path / "g.onnx", tmp_path / "plain.engine", "fp32", strip=False, profiles=profiles[:1], opt_level=2)
+    build_engine(tmp_path / "g.onnx", tmp_path / "plain.engine", "fp32", strip=False, profiles=profiles[:1],
+                 opt_level=2)
     memory = {}
     for name in ("multi", "plain"):
         free0 = torch.cuda.mem_get_info()[0]
