@@ -21,7 +21,8 @@ random-init except the bundled model, no network), a ToMe plan with a merged buc
    where their counts come from shapes: one fp32 engine per graph file with a profile per count vector,
    every bucket within ``FP32_ATOL`` of onnxruntime CPU fp32, and each multi-profile engine's device memory
    (TensorRT's weights + the one activation buffer) at most ``MAX_PROFILE_MEMORY`` x a plain single-profile
-   engine of the same graph. With ``--cpu`` only the layout (graph file -> its count vectors) is recorded.
+   engine of the same graph. The static check of every engine and profile (``check_plan_profiles``) runs
+   on CPU too; with ``--cpu`` it and the layout (graph file -> its count vectors) are all that is recorded.
 
 Writes one JSON to ``benchmarks/results/gpu_check-<date>.json`` (date, GPU, versions, every figure, and
 PASSED / FAILED per check) and exits 1 if a check failed. Budget: <= 8 minutes on one GPU (engine
@@ -291,7 +292,7 @@ def check_trt(spec: PlanSpec, plan: Path, model, precision: str, reference: np.n
 def check_profiles(spec: PlanSpec, root: Path, trt_ok: bool, opt_level: int | None) -> dict:
     """The multi-profile path on a ToMe plan of ``PROFILE_BUCKETS``: layout, agreement and device memory."""
     import runtime
-    from export.trt_build import build_engine, build_plan_engines, graph_profiles
+    from export.trt_build import build_engine, build_plan_engines, check_plan_profiles, graph_profiles
 
     plan, model = build(spec, root, PROFILE_BUCKETS, suffix="-profiles")
     manifest_path = plan / "plan.json"
@@ -300,7 +301,9 @@ def check_profiles(spec: PlanSpec, root: Path, trt_ok: bool, opt_level: int | No
     res: dict = {"buckets": PROFILE_BUCKETS, "layout": layout,
                  "buckets_per_graph": {g: sum(g in {b["graph"], *(v["file"] for v in b.get("graphs", {}).values())}
                                               for b in manifest["buckets"]) for g in layout},
-                 "shared": any(len(v) > 1 for v in layout.values())}
+                 "shared": any(len(v) > 1 for v in layout.values()),
+                 "static_check": check_plan_profiles(plan, manifest)}  # per engine and profile, on CPU
+    res["static_ok"] = not any(res["static_check"].values())
     if not trt_ok:
         return res
     t0 = time.perf_counter()
@@ -340,7 +343,7 @@ def check_profiles(spec: PlanSpec, root: Path, trt_ok: bool, opt_level: int | No
         ratio = (total(multi) / total(single)) if total(multi) and total(single) else None
         res["memory_vs_single_profile"][graph] = {"multi": multi, "single": single, "ratio": ratio,
                                                   "ok": ratio is not None and ratio <= MAX_PROFILE_MEMORY}
-    res["ok"] = res["agree"] and all(v["ok"] for v in res["memory_vs_single_profile"].values())
+    res["ok"] = res["static_ok"] and res["agree"] and all(v["ok"] for v in res["memory_vs_single_profile"].values())
     return res
 
 
@@ -394,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in args.profile_plans.split(","):
                 res = entry["profiles"] = check_profiles(spec, Path(tmp), ok_trt, args.opt_level)
                 logger.info("%s profiles: %s", name, json.dumps(res))
-                if ok_trt and not res["ok"]:
+                if not res["static_ok"] or (ok_trt and not res["ok"]):
                     failed.append(f"{name} profiles")
     report["failed"] = failed
     report["wall_s"] = time.perf_counter() - t_start

@@ -197,6 +197,22 @@ def graph_profiles(plan_dir: Path, manifest: dict) -> dict[str, list[dict[str, i
     return {g: [dict(v) for v in sorted(vs)] for g, vs in vectors.items()}
 
 
+def check_plan_profiles(plan_dir: Path, manifest: dict) -> dict[str, list[str]]:
+    """The per-engine static check of a plan, on CPU: graph file -> what TensorRT would refuse in its engine
+    (:func:`passes.trt_check.check_tensorrt` and, per profile of :func:`graph_profiles`,
+    :func:`passes.trt_check.check_count_profiles`); an empty list where the engine would build."""
+    import onnx
+
+    from passes.trt_check import check_count_profiles, check_tensorrt
+
+    out = {}
+    for graph, profiles in graph_profiles(plan_dir, manifest).items():
+        model = onnx.load(plan_dir / graph, load_external_data=False)
+        found = check_tensorrt(model) + (check_count_profiles(model, profiles) if count_inputs(model.graph) else [])
+        out[graph] = [str(v) for v in dict.fromkeys(found)]
+    return out
+
+
 def pin_fp32_layers(network, trt) -> int:
     """Keep the layers of nodes the graph builders marked (``passes.graphbuild.PIN_FP32``) in fp32.
 

@@ -259,3 +259,16 @@ def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monk
         assert runner.engine.ran_profiles[-1] == profiles.index(vector)  # the bucket's own profile
     assert len(on_trt._engine_runners) == len(manifest["engines"])  # one runner per engine file
     assert all(len(r.contexts) == len(r.profiles) for r in on_trt._engine_runners.values())
+
+
+def test_check_plan_profiles_runs_the_static_check_of_every_engine(tmp_path):
+    """On CPU, per graph file and profile: the fixed plan passes; K = r + 3800 at r = 100 is refused."""
+    from export.trt_build import check_plan_profiles
+
+    manifest = _plan_dir(tmp_path)
+    assert check_plan_profiles(tmp_path, manifest) == {"g1.onnx": [], "base.onnx": []}
+    _count_graph(tmp_path / "g1.onnx", n=4000, k_offset=3800)
+    manifest["buckets"][0]["counts"] = {"r": 100}
+    found = check_plan_profiles(tmp_path, manifest)
+    assert found["base.onnx"] == [] and found["g1.onnx"] == [
+        "TopK topk: K=3900 in profile 1 (r=100) exceeds TensorRT's limit of 3840"]  # profiles r=2 and r=100

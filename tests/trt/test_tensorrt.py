@@ -99,6 +99,7 @@ def test_gpu_check_cpu_mode_writes_its_json(tmp_path):
     prof = report["plans"]["bundled"]["profiles"]
     assert sum(prof["buckets_per_graph"].values()) == 3 and prof["layout"]["base.onnx"] == [{}]
     assert all(isinstance(v, list) and v for v in prof["layout"].values()) and "max_abs_vs_ort" not in prof
+    assert prof["static_ok"] and set(prof["static_check"]) == set(prof["layout"])  # every engine checked, on CPU
 
 
 @gpu
