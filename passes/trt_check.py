@@ -392,15 +392,21 @@ def _data_use(name: str, scope: _Scope) -> str:
     return ""
 
 
-def _nodes(graph: onnx.GraphProto):
-    """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph in it (If/Loop/Scan bodies, nested)."""
+    yield graph
     for n in graph.node:
-        yield n
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(a.g)
+                yield from _graphs(a.g)
             for g in a.graphs:
-                yield from _nodes(g)
+                yield from _graphs(g)
+
+
+def _nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs."""
+    for g in _graphs(graph):
+        yield from g.node
 
 
 def count_inputs(graph: onnx.GraphProto) -> dict[str, str]:
@@ -469,9 +475,10 @@ class ShapeValues:
 
     def __init__(self, graph: onnx.GraphProto, shapes: dict[str, list[int | None]]) -> None:
         self.shapes = shapes
-        self.producers = {out: n for n in graph.node for out in n.output}
-        self.inits = {i.name: i for i in graph.initializer}
-        self.inputs = {vi.name for vi in graph.input} - set(self.inits)
+        # subgraph (If/Loop body) nodes too: a K inside a branch reads outer-scope shapes by name
+        self.producers = {out: n for n in _nodes(graph) for out in n.output}
+        self.inits = {i.name: i for g in _graphs(graph) for i in g.initializer}
+        self.inputs = {vi.name for g in _graphs(graph) for vi in g.input} - set(self.inits)
         self.memo: dict[str, np.ndarray] = {}
 
     def value(self, name: str) -> np.ndarray:
@@ -592,12 +599,13 @@ def _profile_shapes(model: onnx.ModelProto, counts: dict[str, int]) -> dict[str,
     except Exception:  # noqa: BLE001 - what inference cannot read stays unknown, and K on it is reported
         pass
     shapes: dict[str, list[int | None]] = {}
-    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
-        tt = vi.type.tensor_type
-        if tt.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-    for init in m.graph.initializer:
-        shapes[init.name] = list(init.dims)
+    for g in _graphs(m.graph):
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            tt = vi.type.tensor_type
+            if tt.HasField("shape") and vi.name not in shapes:
+                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        for init in g.initializer:
+            shapes[init.name] = list(init.dims)
     return shapes
 
 
@@ -609,9 +617,10 @@ def check_count_profiles(model: onnx.ModelProto, profiles: list[dict[str, int]])
     """What TensorRT would refuse in an engine with one optimization profile per count vector of ``profiles``.
 
     (a) every consumer of a count input is a ``Shape`` node (the count is a shape tensor; any data use is a
-    violation); (b) per profile, with the count dims fixed, every TopK whose K is not a constant evaluates
-    from shapes alone (:class:`ShapeValues`) to at most ``TOPK_MAX_K``: a K read from data, or from a
-    dimension the profile leaves open, is refused. Constant K is rule 4 of :func:`check_tensorrt`.
+    violation); (b) per profile, with the count dims fixed, every TopK whose K is not a constant (in If/Loop
+    bodies too) evaluates from shapes alone (:class:`ShapeValues`) to at most ``TOPK_MAX_K``: a K read from
+    data, or from a dimension the profile leaves open, is refused. Constant K is rule 4 of
+    :func:`check_tensorrt`.
     """
     graph = model.graph
     found = _check_count_inputs(graph)
@@ -619,8 +628,9 @@ def check_count_profiles(model: onnx.ModelProto, profiles: list[dict[str, int]])
     if keys and not profiles:
         found.append(Violation("(model)", "profile", f"the graph takes counts {', '.join(sorted(keys))} but no "
                                                      "optimization profile gives their values"))
-    consts = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
-    topks = [n for n in graph.node if n.op_type == "TopK" and len(n.input) > 1 and n.input[1] not in consts]
+    consts = {i.name for g in _graphs(graph) for i in g.initializer} | {
+        n.output[0] for n in _nodes(graph) if n.op_type == "Constant"}
+    topks = [n for n in _nodes(graph) if n.op_type == "TopK" and len(n.input) > 1 and n.input[1] not in consts]
     seen: set[Violation] = set(found)
     for index, counts in enumerate(profiles):
         what = f"profile {index} ({_describe(counts)})"

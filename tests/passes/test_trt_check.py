@@ -356,3 +356,22 @@ def test_a_count_read_as_data_is_refused():
     assert any(r.startswith("Identity inner") and "as data" in r for r in _reasons(sub))
     # the fixed twin: only Shape reads it
     assert not [r for r in _reasons(_k_from_count(0)) if "count" in r]
+
+
+def test_topk_k_inside_an_if_branch_is_evaluated_per_profile():
+    """passes/branch.py puts the merged nodes in an If branch: a K there reads outer-scope shapes."""
+    from passes.trt_check import check_count_profiles
+
+    def branch(name, offset):
+        nodes = [helper.make_node("Shape", [COUNT], [f"{name}/r"], name=f"{name}/count_of"),
+                 helper.make_node("Add", [f"{name}/r", "off"], [f"{name}/k"], name=f"{name}/k"),
+                 helper.make_node("TopK", ["x", f"{name}/k"], [f"{name}/v", f"{name}/i"], name=f"{name}/topk")]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}/v", T.FLOAT, None)])
+
+    m = _count_model([helper.make_node("If", ["c"], ["v"], name="if", then_branch=branch("a", 0),
+                                       else_branch=branch("b", 0)),
+                      helper.make_node("Identity", ["x"], ["i"], name="id")], [_ints("off", [3800])],
+                     extra_inputs=[("c", T.BOOL, [])])
+    assert check_count_profiles(m, [{"r": 40}]) == []
+    found = sorted(str(v) for v in check_count_profiles(m, [{"r": 41}]))
+    assert found == [f"TopK {b}/topk: K=3841 in profile 0 (r=41) exceeds TensorRT's limit of 3840" for b in "ab"]
