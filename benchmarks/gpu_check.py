@@ -17,8 +17,9 @@ random-init except the bundled model, no network), a ToMe plan with a merged buc
    (DiT-XL width in fp16 only; its compile is the slow part) on the same GPU, batch 2;
 4. device memory: used before and after the engines load, and the engines' activation memory;
 5. the multi-profile path (``--profile-plans``, default bundled and DiT-XL width): a ToMe plan of three
-   buckets (ratios 0.5 and 0.3, and unmerged; ``PROFILE_BUCKETS``) whose merged buckets share one graph
-   where their counts come from shapes: one fp32 engine per graph file with a profile per count vector,
+   buckets (ratios 0.5 and 0.3, and unmerged; ``PROFILE_BUCKETS``) that all run one graph (r from shapes,
+   the unmerged bucket at r = 0: ``unmerged_on_merged``): one fp32 engine per graph file with a profile
+   per count vector (a zero-length count input included),
    every bucket within ``FP32_ATOL`` of onnxruntime CPU fp32, and each multi-profile engine's device memory
    (TensorRT's weights + the one activation buffer) at most ``MAX_PROFILE_MEMORY`` x a plain single-profile
    engine of the same graph. The static check of every engine and profile (``check_plan_profiles``) runs
@@ -133,7 +134,8 @@ def versions() -> dict:
     return out
 
 
-def build(spec: PlanSpec, root: Path, buckets: str = BUCKETS, suffix: str = "") -> tuple[Path, torch.nn.Module]:
+def build(spec: PlanSpec, root: Path, buckets: str = BUCKETS, suffix: str = "",
+          options: dict | None = None) -> tuple[Path, torch.nn.Module]:
     """The plan's graphs (onnxruntime only) and the eager model they were exported from."""
     from export.build import build_plan
     from export.load import builtin_tiny_dit
@@ -147,7 +149,7 @@ def build(spec: PlanSpec, root: Path, buckets: str = BUCKETS, suffix: str = "") 
         if not Path(source).exists():
             model.save_pretrained(source)
     t0 = time.perf_counter()
-    build_plan(source, buckets=buckets, out=out, grid=spec.grid, measure=False, progress=False)
+    build_plan(source, buckets=buckets, out=out, grid=spec.grid, measure=False, progress=False, options=options)
     logger.info("%s: plan built in %.1f s", spec.name, time.perf_counter() - t0)
     return out, model.eval()
 
@@ -294,7 +296,7 @@ def check_profiles(spec: PlanSpec, root: Path, trt_ok: bool, opt_level: int | No
     import runtime
     from export.trt_build import build_engine, build_plan_engines, check_plan_profiles, graph_profiles
 
-    plan, model = build(spec, root, PROFILE_BUCKETS, suffix="-profiles")
+    plan, model = build(spec, root, PROFILE_BUCKETS, suffix="-profiles", options={"unmerged_on_merged": True})
     manifest_path = plan / "plan.json"
     manifest = json.loads(manifest_path.read_text())
     layout = graph_profiles(plan, manifest)

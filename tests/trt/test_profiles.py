@@ -223,10 +223,12 @@ def test_plan_transformer_makes_one_trt_runner_per_engine_file(tmp_path, monkeyp
     assert runners[0].engine_path.name == "g1.engine" and runners[0].expected_profiles == [{"r": 2}, {"r": 5}]
 
 
-def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monkeypatch):
+@pytest.mark.parametrize("one_graph", [False, True], ids=["merged+base", "unmerged_on_merged"])
+def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monkeypatch, one_graph):
     """export -> engines -> ``runtime.load(backend="trt")`` -> forward, on the fake whose engines are their graphs
     run by onnxruntime: every bucket's step equals the onnxruntime backend's, through one runner per engine
-    file, in the profile of the bucket's counts."""
+    file, in the profile of the bucket's counts. With ``unmerged_on_merged`` the whole plan is one engine of
+    three profiles, the unmerged bucket's count input of length 0."""
     import export.trt_build as tb
     import runtime
     import runtime.trt_runner as rt
@@ -239,7 +241,7 @@ def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monk
     monkeypatch.setattr(rt, "DEFAULT_DEVICE", "cpu")
     plan = tmp_path / "p"
     manifest = build_plan("builtin:tiny-dit", buckets="999-700:0.5,699-400:0.3,399-0:0", out=plan, measure=False,
-                          progress=False, quality_samples=0)
+                          progress=False, quality_samples=0, options={"unmerged_on_merged": one_graph})
     manifest["engines"] = tb.build_plan_engines(plan, manifest, "fp32", strip=False, progress=False)
     assert len(fake_trt["builds"]) == len(manifest["engines"]) == len({b["graph"] for b in manifest["buckets"]})
     (plan / "plan.json").write_text(json.dumps(manifest))
@@ -257,7 +259,10 @@ def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monk
         profiles = manifest["engines"][bucket.graph]["profiles"]
         vector = {k: v for k, v in bucket.counts.items() if k in {k for p in profiles for k in p}}
         assert runner.engine.ran_profiles[-1] == profiles.index(vector)  # the bucket's own profile
-    assert len(on_trt._engine_runners) == len(manifest["engines"])  # one runner per engine file
+    assert len(on_trt._engine_runners) == len(manifest["engines"]) == (1 if one_graph else 2)  # one per engine file
+    if one_graph:
+        (runner,) = on_trt._engine_runners.values()
+        assert len(runner.profiles) == 3 and {"tome_r": 0} in runner.profiles and len(set(runner.engine.ran_profiles)) == 3
     assert all(len(r.contexts) == len(r.profiles) for r in on_trt._engine_runners.values())
 
 

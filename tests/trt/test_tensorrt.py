@@ -95,10 +95,11 @@ def test_gpu_check_cpu_mode_writes_its_json(tmp_path):
     assert cpu["base_vs_eager_ok"] and cpu["base_vs_eager_max_abs"] <= 1e-4 and cpu["reference_finite"]
     assert {"merged", "unmerged", "torch_eager"} <= set(cpu["ort_cpu_ms"])
     assert {"date", "gpu", "versions"} <= set(report) and report["versions"]["onnxruntime"]
-    # the multi-profile plan's layout: every bucket's graph file with its count vectors, the base graph without
+    # the multi-profile plan's layout: all three buckets on one graph, one profile each (r = 0 for the unmerged)
     prof = report["plans"]["bundled"]["profiles"]
-    assert sum(prof["buckets_per_graph"].values()) == 3 and prof["layout"]["base.onnx"] == [{}]
-    assert all(isinstance(v, list) and v for v in prof["layout"].values()) and "max_abs_vs_ort" not in prof
+    assert prof["buckets_per_graph"] == {g: 3 for g in prof["layout"]} and len(prof["layout"]) == 1 and prof["shared"]
+    (vectors,) = prof["layout"].values()
+    assert len(vectors) == 3 and {"tome_r": 0} in vectors and "max_abs_vs_ort" not in prof
     assert prof["static_ok"] and set(prof["static_check"]) == set(prof["layout"])  # every engine checked, on CPU
 
 
