@@ -262,7 +262,8 @@ def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monk
     assert len(on_trt._engine_runners) == len(manifest["engines"]) == (1 if one_graph else 2)  # one per engine file
     if one_graph:
         (runner,) = on_trt._engine_runners.values()
-        assert len(runner.profiles) == 3 and {"tome_r": 0} in runner.profiles and len(set(runner.engine.ran_profiles)) == 3
+        assert len(runner.profiles) == 3 and {"tome_r": 0} in runner.profiles
+        assert sorted(set(runner.engine.ran_profiles)) == [0, 1, 2]  # each bucket in its own profile
     assert all(len(r.contexts) == len(r.profiles) for r in on_trt._engine_runners.values())
 
 
