@@ -95,7 +95,8 @@ class PlanTransformer(torch.nn.Module):
 
     Args:
         plan: the loaded plan.
-        backend: "auto" (CUDA when a GPU answers, else CPU), "cpu", "cuda" or "ort-trt".
+        backend: "auto" (TensorRT where the plan has engines and TensorRT runs, else CUDA when a GPU answers,
+            else CPU), "trt", "cpu", "cuda" or "ort-trt".
         seed: seeds the partition stream of each generation.
         deterministic: no random draws at run time (ToMe: the fixed top-left partition).
         threads: onnxruntime intra-op threads (0: onnxruntime's default).
@@ -121,6 +122,7 @@ class PlanTransformer(torch.nn.Module):
         self.threads, self.prepack = threads, prepack
         self._weights = SharedWeights(plan.dir / plan.manifest["weights"]["file"])
         self._runners: dict[str, object] = {}
+        self._engine_runners: dict[str, object] = {}  # TensorRT: engine file -> its one runner
         self._inputs: dict[str, dict[str, tuple[np.dtype, list]]] = {}
         self._branches: dict[str, dict | None] = {}
         self._runner_lock = threading.Lock()
@@ -154,8 +156,13 @@ class PlanTransformer(torch.nn.Module):
                 if self.use_trt:
                     from runtime.trt_runner import TrtRunner
 
+                    # one runner per engine file: every bucket of the graph is one of its profiles
                     info = self.plan.engines(graph)
-                    self._runners[graph] = TrtRunner(self.plan.dir / info["file"], self.plan.dir / graph, info["strip"])
+                    if info["file"] not in self._engine_runners:
+                        engine = self.plan.dir / info["file"]
+                        self._engine_runners[info["file"]] = TrtRunner(engine, self.plan.dir / graph, info["strip"],
+                                                                       profiles=info["profiles"])
+                    self._runners[graph] = self._engine_runners[info["file"]]
                 else:
                     self._runners[graph] = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads,
                                                      self.prepack)
@@ -305,12 +312,25 @@ def graph_branches(path: Path) -> dict | None:
 
 
 def _use_tensorrt(plan: Plan, backend: str) -> bool:
-    """TensorRT for "trt" (or "auto" when the plan has engines and TensorRT runs here); refuse stale engines."""
+    """TensorRT for "trt" (or "auto" when the plan has engines and TensorRT runs here); refuse stale engines.
+
+    Stale: built by another TensorRT or on another GPU, recorded without optimization profiles (an older
+    ditmerge, one engine per bucket), or missing a profile for some bucket's counts. "auto" falls back to
+    onnxruntime with a warning where "trt" refuses with the rebuild command.
+    """
     if backend not in ("trt", "auto"):
         return False
-    has_engines = all(g in plan.manifest.get("engines", {}) for b in plan.buckets for g in b.graphs.values())
+    engines = plan.manifest.get("engines", {})
+    has_engines = all(g in engines for b in plan.buckets for g in b.graphs.values())
     if backend == "auto" and not has_engines:
         return False
+    if has_engines:
+        why = _stale_profiles(plan, engines)
+        if why:
+            if backend == "auto":
+                logger.warning("%s; using onnxruntime", why)
+                return False
+            raise DitmergeError(why)
     from runtime.trt_runner import gpu_name, tensorrt_status
 
     ok, why = tensorrt_status()
@@ -322,7 +342,7 @@ def _use_tensorrt(plan: Plan, backend: str) -> bool:
         raise DitmergeError(f"plan {plan.dir} has no TensorRT engines; build them with `python -m export --backend trt`")
     import tensorrt as trt
 
-    for graph, info in plan.manifest["engines"].items():
+    for graph, info in engines.items():
         if info["tensorrt"] != trt.__version__ or info["gpu"] != gpu_name():
             if backend == "auto":
                 logger.warning("TensorRT engines of %s were built for %s / %s; using onnxruntime", plan.dir,
@@ -331,6 +351,24 @@ def _use_tensorrt(plan: Plan, backend: str) -> bool:
             raise DitmergeError(f"engine {info['file']} was built with TensorRT {info['tensorrt']} on {info['gpu']}, "
                                 f"this is TensorRT {trt.__version__} on {gpu_name()}: rebuild with --backend trt")
     return True
+
+
+def _stale_profiles(plan: Plan, engines: dict) -> str:
+    """Why the engines table does not serve every bucket through an optimization profile ('' when it does)."""
+    rebuild = "rebuild them with `python -m export --backend trt` (same arguments)"
+    for graph, info in engines.items():
+        if not isinstance(info.get("profiles"), list) or not info["profiles"]:
+            return (f"engine {info.get('file', graph)} of plan {plan.dir} records no optimization profiles (built "
+                    f"by an older ditmerge, one engine per bucket); {rebuild}")
+    for b in plan.buckets:
+        for graph in sorted(set(b.graphs.values())):
+            profiles = engines[graph]["profiles"]
+            keys = {k for p in profiles for k in p}
+            want = {k: int(v) for k, v in b.counts.items() if k in keys}
+            if want not in [{k: int(v) for k, v in p.items()} for p in profiles]:
+                return (f"engine {engines[graph]['file']} has no optimization profile for bucket {b.index}'s counts "
+                        f"{want} (its profiles: {profiles}); {rebuild}")
+    return ""
 
 
 def check_scheduler(plan: Plan, scheduler) -> None:
