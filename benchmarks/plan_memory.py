@@ -6,12 +6,13 @@ A ToMe plan of four buckets (attn+mlp, ratios 0.5 / 0.4 / 0.3 and unmerged) on t
 architecture (random weights; ``--layers`` of its 28 blocks, the width and token count of the real
 model). Compared in fresh child processes, after one forward of every bucket, against one unmerged
 model (one session over base.onnx):
-- ``per-bucket graphs``: today's layout before this change, one graph with r baked in per bucket;
-- ``shared graph``: the plan as built now, one merged graph with r from shapes, base.onnx beside it;
-- ``one graph``: the merged graph also at r = 0 (``-o unmerged=merged``), one session.
-Latency: one process, interleaved rounds, medians (min-based ratios beside them) of each bucket's
-forward through the shared graph against the same bucket's baked graph, and of the merged graph at
-r = 0 against base.onnx. Writes ``results/plan_memory.json``.
+- ``per-bucket graphs``: the layout before plan format 3, one graph with r baked in per bucket;
+- ``merged + base``: one merged graph with r from shapes, base.onnx beside it (``-o unmerged=base``);
+- ``one graph (If)``: the default, merged and plain graph behind ``If(r == 0)`` (``unmerged=branch``);
+- ``merged at r=0``: the merged graph for the unmerged bucket too (``-o unmerged=merged``).
+Latency: one process, interleaved rounds, medians (min-based ratios and CPU seconds beside them) of each
+bucket's forward through the one graph against the same bucket's baked graph, and of the one graph and
+the merged graph at r = 0 against base.onnx. Writes ``results/plan_memory.json``.
 """
 
 from __future__ import annotations
@@ -81,11 +82,20 @@ def resident_mb(plan_dir: Path, manifest: dict, feed_path: Path, timesteps: list
     return int(sessions), int(kb) / 1024
 
 
-def views(plan_dir: Path, manifest: dict, grid: tuple[int, int]) -> dict[str, dict]:
-    """The manifests compared: one unmerged model, per-bucket graphs (baked r), the plan itself, one graph."""
+def views(plan_dir: Path, manifest: dict) -> dict[str, dict]:
+    """The manifests compared (see the module docstring); ``manifest`` is a plan built with ``unmerged=base``."""
+    import onnx
+
+    from passes.branch import branch_on_zero
+    from passes.tome import R_COUNT
+
     base = manifest["base"]
-    out = {"unmerged model": copy.deepcopy(manifest), "per-bucket graphs": copy.deepcopy(manifest),
-           "shared graph": copy.deepcopy(manifest), "one graph": copy.deepcopy(manifest)}
+    merged = next(b for b in manifest["buckets"] if b["r"])
+    if not (plan_dir / "branch.onnx").exists():
+        load = lambda g: onnx.load(plan_dir / g, load_external_data=False)  # noqa: E731
+        save_checked(branch_on_zero(load(base["graph"]), load(merged["graph"]), R_COUNT), plan_dir / "branch.onnx")
+    out = {k: copy.deepcopy(manifest) for k in ("unmerged model", "per-bucket graphs", "merged + base",
+                                                 "one graph (If)", "merged at r=0")}
     for b in out["unmerged model"]["buckets"]:
         b.update(graph=base["graph"], sha256=base["sha256"], counts={}, method_meta={},
                  graphs={"main": {"file": base["graph"], "sha256": base["sha256"]}})
@@ -94,17 +104,14 @@ def views(plan_dir: Path, manifest: dict, grid: tuple[int, int]) -> dict[str, di
             continue
         name = f"baked_{b['index']}.onnx"
         if not (plan_dir / name).exists():
-            import onnx
-
             model = onnx.load(plan_dir / base["graph"], load_external_data=False)
             save_checked(ToMePass(ToMeConfig(b["ratio"], locations=LOCATIONS))(model).model, plan_dir / name)
         b.update(graph=name, counts={}, graphs={"main": {"file": name, "sha256": ""}})
-    merged = next(b for b in manifest["buckets"] if b["r"])
-    for b in out["one graph"]["buckets"]:
-        if not b["r"]:
-            meta = {**merged["method_meta"], "r": 0}
-            b.update(graph=merged["graph"], counts={k: 0 for k in merged["counts"]}, method_meta=meta,
-                     graphs={"main": {"file": merged["graph"], "sha256": ""}})
+    for view, graph in (("one graph (If)", "branch.onnx"), ("merged at r=0", merged["graph"])):
+        for b in out[view]["buckets"]:
+            b.update(graph=graph, graphs={"main": {"file": graph, "sha256": ""}})
+            if not b["r"]:
+                b.update(counts={k: 0 for k in merged["counts"]}, method_meta={**merged["method_meta"], "r": 0})
     return out
 
 
@@ -169,14 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
         model.save_pretrained(model_dir / "transformer")
     if not (plan_dir / "plan.json").exists():
         build_plan(str(model_dir), method="tome", buckets="999-750:0.5,749-500:0.4,499-250:0.3,249-0:0",
-                   options={"locations": LOCATIONS}, out=plan_dir, measure=False, progress=False)
+                   options={"locations": LOCATIONS, "unmerged": "base"}, out=plan_dir, measure=False, progress=False)
     manifest = json.loads((plan_dir / "plan.json").read_text())
     feed = feed_of(example_inputs(model, args.batch, grid, seed=0))
     feed_path = work / "feed.npz"
     np.savez(feed_path, **feed)
     timesteps = [b["t_hi"] for b in manifest["buckets"]]
 
-    layouts = views(plan_dir, manifest, grid)
+    layouts = views(plan_dir, manifest)
     memory = {}
     for name, view in ({} if args.no_memory else layouts).items():
         sessions, mb = resident_mb(plan_dir, view, feed_path, timesteps)
@@ -188,18 +195,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     # key -> (graph, counts or None for a graph without count inputs, whether it takes a partition)
     merged = next(b for b in manifest["buckets"] if b["r"])
-    calls = {"base.onnx": (manifest["base"]["graph"], None, False),
-             "shared graph r=0": (merged["graph"], {k: 0 for k in merged["counts"]}, True)}
+    zero = {k: 0 for k in merged["counts"]}
+    calls = {"base.onnx": (manifest["base"]["graph"], None, False), "one graph r=0": ("branch.onnx", zero, True),
+             "merged graph r=0": (merged["graph"], zero, True)}
     for b, old in zip(manifest["buckets"], layouts["per-bucket graphs"]["buckets"]):
         if b["r"]:
             calls[f"baked r={b['r']}"] = (old["graph"], None, True)
-            calls[f"shared graph r={b['r']}"] = (b["graph"], b["counts"], True)
+            calls[f"one graph r={b['r']}"] = ("branch.onnx", b["counts"], True)
     lat = in_child(time_buckets, {"plan": str(plan_dir), "feed": str(feed_path), "grid": list(grid),
                                   "calls": calls, "rounds": args.rounds})
-    ratios = {"shared graph r=0 vs base.onnx": _ratio(lat, "shared graph r=0", "base.onnx")}
+    ratios = {"one graph r=0 vs base.onnx": _ratio(lat, "one graph r=0", "base.onnx"),
+              "merged graph r=0 vs base.onnx": _ratio(lat, "merged graph r=0", "base.onnx")}
     for b in manifest["buckets"]:
         if b["r"]:
-            ratios[f"shared vs baked, r={b['r']}"] = _ratio(lat, f"shared graph r={b['r']}", f"baked r={b['r']}")
+            ratios[f"one graph vs baked, r={b['r']}"] = _ratio(lat, f"one graph r={b['r']}", f"baked r={b['r']}")
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": _cores()},
               "model": f"DiT-XL/2 architecture, {args.layers} of 28 blocks, {args.px}px ({grid[0] * grid[1]} tokens), "
                        f"batch {args.batch}, random weights, onnxruntime CPU fp32, prepacking on",

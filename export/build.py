@@ -259,6 +259,15 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
                     for r in results],  # engines: filled below
         "report": report,
     }
+    # the static TensorRT check per engine and optimization profile (a graph's counts per bucket), on CPU
+    from export.trt_build import check_plan_profiles
+
+    by_graph = check_plan_profiles(stage, manifest)
+    for b in manifest["buckets"]:
+        found = sorted({v for g in {b["graph"]} | {x["file"] for x in b["graphs"].values()} for v in by_graph.get(g, [])})
+        if found and not b["tensorrt_check"]:
+            logger.warning("bucket %d would not build with TensorRT in its profile: %s", b["index"], "; ".join(found[:3]))
+        b["tensorrt_check"] = sorted(set(b["tensorrt_check"]) | set(found))
     if engines:
         from export.trt_build import build_plan_engines
 
