@@ -59,7 +59,7 @@ def plan_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sdtm") / "plan"
     build_plan("builtin:tiny-dit", method="sdtm", out=out, options={"steps": "10", "switch_step": "4"},
-               measure=True, repeats=1, quality_samples=0, progress=False)
+               measure=True, repeats=2, quality_samples=0, progress=False)
     return out
 
 
@@ -71,12 +71,39 @@ def test_built_plan_has_both_stages_and_every_variant_matches_its_twin(plan_dir)
     assert stages == ["structure", "structure", "detail", "detail"]
     for b in manifest["buckets"]:
         assert set(b["graphs"]) == {"main", "full"}
-        assert b["tensorrt_check"] == []
         assert b["r"] > 0 and b["method_meta"]["cache_bytes_per_sample"] > 0
         for variant, err in b["fidelity"].items():
             assert err <= 1e-4, f"bucket {b['index']} {variant}: {err:.2e}"
     detail = manifest["buckets"][-1]["method_meta"]
     assert detail["merge"] == "bipartite" and all(s.endswith(".ff") for s in detail["sites"])
+
+
+def test_buckets_that_differ_in_ratio_share_one_graph_per_stage(plan_dir):
+    """4 buckets x 2 variants reference 3 files: the window graph (k a count), the bipartite graph (r a
+    count) and the full graph; each bucket feeds its own count, and every profile passes the TensorRT check."""
+    import json
+
+    import onnx
+
+    from passes.sdtm import K_COUNT, R_COUNT
+    from tests.count_profiles import assert_tensorrt_ok
+
+    manifest = json.loads((plan_dir / "plan.json").read_text())
+    buckets = manifest["buckets"]
+    files = {v["file"] for b in buckets for v in b["graphs"].values()}
+    assert len(files) == 3 < len(buckets) * 2, files
+    for stage, key in (("structure", K_COUNT), ("detail", R_COUNT)):
+        same = [b for b in buckets if b["method_meta"]["stage"] == stage]
+        assert len({b["graphs"]["main"]["file"] for b in same}) == 1
+        # the buckets differ in ratio and in count: one graph serves both counts
+        assert len({b["ratio"] for b in same}) == 2 and len({b["counts"][key] for b in same}) == 2, same
+        for b in same:
+            assert b["counts"] == {key: b["method_meta"]["k" if key == K_COUNT else "r"]}
+    assert len({b["graphs"]["full"]["file"] for b in buckets}) == 1
+    for b in buckets:
+        for variant, g in b["graphs"].items():
+            assert_tensorrt_ok(onnx.load(plan_dir / g["file"], load_external_data=False),
+                               b["counts"] if variant == "main" else {})
 
 
 def test_runtime_runs_protected_steps_and_carries_counters(plan_dir):
