@@ -292,12 +292,49 @@ def partition_from_counter(grid: tuple[int, int], counter: np.ndarray, rng: np.r
     total = np.asarray(counter, dtype=np.float64).reshape(-1, h * w).sum(0).reshape(h, w)
     cells = total[:2 * hc, :2 * wc].reshape(hc, 2, wc, 2).transpose(0, 2, 1, 3).reshape(hc, wc, 4)
     if rng is not None:
-        cells = cells + rng.random(cells.shape) * 0.5  # counters are integers: noise only breaks ties
+        cells = cells + tie_noise(grid, rng)  # counters are integers: noise only breaks ties
     slot = cells.argmax(-1)
     dy, dx = slot // 2, slot % 2
     cy, cx = np.meshgrid(np.arange(hc), np.arange(wc), indexing="ij")
     dst_pos = ((cy * 2 + dy) * w + (cx * 2 + dx)).reshape(-1).astype(np.int64)
     return layout((h, w), dst_pos, bands)
+
+
+def tie_noise(grid: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """``[H/2, W/2, 4]`` noise in [0, 0.5) that breaks ties between a window's integer counters."""
+    return rng.random((grid[0] // 2, grid[1] // 2, 4)) * 0.5
+
+
+def partition_from_counter_torch(grid: tuple[int, int], counter, noise=None, bands: int = 1):
+    """:func:`partition_from_counter` on the counter's own device (a TensorRT step keeps it there).
+
+    ``noise``: :func:`tie_noise`, drawn on the host (a host -> device upload of N/4 x 4 values, as ToMe
+    uploads its partition), or None for the first token. No device -> host copy and no sync: the
+    layout is a stable sort on a per-position key (band, then src by position, then dst by cell), and
+    the inverse a scatter. Returns int64 ``(partition, inverse)`` on ``counter.device``.
+    """
+    import torch
+
+    h, w = grid
+    hc, wc = h // 2, w // 2
+    dev = counter.device
+    total = counter.to(torch.float64).reshape(-1, h * w).sum(0).reshape(h, w)
+    cells = total[:2 * hc, :2 * wc].reshape(hc, 2, wc, 2).permute(0, 2, 1, 3).reshape(hc, wc, 4)
+    if noise is not None:
+        cells = cells + torch.as_tensor(noise, dtype=torch.float64).to(dev, non_blocking=True)
+    slot = cells.argmax(-1)  # first maximum, as numpy
+    cy, cx = torch.meshgrid(torch.arange(hc, device=dev), torch.arange(wc, device=dev), indexing="ij")
+    dst_pos = ((cy * 2 + slot // 2) * w + (cx * 2 + slot % 2)).reshape(-1)
+    n = h * w
+    pos = torch.arange(n, device=dev)
+    # key: band * 2N + (position for src, N + cell index for dst): sorting it gives, per band, its src in
+    # position order and then its dst in cell order, the layout of passes.partition.layout
+    key = pos.clone()
+    key[dst_pos] = n + torch.arange(hc * wc, device=dev)
+    key = key + (pos // w) // (h // bands) * 2 * n
+    partition = torch.argsort(key, stable=True)
+    inverse = torch.empty_like(partition).scatter_(0, partition, pos)
+    return partition, inverse
 
 
 class PromptWeightPass(GraphPass):

@@ -129,3 +129,34 @@ def test_runtime_runs_protected_steps_and_carries_counters(plan_dir):
     seen.clear()
     sample_classes(tf, [1], steps=8, guidance=2.0, progress=False)
     assert next(s[3] for s in seen if s[3] is not None).max() == 0  # reset per generation
+
+
+def test_policy_draws_the_detail_partition_without_a_host_copy(plan_dir, monkeypatch):
+    """A device counter (torch, as TensorRT steps return it) gives a torch partition drawn where the counter
+    is, equal to the numpy partition drawn from the same seeded stream; the counter is never copied to
+    the host (Tensor.cpu / .numpy raise during select)."""
+    import torch
+
+    from runtime.plan import Plan
+    from runtime.policies import GenState
+    from runtime.policies.sdtm import SdtmPolicy
+
+    plan = Plan.load(plan_dir)
+    policy = SdtmPolicy(plan)
+    detail = next(b for b in plan.buckets if b.meta.get("merge") == "bipartite")
+    n = policy.tokens
+    counter = np.random.default_rng(0).integers(0, 3, (2, n)).astype(np.float32)
+    feeds = {}
+    for kind in ("host", "device"):
+        state = GenState(seed=0, rng=np.random.default_rng(5), steps=1)
+        state.data.update(counter=counter.copy() if kind == "host" else torch.from_numpy(counter.copy()),
+                          cache={p: np.zeros((2, n, w), np.float32) for p, w in detail.meta["widths"].items()})
+        if kind == "device":
+            for name in ("cpu", "numpy"):
+                monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("host copy")))
+        variant, feeds[kind] = policy.select(state, detail, 2)
+        monkeypatch.undo()
+        assert variant == "main"
+    for name in ("tome_partition", "tome_partition_inv"):
+        assert isinstance(feeds["device"][name], torch.Tensor)
+        assert np.array_equal(feeds["device"][name].numpy(), feeds["host"][name]), name

@@ -229,3 +229,27 @@ def test_method_bucket_with_prompt_weight_matches_twin_in_every_variant(exported
         save_checked(g, d / f"method_{variant}.onnx")
         err = meth.fidelity(ctx, bg.meta, variant, _runner(d, f"method_{variant}.onnx").infer, inputs)
         assert err <= METHOD_ATOL, f"{variant}: {err:.2e}"
+
+
+@pytest.mark.parametrize("grid,bands", [((4, 4), 1), ((5, 7), 1), ((8, 8), 2), ((8, 6), 4)])
+def test_device_partition_equals_the_host_one(grid, bands):
+    """The TensorRT path draws the detail partition on the counter's device: the same partition as numpy,
+    with integer counters (ties in every window), with and without the tie-breaking noise."""
+    from passes.sdtm import partition_from_counter_torch, tie_noise
+
+    n = grid[0] * grid[1]
+    for seed in range(4):
+        counter = np.random.default_rng(seed).integers(0, 3, (2, n)).astype(np.float32)
+        for noisy in (False, True):
+            rng_a, rng_b = np.random.default_rng(100 + seed), np.random.default_rng(100 + seed)
+            want = partition_from_counter(grid, counter, rng_a if noisy else None, bands)
+            got = partition_from_counter_torch(grid, torch.from_numpy(counter),
+                                               tie_noise(grid, rng_b) if noisy else None, bands)
+            for w, g in zip(want, got):
+                assert g.dtype == torch.int64 and np.array_equal(g.numpy(), w), (grid, bands, seed, noisy)
+    # teeth: a stale token in window (0, 0) moves that window's dst from its first slot to it
+    counter = np.zeros((1, n), np.float32)
+    base = partition_from_counter_torch(grid, torch.from_numpy(counter), None, bands)[0]
+    counter[0, grid[1] + 1] = 5  # slot (1, 1) of window (0, 0)
+    moved = partition_from_counter_torch(grid, torch.from_numpy(counter), None, bands)[0]
+    assert not torch.equal(base, moved)
