@@ -108,6 +108,9 @@ def stage_buckets(steps: int, switch_step: int, ratio: float, dev: float, per_st
 
 class Sdtm(Method):
     name = "sdtm"
+    # a bucket's merged and full variants are branches of one graph (passes/branch.py): with k / r as count
+    # inputs, every bucket of a stage shares it, so a plan holds one graph per stage
+    one_graph = True
     unsupported: ClassVar[dict[str, str]] = dict.fromkeys(
         ("sd3", "flux"), "its structure/detail stages and protected steps are placed on DDIM 'leading' timesteps; "
         "on a shifted flow-matching schedule the structure stage would cover other steps (not mapped yet)")

@@ -79,8 +79,9 @@ def test_built_plan_has_both_stages_and_every_variant_matches_its_twin(plan_dir)
 
 
 def test_buckets_that_differ_in_ratio_share_one_graph_per_stage(plan_dir):
-    """4 buckets x 2 variants reference 3 files: the window graph (k a count), the bipartite graph (r a
-    count) and the full graph; each bucket feeds its own count, and every profile passes the TensorRT check."""
+    """4 buckets x 2 variants reference 2 files, one per stage: the window graph (k a count) and the
+    bipartite graph (r a count), each with the full variant as a branch (passes/branch.py); each bucket
+    feeds its own count, and every profile passes the TensorRT check."""
     import json
 
     import onnx
@@ -91,19 +92,22 @@ def test_buckets_that_differ_in_ratio_share_one_graph_per_stage(plan_dir):
     manifest = json.loads((plan_dir / "plan.json").read_text())
     buckets = manifest["buckets"]
     files = {v["file"] for b in buckets for v in b["graphs"].values()}
-    assert len(files) == 3 < len(buckets) * 2, files
+    assert len(files) == 2 < len(buckets) * 2, files
     for stage, key in (("structure", K_COUNT), ("detail", R_COUNT)):
         same = [b for b in buckets if b["method_meta"]["stage"] == stage]
-        assert len({b["graphs"]["main"]["file"] for b in same}) == 1
+        assert len({g["file"] for b in same for g in b["graphs"].values()}) == 1
         # the buckets differ in ratio and in count: one graph serves both counts
         assert len({b["ratio"] for b in same}) == 2 and len({b["counts"][key] for b in same}) == 2, same
         for b in same:
             assert b["counts"] == {key: b["method_meta"]["k" if key == K_COUNT else "r"]}
-    assert len({b["graphs"]["full"]["file"] for b in buckets}) == 1
+    from passes.branch import VARIANT_COUNT, branch_info
+
     for b in buckets:
-        for variant, g in b["graphs"].items():
-            assert_tensorrt_ok(onnx.load(plan_dir / g["file"], load_external_data=False),
-                               b["counts"] if variant == "main" else {})
+        model = onnx.load(plan_dir / b["graphs"]["main"]["file"], load_external_data=False)
+        variants = branch_info(model)["variants"]
+        assert set(variants) == {"main", "full"}
+        for variant in variants:  # each profile: the bucket's count and the variant's index
+            assert_tensorrt_ok(model, {**b["counts"], VARIANT_COUNT: variants[variant]["index"]})
 
 
 def test_runtime_runs_protected_steps_and_carries_counters(plan_dir):
