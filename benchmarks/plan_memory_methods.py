@@ -101,6 +101,8 @@ def add_routers(folder: Path, model: torch.nn.Module, snapped: list[list[float]]
 def bucket_feeds(plan: Path, manifest: dict, feed: dict, tmp: Path) -> list[tuple[str, str, dict]]:
     """(bucket/variant, graph file, feed) for every bucket and variant of a plan, with its method inputs."""
     from export.methods.sdtm import sdtm_extra_feed
+    from runtime.branches import variant_feed
+    from runtime.transformer import graph_branches, graph_inputs
 
     out = []
     for b in manifest["buckets"]:
@@ -111,6 +113,11 @@ def bucket_feeds(plan: Path, manifest: dict, feed: dict, tmp: Path) -> list[tupl
                 extra = sdtm_extra_feed(meta, 2, np.random.default_rng(0))
             elif variant == "main":
                 extra = count_feed(b["counts"])
+            path = plan / g["file"]
+            info = graph_branches(path)
+            if info is not None:  # a branched graph (passes/branch.py): the variant count and stand-ins
+                given = {**feed, **extra, **count_feed(b["counts"])}
+                extra = {**extra, **count_feed(b["counts"]), **variant_feed(info, variant, graph_inputs(path), given)}
             out.append((f"{b['index']}/{variant}", str(plan / g["file"]), {**feed, **extra}))
     return out
 
@@ -246,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
             logger.info("%s: %d buckets x variants -> %d files; plan %.0f MB (%.2fx unmerged %.0f MB), one session "
                         "per bucket %.0f MB (%.2fx)", name, len(runs), len(files), shared, shared / unmerged, unmerged,
                         separate, separate / unmerged)
-            if name == "sdtm":
+            if name == "sdtm" and any(b["graphs"]["full"]["file"] != b["graphs"]["main"]["file"]
+                                      for b in manifest["buckets"]):  # full steps in a file of their own
                 row["full_as_window_k0"] = sdtm_full_probe(plan, manifest, feed, args.repeats)
         if args.before_code:
             row["latency_before_after"] = before_after_latency(args.before_code, work, name, plans[name], plan,
