@@ -88,11 +88,12 @@ def build_view(plan_dir: Path, manifest: dict, ctx, tag: str, method: str, bucke
             save_checked(g, plan_dir / name)
         view["buckets"].append({"index": i, "t_lo": spec.t_lo, "t_hi": spec.t_hi, "ratio": spec.ratio, "r": bg.r,
                                 "kept_tokens": bg.kept_tokens, "graph": name, "sha256": "",
-                                "graphs": {MAIN: {"file": name, "sha256": ""}}, "method_meta": bg.meta})
+                                "graphs": {MAIN: {"file": name, "sha256": ""}}, "method_meta": bg.meta,
+                                "counts": bg.counts})
     return Plan(plan_dir, view), view
 
 
-def importance_overhead(plan_dir: Path, ctx, graphs: dict[str, Path], repeats: int) -> dict:
+def importance_overhead(plan_dir: Path, ctx, graphs: dict[str, Path], repeats: int, counts: dict | None = None) -> dict:
     """Per-forward cost of the importance at batch 2: node profile share and latency against a fixed score."""
     import numpy as np
     import onnx
@@ -103,8 +104,11 @@ def importance_overhead(plan_dir: Path, ctx, graphs: dict[str, Path], repeats: i
     from export.onnx_export import example_inputs
     from runtime.runners import OrtRunner, SharedWeights
 
+    from passes.counts import count_feed
+
     weights = SharedWeights(plan_dir / "weights.bin")
     feed = feed_of(example_inputs(ctx.torch_model, 2, ctx.grid, ctx.text_len, seed=1))
+    pruned_feed = {**feed, **count_feed(counts or {})}  # the pruned graphs take kept as a count input
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.profile_file_prefix = str(plan_dir / "atedm_profile")
@@ -112,14 +116,15 @@ def importance_overhead(plan_dir: Path, ctx, graphs: dict[str, Path], repeats: i
         opts.add_initializer(name, value)
     sess = ort.InferenceSession(str(graphs["gwpr"]), opts, providers=["CPUExecutionProvider"])
     for _ in range(repeats):
-        sess.run(None, feed)
+        sess.run(None, pruned_feed)
     events = json.loads(Path(sess.end_profiling()).read_text())
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     total = sum(e["dur"] for e in nodes)
     share = lambda part: sum(e["dur"] for e in nodes if part in e["name"]) / total
     paths = {**graphs, "base": plan_dir / BASE_GRAPH}
     runners = {k: OrtRunner(p, ["CPUExecutionProvider"], weights) for k, p in paths.items()}
-    lat = interleaved_latency({k: (lambda r=r: r.infer(feed)) for k, r in runners.items()}, repeats=repeats, warmup=3)
+    lat = interleaved_latency({k: (lambda r=r, f=(feed if k == "base" else pruned_feed): r.infer(f))
+                               for k, r in runners.items()}, repeats=repeats, warmup=3)
     return {"profile_share_importance": share("/importance/"), "profile_share_prune_refill":
             share("ditmerge_atedm") - share("/importance/"), "latency_ms": {k: v * 1e3 for k, v in lat.items()},
             "latency_share_importance": (lat["gwpr"] - lat["static"]) / lat["gwpr"],
@@ -220,13 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         from export.methods import get_method
         from passes.onnxutil import save_checked
 
-        graphs = {}
+        graphs, counts = {}, {}
         for kind in ("gwpr", "static"):
             meth = get_method("atedm", {"dsap": False, "importance": kind})
-            g = meth.build_bucket(ctx, BucketSpec(0, ctx.num_train_timesteps - 1, 0.5), 0).graphs["main"]
-            graphs[kind] = plan_dir / f".bench_overhead_{kind}.onnx"
-            save_checked(g, graphs[kind])
-        results["overhead"] = importance_overhead(plan_dir, ctx, graphs, args.profile_repeats)
+            bg = meth.build_bucket(ctx, BucketSpec(0, ctx.num_train_timesteps - 1, 0.5), 0)
+            graphs[kind], counts = plan_dir / f".bench_overhead_{kind}.onnx", bg.counts
+            save_checked(bg.graphs["main"], graphs[kind])
+        results["overhead"] = importance_overhead(plan_dir, ctx, graphs, args.profile_repeats, counts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(table(results["rows"]))

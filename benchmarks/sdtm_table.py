@@ -47,7 +47,7 @@ def _view(plan_dir: Path, manifest: dict, method: str, params: dict, buckets: li
     view = copy.deepcopy(manifest)
     view["method"] = {"name": method, "params": params}
     view["buckets"] = [{"index": i, "t_lo": spec.t_lo, "t_hi": spec.t_hi, "ratio": spec.ratio, "graph": names[MAIN],
-                        "sha256": "", "r": bg.r, "method_meta": bg.meta,
+                        "sha256": "", "r": bg.r, "method_meta": bg.meta, "counts": bg.counts,
                         "graphs": {v: {"file": f, "sha256": ""} for v, f in names.items()}}
                        for i, (spec, bg, names) in enumerate(buckets)]
     return Plan(plan_dir, view)

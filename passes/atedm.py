@@ -23,8 +23,9 @@ import onnx
 
 from passes.atedm_graph import REFILLS, PruneGeometry, build_importance, build_prune, build_refill, static_scores
 from passes.cleanup import FreeTokenAxisPass
+from passes.counts import count_input_name
 from passes.errors import DitmergeError
-from passes.graphbuild import Emitter
+from passes.graphbuild import Emitter, count_input
 from passes.infra import GraphPass, PassResult
 from passes.locate import Topology, _node_scopes, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
@@ -33,6 +34,7 @@ from passes.tome import TOPK_LIMIT, graph_grid
 logger = logging.getLogger(__name__)
 
 IMPORTANCE = ("gwpr", "static")
+KEPT_COUNT = "atedm_kept"  # count key of the tokens kept after the pruning block
 _BLOCK_RE = re.compile(r"(?:^|\.)(transformer_blocks)\.(\d+)$")
 
 
@@ -117,10 +119,10 @@ class ATEDMPass(GraphPass):
         self.bucket = bucket
 
     def stamp(self) -> dict:
+        """Nothing per bucket (no ratio, no bucket index): buckets with one pruning layer share one graph."""
         c = self.config
-        return {"pass": self.name, "method": "atedm", "bucket": self.bucket, "ratio": c.ratio,
-                "prune_layer": c.prune_layer, "stride": c.stride, "iterations": c.iterations,
-                "importance": c.importance, "refill": c.refill}
+        return {"pass": self.name, "method": "atedm", "kept": "count", "prune_layer": c.prune_layer,
+                "stride": c.stride, "iterations": c.iterations, "importance": c.importance, "refill": c.refill}
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         cfg = self.config
@@ -169,7 +171,7 @@ class ATEDMPass(GraphPass):
         else:
             scores = em.const("static_scores", static_scores(grid))
         em.prefix = f"ditmerge_atedm/{prune_block.path}/prune"
-        pruned, state = build_prune(em, x, scores, geo, channels)
+        pruned, state = build_prune(em, x, scores, geo, channels, count_input(graph, KEPT_COUNT))
         for nd in list(x.outputs):
             if nd.name in later:
                 nd.inputs = [pruned if t is x else t for t in nd.inputs]
@@ -181,14 +183,16 @@ class ATEDMPass(GraphPass):
             if nd.name not in last.nodes and nd.name not in refill_nodes:
                 nd.inputs = [refilled if t is y else t for t in nd.inputs]
         out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
-        set_model_meta(out, atedm={"ratio": cfg.ratio, "tokens": n, "kept": geo.kept, "prune_layer": cfg.prune_layer,
+        # the bucket's ratio and kept tokens are not in the graph: see bucket_values
+        set_model_meta(out, atedm={"tokens": n, "count": count_input_name(KEPT_COUNT), "prune_layer": cfg.prune_layer,
                                    "prune_block": prune_block.path, "last_block": last.path,
                                    "attention": attn.name, "stride": cfg.stride, "iterations": cfg.iterations,
                                    "importance": cfg.importance, "refill": cfg.refill,
                                    "sample_rows": len(geo.sample_rows), "blocks": len(blocks)})
         out = infer_shapes(out)
-        logger.info("atedm: %s keeps %d of %d tokens (importance from %d query rows, %d WPR iterations); "
-                    "%d blocks run pruned, refill before the output layer", prune_block.path, geo.kept, n,
+        logger.info("atedm: %s keeps k (a count input; %d of %d at ratio %g) tokens (importance from %d query rows, "
+                    "%d WPR iterations); %d blocks run pruned, refill before the output layer", prune_block.path,
+                    geo.kept, n, cfg.ratio,
                     len(geo.sample_rows), cfg.iterations, len(blocks) - cfg.prune_layer - 1)
         return PassResult(out, True)
 
@@ -217,6 +221,12 @@ class ATEDMPass(GraphPass):
         if why:
             raise DitmergeError(f"{sites[0].path}: cannot score tokens by its attention: {why}")
         return node
+
+
+def bucket_values(cfg: ATEDMConfig, grid: tuple[int, int]) -> dict:
+    """A bucket's own values (its ``method_meta``, never the graph's): ratio, kept tokens and ``counts``."""
+    kept = kept_count(cfg.ratio, grid[0] * grid[1])
+    return {"ratio": cfg.ratio, "kept": kept, "counts": {KEPT_COUNT: kept}}
 
 
 def _attention_scale(node: onnx.NodeProto, q_dims: list) -> float:

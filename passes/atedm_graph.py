@@ -1,7 +1,7 @@
 """AT-EDM as ONNX subgraphs: G-WPR importance, top-k pruning, similarity refill; no DiT knowledge here.
 
-Everything is what TensorRT parses and builds: constant-index Gather, MatMul, Softmax, TopK with a
-constant K <= 3840, ArgMax, Equal, Where; no scatter, no data-dependent shapes. The eager twin of this
+Everything is what TensorRT parses and builds: constant-index Gather, MatMul, Softmax, TopK with K
+<= 3840 (a constant, or the length of a count input: a shape tensor, static per profile), ArgMax, Equal, Where; no scatter, no data-dependent shapes. The eager twin of this
 math is :mod:`passes.atedm_math`; keep the two in step.
 
 1. Importance (G-WPR on a strided subset of query rows). The pruning layer's own ``q, k [B, H, N, D]``
@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.graphbuild import PIN_FP32, Emitter, unit_rows
+from passes.graphbuild import PIN_FP32, Emitter, count_value, unit_rows
 
 NORM_EPS = 1e-6
 
@@ -106,11 +106,16 @@ def build_importance(em: Emitter, q: gs.Variable, k: gs.Variable, scale: float, 
 
 
 def build_prune(em: Emitter, x: gs.Variable, scores: gs.Variable, geo: PruneGeometry,
-                channels: int) -> tuple[gs.Variable, PruneState]:
-    """``x [B, N, C]`` -> its ``k`` highest-scoring tokens ``[B, k, C]``, and the refill map."""
-    n, kk = geo.tokens, geo.kept
+                channels: int, kept_count: gs.Variable | None = None) -> tuple[gs.Variable, PruneState]:
+    """``x [B, N, C]`` -> its ``k`` highest-scoring tokens ``[B, k, C]``, and the refill map.
+
+    ``kept_count``: the count input whose length is k (:mod:`passes.counts`): TopK's K is then a shape
+    tensor, one graph serves every k; None bakes ``geo.kept`` into the graph.
+    """
+    n = geo.tokens
+    kk = em.ints("k", [geo.kept]) if kept_count is None else count_value(em, kept_count)  # int64 [1]
     s2 = em.op("Squeeze", [scores, em.ints("axis", [1])], hint=PIN_FP32 + "scores")  # [B, N]
-    _, keep = em.op("TopK", [s2, em.ints("k", [kk])], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2,
+    _, keep = em.op("TopK", [s2, kk], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2,
                     hint=PIN_FP32 + "keep")
 
     batch = em.op("Squeeze", [em.op("Shape", [x], {"start": 0, "end": 1}), em.ints("axis", [0])])
@@ -134,7 +139,7 @@ def build_prune(em: Emitter, x: gs.Variable, scores: gs.Variable, geo: PruneGeom
     best = em.op("ArgMax", [sim], {"axis": -1, "keepdims": 0})  # [B, N]
 
     src = em.op("Where", [is_kept, slot, best])
-    map_flat = em.op("Add", [src, em.op("Mul", [boff, em.ints("k", kk)])], hint="map_flat")  # [B, N]
+    map_flat = em.op("Add", [src, em.op("Mul", [boff, kk])], hint="map_flat")  # [B, N]
     return pruned, PruneState(geo, keep_flat, x, pruned, map_flat)
 
 

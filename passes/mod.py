@@ -18,7 +18,7 @@ import onnx
 
 from passes.cleanup import FreeTokenAxisPass
 from passes.errors import DitmergeError
-from passes.graphbuild import Emitter
+from passes.graphbuild import Emitter, count_input
 from passes.infra import GraphPass, PassResult
 from passes.locate import Topology, _node_scopes, tensor_shapes
 from passes.mod_graph import build_combine, build_route
@@ -28,6 +28,11 @@ from passes.tome import TOPK_LIMIT, graph_grid
 logger = logging.getLogger(__name__)
 
 _BLOCK_RE = re.compile(r"(?:^|\.)transformer_blocks\.(\d+)$")
+K_COUNT = "mod_k_"  # count key prefix: the capacity of block i comes from ditmerge_count_mod_k_<i>
+
+
+def k_count(block: int) -> str:
+    return f"{K_COUNT}{block}"
 
 
 @dataclasses.dataclass
@@ -70,11 +75,17 @@ def find_blocks(model: onnx.ModelProto, num_tokens: int) -> list[Block]:
 
 @dataclasses.dataclass
 class ModConfig:
-    """Per block: capacity ``k`` (tokens that run it) and the router's weight [C] and bias."""
+    """Per block: capacity ``k`` (tokens that run it) and the router's weight [C] and bias.
+
+    ``dynamic``: the blocks whose capacity is a count input (``ditmerge_count_mod_k_<i>``), so one graph
+    serves every bucket; their ``capacities`` are the bucket's (:func:`bucket_values`), not in the graph.
+    The other blocks' capacities are constants of the graph.
+    """
 
     capacities: tuple[int, ...]
     weights: tuple[np.ndarray, ...]
     biases: tuple[float, ...]
+    dynamic: tuple[int, ...] = ()
 
     def validate(self, tokens: int) -> None:
         if not (len(self.capacities) == len(self.weights) == len(self.biases)):
@@ -82,7 +93,8 @@ class ModConfig:
         for i, k in enumerate(self.capacities):
             if not 1 <= k <= tokens:
                 raise DitmergeError(f"block {i}: capacity {k} is outside [1, {tokens}]")
-            if tokens > k > TOPK_LIMIT:
+            # a count capacity is always a TopK K, even at k = N
+            if (tokens > k or i in self.dynamic) and k > TOPK_LIMIT:
                 raise DitmergeError(f"block {i}: capacity {k} exceeds TensorRT's TopK limit {TOPK_LIMIT}; "
                                     f"use a grid of at most {TOPK_LIMIT} tokens or a higher compression")
 
@@ -97,7 +109,10 @@ class ModPass(GraphPass):
         self.bucket = bucket
 
     def stamp(self) -> dict:
-        return {"pass": self.name, "method": "mod", "bucket": self.bucket, "capacities": list(self.config.capacities)}
+        """The graph's constants only: count capacities and the bucket index are not in it."""
+        cfg = self.config
+        return {"pass": self.name, "method": "mod",
+                "capacities": ["count" if i in cfg.dynamic else k for i, k in enumerate(cfg.capacities)]}
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         cfg = self.config
@@ -124,7 +139,7 @@ class ModPass(GraphPass):
         tensors = graph.tensors()
         em = Emitter(graph, "ditmerge_mod")
         combined: dict[str, object] = {}  # a routed block's output name -> the combined stream replacing it
-        for block, k, w, b in zip(blocks, cfg.capacities, cfg.weights, cfg.biases):
+        for i, (block, k, w, b) in enumerate(zip(blocks, cfg.capacities, cfg.weights, cfg.biases)):
             x, y = combined.get(block.input, tensors[block.input]), tensors[block.output]
             if any(o is y for o in graph.outputs):
                 raise DitmergeError(f"transformer_blocks.{block.index} writes a graph output; cannot route it")
@@ -133,7 +148,8 @@ class ModPass(GraphPass):
                 raise DitmergeError(f"transformer_blocks.{block.index}: router has {w.size} weights, the block "
                                     f"{channels} channels")
             em.prefix = f"ditmerge_mod/transformer_blocks.{block.index}"
-            st = build_route(em, x, w, b, k, n, channels)
+            dyn = count_input(graph, k_count(i)) if i in cfg.dynamic else None
+            st = build_route(em, x, w, b, k, n, channels, dyn)
             if st.idx is not None:  # the block's nodes on the way to y read the routed tokens
                 inside = _ancestors(y, x)
                 for nd in inside:
@@ -146,11 +162,19 @@ class ModPass(GraphPass):
                 if nd.name not in mine:
                     nd.inputs = [out if t is y else t for t in nd.inputs]
         out_model = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
-        set_model_meta(out_model, mod={"capacities": list(cfg.capacities), "tokens": n,
+        # no per-bucket capacity here: a count block's capacity is the bucket's (bucket_values)
+        set_model_meta(out_model, mod={"capacities": self.stamp()["capacities"], "tokens": n,
+                                       "counts": {f"transformer_blocks.{blocks[i].index}": k_count(i)
+                                                  for i in cfg.dynamic},
                                        "blocks": [f"transformer_blocks.{b.index}" for b in blocks]})
         out_model = infer_shapes(out_model)
         logger.info("mod: routed %d blocks, capacities %s of %d tokens", len(blocks), list(cfg.capacities), n)
         return PassResult(out_model, True)
+
+
+def bucket_values(capacities: list[int], dynamic: tuple[int, ...]) -> dict:
+    """A bucket's own values (its ``method_meta``): capacities per block, and ``counts`` for the count blocks."""
+    return {"capacities": list(capacities), "counts": {k_count(i): int(capacities[i]) for i in dynamic}}
 
 
 def _ancestors(y, x) -> list:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.graphbuild import Emitter
+from passes.graphbuild import Emitter, count_value
 
 
 @dataclasses.dataclass
@@ -25,22 +25,29 @@ class RouteState:
     """What the combine needs from the routing of one block."""
 
     tokens: int
-    k: int
+    k: int | gs.Variable  # an int64 [1] tensor when the capacity is a count input
     x_r: gs.Variable  # [B, k, C] routed tokens (x itself when k == N)
     s_r: gs.Variable  # [B, k, 1] their router scores
     idx: gs.Variable | None  # [B, k] their positions (None when k == N)
 
 
 def build_route(em: Emitter, x: gs.Variable, weight: np.ndarray, bias: float, k: int, tokens: int,
-                channels: int) -> RouteState:
-    """Score ``x [B, N, C]`` and gather the ``k`` best tokens."""
+                channels: int, k_count: gs.Variable | None = None) -> RouteState:
+    """Score ``x [B, N, C]`` and gather the ``k`` best tokens.
+
+    ``k_count``: the count input whose length is the capacity (``k`` is then ignored); k = N is then a
+    TopK over every token (the block runs on them in score order, which attention does not see).
+    """
     w = em.const("router_w", np.asarray(weight, np.float32).reshape(channels, 1))
     b = em.const("router_b", np.asarray([bias], np.float32))
     s = em.op("Sigmoid", [em.op("Add", [em.op("MatMul", [x, w]), b])], hint="router_score")  # [B, N, 1]
-    if k >= tokens:
+    if k_count is None and k >= tokens:
         return RouteState(tokens, tokens, x, s, None)
+    kk = em.ints("k", [k]) if k_count is None else count_value(em, k_count)  # int64 [1]
+    if k_count is not None:
+        k = kk
     s2 = em.op("Reshape", [s, em.ints("shape", [0, tokens])])  # [B, N]
-    s_r, idx = em.op("TopK", [s2, em.ints("k", [k])], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2)
+    s_r, idx = em.op("TopK", [s2, kk], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2)
     # rows of the batch-flattened [B*N, C] input
     batch = em.op("Shape", [x], {"start": 0, "end": 1})
     boff = em.op("Range", [em.ints("zero", 0), em.op("Squeeze", [batch, em.ints("axis", [0])]), em.ints("one", 1)])
@@ -69,8 +76,10 @@ def build_combine(em: Emitter, x: gs.Variable, y_r: gs.Variable, st: RouteState,
     rank = em.op("ArgMax", [onehot], {"axis": 1, "keepdims": 0})  # [B, N]
     hit = em.op("Greater", [em.op("ReduceMax", [onehot, em.ints("axis", [1])], {"keepdims": 0}),
                             em.const("half", np.float32(0.5))])
-    local = em.op("Where", [hit, rank, em.ints("bypass", k)])
+    bypass = em.ints("bypass", k) if isinstance(k, int) else k  # row k: the zero row
+    k1 = em.ints("k1", k + 1) if isinstance(k, int) else em.op("Add", [k, em.ints("one", [1])], hint="k1")
+    local = em.op("Where", [hit, rank, bypass])
     boff = em.op("Range", [em.ints("zero", 0), em.op("Squeeze", [batch, em.ints("axis", [0])]), em.ints("one", 1)])
-    rows = em.op("Add", [local, em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axis", [1])]), em.ints("k1", k + 1)])])
+    rows = em.op("Add", [local, em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axis", [1])]), k1])])
     full = em.op("Gather", [padded, rows], {"axis": 0}, hint="delta_full")  # [B, N, C]
     return em.op("Add", [x, full], hint="routed_out")

@@ -8,13 +8,16 @@ Variants of a bucket:
     (:mod:`passes.sdtm_graph`);
   - ``merge="bipartite"`` (detail stage): ToMe's bipartite matching (:mod:`passes.tome_graph`) with the
     partition as graph inputs; the runtime puts each window's dst on its stalest token.
+  The merged count comes from a count input (:mod:`passes.counts`): ``ditmerge_count_sdtm_k`` (k windows)
+  or ``ditmerge_count_sdtm_r`` (r tokens), so buckets of one stage that differ only in ratio share one
+  graph; the per-bucket values are in :func:`bucket_values`, not in the graph.
   The staleness counters ``sdtm_counter [B, N]`` come in as an input, are read by each block's
   matching and advanced by it (0 where the token stayed unmerged, +1 elsewhere), and leave as
   ``sdtm_counter_out``. With ``blend`` set, each merged sublayer also takes ``sdtm_cache.<site>`` (its
   output at the last protected step) and outputs ``blend * computed + (1 - blend) * cached`` at merged
   positions.
 - ``full`` (protected steps): the unmerged graph that also outputs every cached sublayer's output as
-  ``sdtm_cache_out.<site>``.
+  ``sdtm_cache_out.<site>``; the same graph for every bucket.
 
 Deviation from the released code: the cache holds the sublayer module's output (attention / feed-forward),
 i.e. before the adaLN gate; the released code caches after the gate. Our site boundary is the module;
@@ -33,7 +36,7 @@ import onnx_graphsurgeon as gs
 
 from passes.cleanup import FreeTokenAxisPass
 from passes.errors import DitmergeError
-from passes.graphbuild import Emitter
+from passes.graphbuild import Emitter, count_input, count_value
 from passes.infra import GraphPass, PassResult
 from passes.locate import Site, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
@@ -56,6 +59,8 @@ COUNTER_INPUT = "sdtm_counter"
 COUNTER_OUTPUT = "sdtm_counter_out"
 CACHE_INPUT = "sdtm_cache."
 CACHE_OUTPUT = "sdtm_cache_out."
+K_COUNT = "sdtm_k"  # count key of the windows a window merge collapses
+R_COUNT = "sdtm_r"  # count key of the tokens a bipartite merge removes (all bands)
 VARIANTS = ("merged", "full")
 MERGES = ("window", "bipartite")
 LOCATIONS = ("attn", "joint", "mlp")
@@ -79,6 +84,17 @@ def window_count(ratio: float, grid: tuple[int, int]) -> int:
     """
     geo = WindowGeometry(grid, 0)
     return max(0, min(int(geo.tokens * ratio) // 3, geo.num_windows - 1))
+
+
+def bipartite_r(ratio: float, grid: tuple[int, int], max_src_per_band: int = TOPK_LIMIT) -> tuple[int, int, int]:
+    """``(r, num_src, bands)`` of the detail stage's bipartite merge: tomesd's r, a multiple of the bands."""
+    n = grid[0] * grid[1]
+    na = n - num_dst(grid)
+    bands = plan_bands(grid, (2, 2), max_src_per_band)
+    if bands == 0:
+        raise DitmergeError(f"a {grid[0]}x{grid[1]} grid cannot be cut into bands of at most "
+                            f"{max_src_per_band} src tokens")
+    return merged_count(ratio, n, na) // bands * bands, na, bands
 
 
 @dataclasses.dataclass
@@ -115,9 +131,14 @@ class SdtmPass(GraphPass):
         self.bucket = bucket
 
     def stamp(self) -> dict:
+        """What the graph depends on: nothing per bucket (no ratio, no bucket index), so buckets that differ
+        only in ratio produce byte-identical graphs; the full variant depends on nothing but the model."""
+        cfg = dataclasses.asdict(self.config)
+        del cfg["ratio"]
+        if self.config.variant == "full":
+            cfg = {"variant": "full"}
         # JSON round trip: the stamp is compared with the one read back from the graph
-        return json.loads(json.dumps({"pass": self.name, "method": "sdtm", "bucket": self.bucket,
-                                      **dataclasses.asdict(self.config)}))
+        return json.loads(json.dumps({"pass": self.name, "method": "sdtm", **cfg}))
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         cfg = self.config
@@ -155,20 +176,16 @@ class SdtmPass(GraphPass):
             return PassResult(infer_shapes(out), True)
 
         geo: WindowGeometry | Geometry
-        if cfg.merge == "window":
-            geo = WindowGeometry(grid, window_count(cfg.ratio, grid))
-            removed, kept, count = 3 * geo.k, geo.kept, geo.k
-        else:
-            na = n - num_dst(grid)
-            bands = plan_bands(grid, (2, 2), cfg.max_src_per_band)
-            if bands == 0:
-                raise DitmergeError(f"a {grid[0]}x{grid[1]} grid cannot be cut into bands of at most "
-                                    f"{cfg.max_src_per_band} src tokens")
-            geo = Geometry(tokens=n, num_src=na, r=merged_count(cfg.ratio, n, na) // bands * bands, bands=bands)
-            removed, kept, count = geo.r, n - geo.r, geo.r
-            info.update(num_src=na, bands=bands, stride=[2, 2])
-        if count == 0:
+        if bucket_values(cfg, grid)["removed"] == 0:
             return PassResult(model, False)
+        if cfg.merge == "window":
+            geo = WindowGeometry(grid, 0)  # k from the count input
+            count = count_input(graph, K_COUNT)
+        else:
+            _, na, bands = bipartite_r(cfg.ratio, grid, cfg.max_src_per_band)
+            geo = Geometry(tokens=n, num_src=na, r=0, bands=bands)  # r from the count input
+            count = count_input(graph, R_COUNT)
+            info.update(num_src=na, bands=bands, stride=[2, 2])
 
         counter = gs.Variable(COUNTER_INPUT, dtype=np.float32, shape=[batch_dim, n])
         graph.inputs.append(counter)
@@ -190,11 +207,14 @@ class SdtmPass(GraphPass):
             x_metric = tensors[metric.image_input]
             em.prefix = f"ditmerge_sdtm/{block}"
             if cfg.merge == "window":
-                st = build_window_match(em, x_metric, counter, geo, cfg.a_s)
+                st = build_window_match(em, x_metric, counter, geo, cfg.a_s, count)
                 independent, map_flat = st.independent, st.map_flat
             else:
-                st = build_match(em, x_metric, part, part_inv, geo)
-                independent = build_independent_from_map(em, x_metric, st.map_flat, kept, geo.num_src - geo.r)
+                st = build_match(em, x_metric, part, part_inv, geo, count)
+                r = count_value(em, count)
+                independent = build_independent_from_map(em, x_metric, st.map_flat,
+                                                         em.op("Sub", [em.ints("n", [n]), r], hint="kept"),
+                                                         em.op("Sub", [em.ints("na", [geo.num_src]), r], hint="unmerged"))
             counter = build_counter_update(em, counter, independent)
             metric_sites[block] = metric.path
             for site in chosen:
@@ -221,13 +241,30 @@ class SdtmPass(GraphPass):
                 merged_sites.append(site.path)
         graph.outputs.append(_named_identity(em, counter, COUNTER_OUTPUT, [batch_dim, n]))
         out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
-        info.update(merge=cfg.merge, ratio=cfg.ratio, removed=removed, kept=kept, a_s=cfg.a_s, blend=cfg.blend,
-                    sites=merged_sites, metric_sites=metric_sites, cache_inputs=cache_inputs,
-                    **({"k": count} if cfg.merge == "window" else {"r": count}))
+        info.update(merge=cfg.merge, a_s=cfg.a_s, blend=cfg.blend, sites=merged_sites, metric_sites=metric_sites,
+                    cache_inputs=cache_inputs, count=count.name)
         set_model_meta(out, sdtm=info)
-        logger.info("sdtm: %s merge of %d sublayers (%s), %d of %d tokens removed%s", cfg.merge, len(merged_sites),
-                    ", ".join(sorted(cfg.locations)), removed, n, ", blended with the cache" if cfg.blend is not None else "")
+        logger.info("sdtm: %s merge of %d sublayers (%s), count from %s%s", cfg.merge, len(merged_sites),
+                    ", ".join(sorted(cfg.locations)), count.name, ", blended with the cache" if cfg.blend is not None else "")
         return PassResult(infer_shapes(out), True)
+
+
+def bucket_values(cfg: SdtmConfig, grid: tuple[int, int]) -> dict:
+    """A merged variant's per-bucket values (the bucket's ``method_meta``, never the graph's): ratio,
+    tokens removed and kept, k windows or r tokens, and ``counts`` (count key -> value) the graph takes."""
+    n = grid[0] * grid[1]
+    if cfg.merge == "window":
+        k = window_count(cfg.ratio, grid)
+        return {"ratio": cfg.ratio, "removed": 3 * k, "kept": n - 3 * k, "k": k, "counts": {K_COUNT: k}}
+    r, _, _ = bipartite_r(cfg.ratio, grid, cfg.max_src_per_band)
+    return {"ratio": cfg.ratio, "removed": r, "kept": n - r, "r": r, "counts": {R_COUNT: r}}
+
+
+def meta_counts(meta: dict) -> dict[str, int]:
+    """The counts a merged graph takes, from its bucket's meta (graph metadata + :func:`bucket_values`)."""
+    if meta.get("variant") == "full" or not meta.get("removed"):
+        return {}
+    return {K_COUNT: int(meta["k"])} if meta["merge"] == "window" else {R_COUNT: int(meta["r"])}
 
 
 def _channels(shapes: dict, name: str) -> int:
@@ -255,12 +292,49 @@ def partition_from_counter(grid: tuple[int, int], counter: np.ndarray, rng: np.r
     total = np.asarray(counter, dtype=np.float64).reshape(-1, h * w).sum(0).reshape(h, w)
     cells = total[:2 * hc, :2 * wc].reshape(hc, 2, wc, 2).transpose(0, 2, 1, 3).reshape(hc, wc, 4)
     if rng is not None:
-        cells = cells + rng.random(cells.shape) * 0.5  # counters are integers: noise only breaks ties
+        cells = cells + tie_noise(grid, rng)  # counters are integers: noise only breaks ties
     slot = cells.argmax(-1)
     dy, dx = slot // 2, slot % 2
     cy, cx = np.meshgrid(np.arange(hc), np.arange(wc), indexing="ij")
     dst_pos = ((cy * 2 + dy) * w + (cx * 2 + dx)).reshape(-1).astype(np.int64)
     return layout((h, w), dst_pos, bands)
+
+
+def tie_noise(grid: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """``[H/2, W/2, 4]`` noise in [0, 0.5) that breaks ties between a window's integer counters."""
+    return rng.random((grid[0] // 2, grid[1] // 2, 4)) * 0.5
+
+
+def partition_from_counter_torch(grid: tuple[int, int], counter, noise=None, bands: int = 1):
+    """:func:`partition_from_counter` on the counter's own device (a TensorRT step keeps it there).
+
+    ``noise``: :func:`tie_noise`, drawn on the host (a host -> device upload of N/4 x 4 values, as ToMe
+    uploads its partition), or None for the first token. No device -> host copy and no sync: the
+    layout is a stable sort on a per-position key (band, then src by position, then dst by cell), and
+    the inverse a scatter. Returns int64 ``(partition, inverse)`` on ``counter.device``.
+    """
+    import torch
+
+    h, w = grid
+    hc, wc = h // 2, w // 2
+    dev = counter.device
+    total = counter.to(torch.float64).reshape(-1, h * w).sum(0).reshape(h, w)
+    cells = total[:2 * hc, :2 * wc].reshape(hc, 2, wc, 2).permute(0, 2, 1, 3).reshape(hc, wc, 4)
+    if noise is not None:
+        cells = cells + torch.as_tensor(noise, dtype=torch.float64).to(dev, non_blocking=True)
+    slot = cells.argmax(-1)  # first maximum, as numpy
+    cy, cx = torch.meshgrid(torch.arange(hc, device=dev), torch.arange(wc, device=dev), indexing="ij")
+    dst_pos = ((cy * 2 + slot // 2) * w + (cx * 2 + slot % 2)).reshape(-1)
+    n = h * w
+    pos = torch.arange(n, device=dev)
+    # key: band * 2N + (position for src, N + cell index for dst): sorting it gives, per band, its src in
+    # position order and then its dst in cell order, the layout of passes.partition.layout
+    key = pos.clone()
+    key[dst_pos] = n + torch.arange(hc * wc, device=dev)
+    key = key + (pos // w) // (h // bands) * 2 * n
+    partition = torch.argsort(key, stable=True)
+    inverse = torch.empty_like(partition).scatter_(0, partition, pos)
+    return partition, inverse
 
 
 class PromptWeightPass(GraphPass):
@@ -281,7 +355,8 @@ class PromptWeightPass(GraphPass):
         self.bucket = bucket
 
     def stamp(self) -> dict:
-        return {"pass": self.name, "method": "sdtm", "bucket": self.bucket, "weight": self.weight}
+        # nothing per bucket: buckets of one stage share the weighted graph
+        return {"pass": self.name, "method": "sdtm", "weight": self.weight}
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         if self.weight == 1.0:

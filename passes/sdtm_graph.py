@@ -2,7 +2,8 @@
 
 No knowledge of DiTs or node names here (the pass wires these in); the eager twin of the same math,
 op for op, is :mod:`passes.sdtm_math`. Everything is TensorRT-safe: TopK with a constant K (the
-window count, <= 3840 for grids up to 123x123 windows), Gather, ReduceMean, Where, ScatterElements
+number of windows, <= 3840 for grids up to 123x123 windows; the merged count k is only a Slice bound
+and index arithmetic, a shape tensor when it comes from a count input), Gather, ReduceMean, Where, ScatterElements
 without a reduction (the inverse permutation, in int64), no data-dependent shapes.
 
 Structure stage ("SSM" in the released code): the grid is tiled into 2x2 windows. Window score =
@@ -27,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.graphbuild import Emitter, inverse_permutation, unit_rows
+from passes.graphbuild import Emitter, count_value, inverse_permutation, unit_rows
 from passes.tome_graph import NORM_EPS
 
 COUNTER_EPS = 1e-6  # the released code's eps in c / (mean(c) + eps)
@@ -100,11 +101,18 @@ def _unit(em: Emitter, x: gs.Variable) -> gs.Variable:
 
 
 def build_window_match(em: Emitter, x: gs.Variable, counter: gs.Variable, geo: WindowGeometry,
-                       a_s: float) -> WindowState:
-    """Score the 2x2 windows of ``x [B, N, C]`` and pick the top ``k`` (see the module docstring)."""
-    n, nw, k = geo.tokens, geo.num_windows, geo.k
+                       a_s: float, k_count: gs.Variable | None = None) -> WindowState:
+    """Score the 2x2 windows of ``x [B, N, C]`` and pick the top ``k`` (see the module docstring).
+
+    ``k_count``: the count input whose length is k (:mod:`passes.counts`), so one graph serves every k;
+    None bakes ``geo.k`` into the graph.
+    """
+    n, nw = geo.tokens, geo.num_windows
     leftover = geo.leftover()
-    nl, u = len(leftover), geo.unmerged
+    nl = len(leftover)
+    k = em.ints("k", [geo.k]) if k_count is None else count_value(em, k_count)  # int64 [1]
+    four_k = em.op("Mul", [k, em.ints("four", [4])], hint="four_k")
+    u = em.op("Sub", [em.ints("n", [n]), four_k], hint="unmerged")  # rows holding single tokens: N - 4k
     windows = em.ints("windows", geo.windows().tolist())
 
     m = _unit(em, x)
@@ -120,15 +128,16 @@ def build_window_match(em: Emitter, x: gs.Variable, counter: gs.Variable, geo: W
     # windows by score, descending (ties: lower index first); rank = its inverse permutation, in int64
     _, order = em.op("TopK", [score, em.ints("k", [nw])], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2)
     rank = inverse_permutation(em, order, nw, axis=1)
-    chosen = em.op("Slice", [order, em.ints("zero", [0]), em.ints("k", [k]), em.ints("axis", [1])])
-    rest = em.op("Slice", [order, em.ints("k", [k]), em.ints("nw", [nw]), em.ints("axis", [1])])
+    chosen = em.op("Slice", [order, em.ints("zero", [0]), k, em.ints("axis", [1])])
+    rest = em.op("Slice", [order, k, em.ints("nw", [nw]), em.ints("axis", [1])])
 
     boff = batch_offsets(em, x)
     off_n = em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axes", [1, 2])]), em.ints("n", n)])  # [B, 1, 1]
     win_flat = em.op("Add", [em.op("Gather", [windows, chosen], {"axis": 0}), off_n], hint="win_flat")  # [B, k, 4]
     batch_shape = em.op("Shape", [x], {"start": 0, "end": 1})
+    rest_len = em.op("Sub", [em.ints("n", [4 * nw]), four_k])  # 4 (Nw - k)
     rest_tok = em.op("Reshape", [em.op("Gather", [windows, rest], {"axis": 0}),
-                                 em.op("Concat", [batch_shape, em.ints("n", [4 * (nw - k)])], {"axis": 0})],
+                                 em.op("Concat", [batch_shape, rest_len], {"axis": 0})],
                      {"allowzero": 1})  # [B, 4 (Nw-k)]
     zeros_b = em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axis", [1])]), em.ints("zero", 0)])  # [B, 1]
     if nl:
@@ -139,18 +148,19 @@ def build_window_match(em: Emitter, x: gs.Variable, counter: gs.Variable, geo: W
     # unmerge map in layout order [leftover, window slots]: a chosen window (rank q < k) reads the mean
     # in row U + q; an unchosen one reads its own tokens, rows nl + 4 (q - k) + slot
     rank3 = em.op("Unsqueeze", [rank, em.ints("axis", [2])])  # [B, Nw, 1]
-    row_win = em.op("Where", [em.op("Less", [rank3, em.ints("k", k)]),
-                              em.op("Add", [rank3, em.ints("u", u)]),
-                              em.op("Add", [em.op("Mul", [rank3, em.ints("four", 4)]),
-                                            em.ints("slot", (nl - 4 * k + np.arange(4)).reshape(1, 1, 4).tolist())])])
+    slot = em.op("Sub", [em.ints("slot", (nl + np.arange(4)).reshape(1, 1, 4).tolist()), four_k])  # nl - 4k + slot
+    row_win = em.op("Where", [em.op("Less", [rank3, k]),
+                              em.op("Add", [rank3, u]),
+                              em.op("Add", [em.op("Mul", [rank3, em.ints("four", 4)]), slot])])
     row_layout = em.op("Reshape", [row_win, em.ints("shape", [0, 4 * nw])])
     if nl:
         row_layout = em.op("Concat", [em.op("Add", [zeros_b, em.ints("rows", np.arange(nl).reshape(1, -1).tolist())]),
                                       row_layout], {"axis": 1})
     row = em.op("Gather", [row_layout, em.ints("layout_inv", geo.layout_inverse().tolist())], {"axis": 1})  # [B, N]
-    independent = em.op("Less", [row, em.ints("u", u)], hint="independent")
-    map_flat = em.op("Add", [row, em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axis", [1])]),
-                                                em.ints("kept", geo.kept)])], hint="map_flat")
+    independent = em.op("Less", [row, u], hint="independent")
+    kept = em.op("Sub", [em.ints("n", [n]), em.op("Mul", [k, em.ints("three", [3])])], hint="kept")  # N - 3k
+    map_flat = em.op("Add", [row, em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axis", [1])]), kept])],
+                     hint="map_flat")
     return WindowState(geo, unm_flat, win_flat, map_flat, independent)
 
 
@@ -169,12 +179,17 @@ def build_gather_unmerge(em: Emitter, y: gs.Variable, map_flat: gs.Variable, cha
     return em.op("Gather", [yf, map_flat], {"axis": 0}, hint="unmerged")
 
 
-def build_independent_from_map(em: Emitter, x: gs.Variable, map_flat: gs.Variable, kept: int,
-                               unmerged: int) -> gs.Variable:
-    """``[B, N]`` bool from a ToMe unmerge map: the position reads an unmerged src row (rows < ``unmerged``)."""
+def build_independent_from_map(em: Emitter, x: gs.Variable, map_flat: gs.Variable, kept: int | gs.Variable,
+                               unmerged: int | gs.Variable) -> gs.Variable:
+    """``[B, N]`` bool from a ToMe unmerge map: the position reads an unmerged src row (rows < ``unmerged``).
+
+    ``kept`` and ``unmerged`` are ints, or int64 [1] tensors when they follow a count input.
+    """
+    kept = em.ints("kept", [kept]) if isinstance(kept, int) else kept
+    unmerged = em.ints("u", [unmerged]) if isinstance(unmerged, int) else unmerged
     boff = batch_offsets(em, x)
-    row = em.op("Sub", [map_flat, em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axis", [1])]), em.ints("kept", kept)])])
-    return em.op("Less", [row, em.ints("u", unmerged)], hint="independent")
+    row = em.op("Sub", [map_flat, em.op("Mul", [em.op("Unsqueeze", [boff, em.ints("axis", [1])]), kept])])
+    return em.op("Less", [row, unmerged], hint="independent")
 
 
 def build_counter_update(em: Emitter, counter: gs.Variable, independent: gs.Variable) -> gs.Variable:

@@ -32,7 +32,7 @@ from export.buckets import BucketSpec
 from export.measure import feed_of, max_abs
 from export.methods import MAIN, BucketGraphs, BuildContext, Method
 from export.onnx_export import eager_forward
-from passes.atedm import ATEDMConfig, ATEDMPass, count_blocks
+from passes.atedm import ATEDMConfig, ATEDMPass, bucket_values, count_blocks
 from passes.atedm_graph import static_scores
 from passes.atedm_twin import ATEDMTwin
 from passes.errors import DitmergeError
@@ -82,19 +82,21 @@ class ATEDM(Method):
             ATEDMConfig(0.5, prune_layer=layer).validate(ctx.grid, blocks)
 
     def stamp(self, spec: BucketSpec, index: int) -> dict:
-        return ATEDMPass(self.config(spec, index), bucket=index).stamp()
+        return {**ATEDMPass(self.config(spec, index)).stamp(), "bucket": index, "ratio": self.config(spec, index).ratio}
 
     def build_bucket(self, ctx: BuildContext, spec: BucketSpec, index: int) -> BucketGraphs:
         cfg = self.config(spec, index)
-        res = ATEDMPass(cfg, bucket=index)(ctx.base)
+        res = ATEDMPass(cfg)(ctx.base)
         if not res.modified:
             return BucketGraphs({MAIN: None}, {"prune_layer": cfg.prune_layer, "ratio": cfg.ratio}, 0, ctx.tokens)
-        meta = json.loads(get_model_meta(res.model)["atedm"])
-        meta["dsap_early"] = self.early(index)
-        return BucketGraphs({MAIN: res.model}, meta, ctx.tokens - meta["kept"], meta["kept"])
+        # one graph per pruning layer; the bucket's kept tokens are a count input
+        values = bucket_values(cfg, ctx.grid)
+        counts = values.pop("counts")
+        meta = {**json.loads(get_model_meta(res.model)["atedm"]), **values, "dsap_early": self.early(index)}
+        return BucketGraphs({MAIN: res.model}, meta, ctx.tokens - meta["kept"], meta["kept"], counts)
 
     def fidelity(self, ctx: BuildContext, meta: dict, variant: str, run, inputs: dict[str, torch.Tensor]) -> float:
-        out = run(feed_of(inputs))["sample"]
+        out = run(feed_of(inputs))["sample"]  # ``run`` feeds the bucket's counts (export.build.shape_feed)
         if "kept" not in meta:
             return max_abs(out, eager_forward(ctx.torch_model, inputs).numpy())
         return max_abs(out, twin_forward(ctx.torch_model, meta, inputs, ctx.grid))

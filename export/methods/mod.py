@@ -1,9 +1,11 @@
-"""DiffRatio-MoD (DiffCR) as a plan method: trained routers, one routed graph per timestep region.
+"""DiffRatio-MoD (DiffCR) as a plan method: trained routers, one routed graph for every timestep region.
 
 The model must come from ``python -m export.train_mod``: its folder holds the fine-tuned weights, the
 routers (``mod_routers.safetensors``) and the learned ratios (``mod_ratios.json``). The ratios, snapped
 to their 10 % bins, give a constant capacity per layer per timestep region; adjacent regions with the
 same capacities share one bucket. ``--buckets`` does not apply: the buckets are the trained regions.
+The capacity of every block some bucket routes is a count input (``ditmerge_count_mod_k_<i>``), so all
+buckets share one graph file and feed their own capacities.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from export.measure import feed_of, max_abs
 from export.methods import MAIN, BucketGraphs, BuildContext, Method
 from export.onnx_export import eager_forward
 from passes.errors import DitmergeError
-from passes.mod import ModConfig, ModPass
+from passes.mod import ModConfig, ModPass, bucket_values
 from passes.mod_math import MoDRouting, capacity, snap
+from passes.tome import TOPK_LIMIT
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +85,31 @@ class MoD(Method):
     def capacities(self, spec: BucketSpec, tokens: int) -> list[int]:
         return [capacity(r, tokens) for r in self.layer_ratios(spec)]
 
+    def dynamic_blocks(self, caps: list[int], tokens: int) -> tuple[int, ...]:
+        """Blocks whose capacity is a count input: every block some bucket of the plan routes (k < N), so all
+        buckets share one graph. Past TensorRT's TopK limit a block at k = N cannot be a TopK over all
+        tokens: then only this bucket's routed blocks, and buckets share a graph where those agree."""
+        mine = {i for i, k in enumerate(caps) if k < tokens}
+        if tokens > TOPK_LIMIT:
+            return tuple(sorted(mine))
+        plan = {i for ratios in self.ratios.values() for i, r in enumerate(ratios) if capacity(r, tokens) < tokens}
+        return tuple(sorted(mine | plan))
+
     def build_bucket(self, ctx: BuildContext, spec: BucketSpec, index: int) -> BucketGraphs:
         caps = self.capacities(spec, ctx.tokens)
         routers = self.routing.routers
+        dynamic = self.dynamic_blocks(caps, ctx.tokens)
         cfg = ModConfig(tuple(caps), tuple(r.weight.detach().numpy().reshape(-1).copy() for r in routers),
-                        tuple(float(r.bias.detach()) for r in routers))
-        res = ModPass(cfg, bucket=index)(ctx.base)
-        meta = {"ratios": self.layer_ratios(spec), "capacities": caps}
-        return BucketGraphs({MAIN: res.model}, meta, ctx.tokens - min(caps), min(caps))
+                        tuple(float(r.bias.detach()) for r in routers), dynamic)
+        res = ModPass(cfg)(ctx.base)
+        values = bucket_values(caps, dynamic)
+        counts = values.pop("counts")
+        meta = {"ratios": self.layer_ratios(spec), **values}
+        return BucketGraphs({MAIN: res.model}, meta, ctx.tokens - min(caps), min(caps), counts)
 
     def fidelity(self, ctx: BuildContext, meta: dict, variant: str, run, inputs: dict[str, torch.Tensor]) -> float:
         """The bucket graph against the eager routed model at the bucket's capacities."""
-        out = run(feed_of(inputs))["sample"]
+        out = run(feed_of(inputs))["sample"]  # ``run`` feeds the bucket's counts (export.build.shape_feed)
         self.routing.fixed = list(meta["capacities"])
         try:
             with self.routing.installed(ctx.torch_model):

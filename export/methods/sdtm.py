@@ -44,9 +44,12 @@ from passes.sdtm import (
     PromptWeightPass,
     SdtmConfig,
     SdtmPass,
+    bucket_values,
     cache_input,
+    meta_counts,
     partition_from_counter,
 )
+from passes.counts import count_feed
 from passes.sdtm_twin import SdtmTwin
 from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, TOPK_LIMIT
 
@@ -105,6 +108,9 @@ def stage_buckets(steps: int, switch_step: int, ratio: float, dev: float, per_st
 
 class Sdtm(Method):
     name = "sdtm"
+    # a bucket's merged and full variants are branches of one graph (passes/branch.py): with k / r as count
+    # inputs, every bucket of a stage shares it, so a plan holds one graph per stage
+    one_graph = True
     unsupported: ClassVar[dict[str, str]] = dict.fromkeys(
         ("sd3", "flux"), "its structure/detail stages and protected steps are placed on DDIM 'leading' timesteps; "
         "on a shifted flow-matching schedule the structure stage would cover other steps (not mapped yet)")
@@ -204,13 +210,17 @@ class Sdtm(Method):
     def build_bucket(self, ctx: BuildContext, spec: BucketSpec, index: int) -> BucketGraphs:
         stage = self.stage(spec, ctx.num_train_timesteps)
         cfg = self.config(stage, spec.ratio)
-        res = SdtmPass(cfg, bucket=index)(ctx.base)
+        res = SdtmPass(cfg)(ctx.base)
         graphs: dict = {MAIN: res.model if res.modified else None}
         meta: dict = {"stage": stage, "removed": 0, "protect_every": self.options["protect_every"]}
+        counts: dict[str, int] = {}
         if res.modified:
-            meta.update(json.loads(get_model_meta(res.model)["sdtm"]))
+            # the graph is the same for every bucket of the stage; the bucket's k or r is a count input
+            values = bucket_values(cfg, ctx.grid)
+            counts = values.pop("counts")
+            meta.update(json.loads(get_model_meta(res.model)["sdtm"]), **values)
         if self.options["protect_every"] > 0:
-            full = SdtmPass(self.config(stage, spec.ratio, FULL), bucket=index)(ctx.base).model
+            full = SdtmPass(self.config(stage, spec.ratio, FULL))(ctx.base).model
             graphs[FULL] = full
             full_meta = json.loads(get_model_meta(full)["sdtm"])
             meta["cache_bytes_per_sample"] = full_meta["cache_bytes_per_sample"]
@@ -220,11 +230,11 @@ class Sdtm(Method):
         weight = self.options[f"prompt_weight_{stage}"]
         if weight != 1.0:
             for variant in list(graphs):
-                res = PromptWeightPass(weight, bucket=index)(graphs[variant] or ctx.base)
+                res = PromptWeightPass(weight)(graphs[variant] or ctx.base)
                 graphs[variant] = res.model
             meta["prompt"] = json.loads(get_model_meta(graphs[MAIN])["sdtm_prompt"])
         removed = meta["removed"]
-        return BucketGraphs(graphs, meta, removed, ctx.tokens - removed)
+        return BucketGraphs(graphs, meta, removed, ctx.tokens - removed, counts)
 
     def extra_feed(self, ctx: BuildContext, meta: dict, variant: str, batch: int,
                    seed: int | None = 0) -> dict[str, np.ndarray]:
@@ -243,11 +253,11 @@ class Sdtm(Method):
 
 
 def sdtm_extra_feed(meta: dict, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Counters, partition and caches for a merged graph: random, for measuring."""
+    """Counters, partition and caches for a merged graph: random, for measuring; and its count inputs."""
     grid = tuple(meta["grid"])
     n = grid[0] * grid[1]
     counter = rng.integers(0, 6, (batch, n)).astype(np.float32)
-    feed = {COUNTER_INPUT: counter}
+    feed = {COUNTER_INPUT: counter, **count_feed(meta_counts(meta))}
     if meta["merge"] == "bipartite":
         feed[PARTITION_INPUT], feed[PARTITION_INV_INPUT] = partition_from_counter(grid, counter, rng, meta["bands"])
     for path in meta.get("cache_inputs", {}):

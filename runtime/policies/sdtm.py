@@ -5,14 +5,24 @@ unmerged; zeros at the start) and the cached sublayer outputs of the last protec
 ``protect_every``-th step (step index ``s % protect_every == 0``, as the released code) runs the
 bucket's ``full`` graph, which refreshes the cache; the other steps run the merged graph with the
 counters and the cache as inputs and take the advanced counters from its output. Detail buckets also
-get ToMe's partition, with each window's dst on its stalest token.
+get ToMe's partition, with each window's dst on its stalest token: drawn with numpy from a host counter
+(onnxruntime), and on the counter's device from a device counter (TensorRT), so the counter never
+crosses to the host; only the tie-breaking noise goes up, as ToMe's partition does.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from passes.sdtm import CACHE_OUTPUT, COUNTER_INPUT, COUNTER_OUTPUT, cache_input, partition_from_counter
+from passes.sdtm import (
+    CACHE_OUTPUT,
+    COUNTER_INPUT,
+    COUNTER_OUTPUT,
+    cache_input,
+    partition_from_counter,
+    partition_from_counter_torch,
+    tie_noise,
+)
 from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
 from runtime.policies import MAIN, GenState, StepPolicy
 
@@ -39,15 +49,18 @@ class SdtmPolicy(StepPolicy):
         if not meta.get("removed"):
             return MAIN, {}
         counter = state.data.get("counter")
-        if counter is None or counter.shape != (batch, self.tokens):
+        if counter is None or tuple(counter.shape) != (batch, self.tokens):
             counter = np.zeros((batch, self.tokens), np.float32)
         feed = {COUNTER_INPUT: counter}
         if meta.get("merge") == "bipartite":
             rng = None if self.deterministic else state.rng
-            # the partition is drawn on the host: the one [B, N] copy of a device counter per detail step
-            host = counter.cpu().numpy() if hasattr(counter, "cpu") else counter
-            feed[PARTITION_INPUT], feed[PARTITION_INV_INPUT] = partition_from_counter(
-                self.grid, host, rng, int(meta.get("bands", 1)))
+            bands = int(meta.get("bands", 1))
+            if isinstance(counter, np.ndarray):
+                part = partition_from_counter(self.grid, counter, rng, bands)
+            else:  # a device tensor (TensorRT): the partition is drawn where the counter is
+                part = partition_from_counter_torch(self.grid, counter, None if rng is None else tie_noise(self.grid, rng),
+                                                    bands)
+            feed[PARTITION_INPUT], feed[PARTITION_INV_INPUT] = part
         for path in needs:
             feed[cache_input(path)] = cache[path]
         return MAIN, feed

@@ -59,7 +59,7 @@ def plan_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sdtm") / "plan"
     build_plan("builtin:tiny-dit", method="sdtm", out=out, options={"steps": "10", "switch_step": "4"},
-               measure=True, repeats=1, quality_samples=0, progress=False)
+               measure=True, repeats=2, quality_samples=0, progress=False)
     return out
 
 
@@ -71,12 +71,43 @@ def test_built_plan_has_both_stages_and_every_variant_matches_its_twin(plan_dir)
     assert stages == ["structure", "structure", "detail", "detail"]
     for b in manifest["buckets"]:
         assert set(b["graphs"]) == {"main", "full"}
-        assert b["tensorrt_check"] == []
         assert b["r"] > 0 and b["method_meta"]["cache_bytes_per_sample"] > 0
         for variant, err in b["fidelity"].items():
             assert err <= 1e-4, f"bucket {b['index']} {variant}: {err:.2e}"
     detail = manifest["buckets"][-1]["method_meta"]
     assert detail["merge"] == "bipartite" and all(s.endswith(".ff") for s in detail["sites"])
+
+
+def test_buckets_that_differ_in_ratio_share_one_graph_per_stage(plan_dir):
+    """4 buckets x 2 variants reference 2 files, one per stage: the window graph (k a count) and the
+    bipartite graph (r a count), each with the full variant as a branch (passes/branch.py); each bucket
+    feeds its own count, and every profile passes the TensorRT check."""
+    import json
+
+    import onnx
+
+    from passes.sdtm import K_COUNT, R_COUNT
+    from tests.count_profiles import assert_tensorrt_ok
+
+    manifest = json.loads((plan_dir / "plan.json").read_text())
+    buckets = manifest["buckets"]
+    files = {v["file"] for b in buckets for v in b["graphs"].values()}
+    assert len(files) == 2 < len(buckets) * 2, files
+    for stage, key in (("structure", K_COUNT), ("detail", R_COUNT)):
+        same = [b for b in buckets if b["method_meta"]["stage"] == stage]
+        assert len({g["file"] for b in same for g in b["graphs"].values()}) == 1
+        # the buckets differ in ratio and in count: one graph serves both counts
+        assert len({b["ratio"] for b in same}) == 2 and len({b["counts"][key] for b in same}) == 2, same
+        for b in same:
+            assert b["counts"] == {key: b["method_meta"]["k" if key == K_COUNT else "r"]}
+    from passes.branch import VARIANT_COUNT, branch_info
+
+    for b in buckets:
+        model = onnx.load(plan_dir / b["graphs"]["main"]["file"], load_external_data=False)
+        variants = branch_info(model)["variants"]
+        assert set(variants) == {"main", "full"}
+        for variant in variants:  # each profile: the bucket's count and the variant's index
+            assert_tensorrt_ok(model, {**b["counts"], VARIANT_COUNT: variants[variant]["index"]})
 
 
 def test_runtime_runs_protected_steps_and_carries_counters(plan_dir):
@@ -102,3 +133,34 @@ def test_runtime_runs_protected_steps_and_carries_counters(plan_dir):
     seen.clear()
     sample_classes(tf, [1], steps=8, guidance=2.0, progress=False)
     assert next(s[3] for s in seen if s[3] is not None).max() == 0  # reset per generation
+
+
+def test_policy_draws_the_detail_partition_without_a_host_copy(plan_dir, monkeypatch):
+    """A device counter (torch, as TensorRT steps return it) gives a torch partition drawn where the counter
+    is, equal to the numpy partition drawn from the same seeded stream; the counter is never copied to
+    the host (Tensor.cpu / .numpy raise during select)."""
+    import torch
+
+    from runtime.plan import Plan
+    from runtime.policies import GenState
+    from runtime.policies.sdtm import SdtmPolicy
+
+    plan = Plan.load(plan_dir)
+    policy = SdtmPolicy(plan)
+    detail = next(b for b in plan.buckets if b.meta.get("merge") == "bipartite")
+    n = policy.tokens
+    counter = np.random.default_rng(0).integers(0, 3, (2, n)).astype(np.float32)
+    feeds = {}
+    for kind in ("host", "device"):
+        state = GenState(seed=0, rng=np.random.default_rng(5), steps=1)
+        state.data.update(counter=counter.copy() if kind == "host" else torch.from_numpy(counter.copy()),
+                          cache={p: np.zeros((2, n, w), np.float32) for p, w in detail.meta["widths"].items()})
+        if kind == "device":
+            for name in ("cpu", "numpy"):
+                monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("host copy")))
+        variant, feeds[kind] = policy.select(state, detail, 2)
+        monkeypatch.undo()
+        assert variant == "main"
+    for name in ("tome_partition", "tome_partition_inv"):
+        assert isinstance(feeds["device"][name], torch.Tensor)
+        assert np.array_equal(feeds["device"][name].numpy(), feeds["host"][name]), name

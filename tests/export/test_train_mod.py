@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from export.train_mod import RATIOS_FILE, ROUTERS_FILE, LoRA, fine_tune, load_routing, merged_copy
 from passes.errors import DitmergeError
+from tests.count_profiles import assert_tensorrt_ok
 from tests.helpers import METHOD_ATOL
 
 
@@ -104,7 +106,7 @@ def test_plan_buckets_equal_the_eager_routed_model(tuned, tmp_path):
     routing, record = load_routing(ft)
     for b in buckets:
         assert b["fidelity_max_abs"] <= METHOD_ATOL, b
-        assert b["tensorrt_check"] == []
+        assert_tensorrt_ok(onnx.load(tmp_path / "plan" / b["graph"], load_external_data=False), b["counts"])
         region = next(r for r in record["regions"] if r["t_lo"] <= b["t_lo"] <= r["t_hi"])
         assert b["method_meta"]["capacities"] == region["capacities"]
     # through the runtime: a call at timestep t runs t's bucket, routed as the eager model routes t's region
@@ -124,3 +126,43 @@ def test_a_model_without_routers_is_refused(tmp_path):
 
     with pytest.raises(DitmergeError, match="has no MoD routers"):
         build_plan(model="bundled:tiny-dit", method="mod", out=tmp_path / "p", measure=False, progress=False)
+
+
+def test_buckets_of_other_capacities_share_one_graph_file(tmp_path):
+    """builtin:tiny-dit with random routers and three regions of different capacities (one a block at
+    k = N): build_plan stores one graph for the 3 buckets, each bucket feeds its capacities and matches
+    the eager routed model."""
+    from safetensors.torch import save_file
+
+    from export.build import build_plan
+    from export.load import BUILTIN_TINY, load_transformer
+    from export.train import make_scheduler
+    from passes.mod_math import MoDRouting, capacity, region_bounds
+
+    model = load_transformer(BUILTIN_TINY)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    make_scheduler().save_pretrained(folder / "scheduler")
+    layers = len(model.transformer_blocks)
+    channels = model.config.num_attention_heads * model.config.attention_head_dim
+    routing = MoDRouting(channels, layers, regions=3, init_bias=0.0, seed=2)
+    save_file(routing.router_tensors(), folder / ROUTERS_FILE)
+    tokens = (model.config.sample_size // model.config.patch_size) ** 2
+    snapped = [[0.5] + [0.3] * (layers - 1), [0.0] + [0.2] * (layers - 1), [0.1] * layers]
+    regions = [{"region": r, "t_lo": region_bounds(r, 3, 1000)[0], "t_hi": region_bounds(r, 3, 1000)[1],
+                "snapped": snapped[r], "learned": snapped[r], "capacities": [capacity(v, tokens) for v in snapped[r]]}
+               for r in range(3)]
+    (folder / RATIOS_FILE).write_text(json.dumps({"format": 1, "layers": layers, "num_train_timesteps": 1000,
+                                                   "max_ratio": 0.7, "tokens": tokens, "regions": regions}))
+    out = tmp_path / "plan"
+    manifest = build_plan(model=str(folder), method="mod", out=out, measure=True, repeats=2, quality_samples=0,
+                          progress=False)
+    buckets = manifest["buckets"]
+    assert len(buckets) == 3 and len({b["graph"] for b in buckets}) == 1
+    assert sorted(f.name for f in out.glob("bucket_*.onnx")) == [buckets[0]["graph"]]
+    assert len({tuple(b["counts"].values()) for b in buckets}) == 3
+    assert any(v == tokens for b in buckets for v in b["counts"].values())  # a block at k = N in one bucket
+    for b in buckets:
+        assert b["fidelity_max_abs"] <= METHOD_ATOL, (b["index"], b["fidelity"])
+        assert list(b["counts"].values()) == b["method_meta"]["capacities"]
+        assert_tensorrt_ok(onnx.load(out / b["graph"], load_external_data=False), b["counts"])

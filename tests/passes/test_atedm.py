@@ -18,12 +18,13 @@ from export.methods import get_method
 from export.methods.atedm import twin_forward
 from export.onnx_export import example_inputs
 from passes import atedm_math
-from passes.atedm import ATEDMConfig, ATEDMPass, find_blocks
+from passes.atedm import ATEDMConfig, ATEDMPass, bucket_values, find_blocks
+from passes.counts import count_feed
 from passes.errors import DitmergeError
 from passes.locate import tensor_shapes
 from passes.onnxutil import get_model_meta, infer_shapes, save_checked
-from passes.trt_check import check_tensorrt
 from runtime.runners import OrtRunner, SharedWeights
+from tests.count_profiles import assert_tensorrt_ok
 from tests.helpers import METHOD_ATOL, assert_close
 
 GRID = (6, 6)
@@ -43,8 +44,12 @@ def test_pruned_graph_equals_twin_and_differs_from_unpruned(exported, family, im
     model, base, d = exported(family, GRID)
     cfg = ATEDMConfig(0.5, prune_layer=0, stride=4, iterations=5, importance=importance, refill=refill)
     res = ATEDMPass(cfg)(base)
-    assert res.modified and check_tensorrt(res.model) == []
-    meta = json.loads(get_model_meta(res.model)["atedm"])
+    values = bucket_values(cfg, GRID)
+    assert res.modified
+    assert_tensorrt_ok(res.model, values["counts"])
+    # the bucket's kept tokens are a count input, not in the graph's metadata
+    meta = {**json.loads(get_model_meta(res.model)["atedm"]), **values}
+    assert "kept" not in json.loads(get_model_meta(res.model)["atedm"])
     assert meta["kept"] == 18 and meta["sample_rows"] == 9 and meta["prune_block"] == "transformer_blocks.0"
 
     # the fused attention ops are all still there, and the only Softmax is the importance's (G-WPR only)
@@ -53,25 +58,51 @@ def test_pruned_graph_equals_twin_and_differs_from_unpruned(exported, family, im
     # the last block runs on the kept tokens, the output layer on the full grid again
     shapes = tensor_shapes(infer_shapes(res.model))
     last = find_blocks(infer_shapes(base), 36)[-1]
-    assert shapes[last.output][1][1:] == [18, 16]
+    assert shapes[last.output][1][2:] == [16]  # [B, kept, C]: kept follows the count input
     assert shapes["sample"][1][1:] == tensor_shapes(infer_shapes(base))["sample"][1][1:]
 
     save_checked(res.model, d / f"atedm_{importance}_{refill}.onnx")
     pruned, unpruned = _runner(d, f"atedm_{importance}_{refill}.onnx"), _runner(d, "base.onnx")
     for batch in (1, 2):
         inputs = example_inputs(model, batch, GRID, seed=20 + batch)
-        out = pruned.infer(feed_of(inputs))["sample"]
+        out = pruned.infer({**feed_of(inputs), **count_feed(meta["counts"])})["sample"]
         assert_close(out, twin_forward(model, meta, inputs, GRID), METHOD_ATOL, f"{family} batch {batch} vs twin")
         diff = max_abs(out, unpruned.infer(feed_of(inputs))["sample"])
         assert diff > 1e-3, f"{family}: the pruned graph computes what the unpruned one does ({diff:.1e})"
+
+
+def test_one_graph_serves_every_ratio(exported):
+    """Configs that differ only in ratio give byte-identical graphs; each kept count matches its twin, and a
+    count that is not the bucket's (the twin at 18, the graph fed 12) is caught."""
+    model, base, d = exported("dit", GRID)
+    cfgs = [ATEDMConfig(r, prune_layer=0, stride=2, iterations=3) for r in (0.3, 0.5, 0.7)]
+    graphs = [ATEDMPass(c, bucket=i)(base).model for i, c in enumerate(cfgs)]
+    assert len({g.SerializeToString() for g in graphs}) == 1
+    save_checked(graphs[0], d / "atedm_shared.onnx")
+    run = _runner(d, "atedm_shared.onnx")
+    inputs = example_inputs(model, 2, GRID, seed=3)
+    meta0 = json.loads(get_model_meta(graphs[0])["atedm"])
+    outs = []
+    for cfg in cfgs:
+        meta = {**meta0, **bucket_values(cfg, GRID)}
+        assert_tensorrt_ok(graphs[0], meta["counts"])
+        out = run.infer({**feed_of(inputs), **count_feed(meta["counts"])})["sample"]
+        assert_close(out, twin_forward(model, meta, inputs, GRID), METHOD_ATOL, f"ratio {cfg.ratio} vs twin")
+        outs.append(out)
+    assert max_abs(outs[0], outs[2]) > 1e-3
+    wrong = {**meta0, **bucket_values(cfgs[1], GRID)}
+    assert max_abs(run.infer({**feed_of(inputs), **count_feed(bucket_values(cfgs[2], GRID)["counts"])})["sample"],
+                   twin_forward(model, wrong, inputs, GRID)) > 1e-3
 
 
 def test_pass_is_idempotent_and_refuses_a_second_pruning(exported):
     _, base, _ = exported("dit", GRID)
     once = ATEDMPass(ATEDMConfig(0.5, prune_layer=0))(base).model
     assert not ATEDMPass(ATEDMConfig(0.5, prune_layer=0))(once).modified
+    # another ratio is the same graph (kept is a count input); another stride is another pruning
+    assert not ATEDMPass(ATEDMConfig(0.25, prune_layer=0))(once).modified
     with pytest.raises(DitmergeError, match="already carries"):
-        ATEDMPass(ATEDMConfig(0.25, prune_layer=0))(once)
+        ATEDMPass(ATEDMConfig(0.5, prune_layer=0, stride=2))(once)
     assert not ATEDMPass(ATEDMConfig(0.0))(base).modified
 
 
@@ -166,5 +197,26 @@ def test_plan_with_dsap_builds_and_measures(tmp_path):
     assert b1["method_meta"]["prune_block"] == "transformer_blocks.0" and not b1["method_meta"]["dsap_early"]
     assert (b0["kept_tokens"], b1["kept_tokens"]) == (26, 18)
     for b in (b0, b1):
-        assert b["tensorrt_check"] == [] and b["fidelity_max_abs"] <= METHOD_ATOL and b["flops_rel"] < 1
+        assert b["fidelity_max_abs"] <= METHOD_ATOL and b["flops_rel"] < 1
+        assert_tensorrt_ok(onnx.load(tmp_path / "plan" / b["graph"], load_external_data=False), b["counts"])
     assert manifest["method"]["params"]["dsap"] is True
+
+
+def test_buckets_that_differ_in_ratio_share_one_graph_file(tmp_path):
+    """build_plan on builtin:tiny-dit, 4 buckets: the DSAP bucket prunes one block later (its own graph),
+    the other 3 differ only in ratio and store one graph; every bucket matches its twin."""
+    from export.build import build_plan
+
+    out = tmp_path / "plan"
+    manifest = build_plan("builtin:tiny-dit", method="atedm", buckets="0.3,0.5,0.4,0.2", out=out, measure=True,
+                          repeats=2, quality_samples=0, progress=False)
+    buckets = manifest["buckets"]
+    files = {b["graph"] for b in buckets}
+    assert len(files) == 2 < len(buckets), files
+    assert len({b["graph"] for b in buckets[1:]}) == 1 and buckets[0]["graph"] != buckets[1]["graph"]
+    assert len({b["counts"]["atedm_kept"] for b in buckets[1:]}) == 3
+    for b in buckets:
+        assert b["fidelity_max_abs"] <= METHOD_ATOL, (b["index"], b["fidelity"])
+        assert b["counts"] == {"atedm_kept": b["kept_tokens"]}
+        assert_tensorrt_ok(onnx.load(out / b["graph"], load_external_data=False), b["counts"])
+    assert sorted(f.name for f in out.glob("bucket_*.onnx")) == sorted(files)

@@ -14,11 +14,13 @@ import torch
 
 from export.onnx_export import eager_forward, example_inputs
 from passes.errors import DitmergeError
-from passes.mod import ModConfig, ModPass, find_blocks
+from passes.counts import count_feed
+from passes.mod import ModConfig, ModPass, bucket_values, find_blocks
 from passes.mod_math import MoDRouting, capacity, neighbours, region_bounds, region_of, snap
 from passes.onnxutil import PROVENANCE_KEY, get_model_meta, infer_shapes, provenance, save_checked
 from passes.trt_check import check_tensorrt
 from runtime.runners import OrtRunner, SharedWeights
+from tests.count_profiles import assert_tensorrt_ok
 from tests.helpers import METHOD_ATOL, assert_close
 
 CHANNELS = 16  # tests.helpers.tiny_dit: 2 heads x 8
@@ -29,9 +31,9 @@ def _routing(seed: int = 1) -> MoDRouting:
     return MoDRouting(CHANNELS, 2, regions=4, init_bias=0.0, seed=seed).eval()
 
 
-def _config(routing: MoDRouting, caps: list[int]) -> ModConfig:
+def _config(routing: MoDRouting, caps: list[int], dynamic: tuple[int, ...] = ()) -> ModConfig:
     return ModConfig(tuple(caps), tuple(r.weight.detach().numpy().reshape(-1).copy() for r in routing.routers),
-                     tuple(float(r.bias.detach()) for r in routing.routers))
+                     tuple(float(r.bias.detach()) for r in routing.routers), dynamic)
 
 
 def _inserted(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -75,7 +77,7 @@ def test_structure_stamps_and_tensorrt(exported):
     assert not set(ops) & {"ScatterElements", "ScatterND", "NonZero", "Unique"}
     ks = sorted(int(onnx.numpy_helper.to_array(i)[0]) for i in res.model.graph.initializer if "/k_" in i.name)
     assert ks == [5, 10]
-    assert provenance(res.model) == [{"bucket": 2, "capacities": [10, 5], "method": "mod", "pass": "mod"}]
+    assert provenance(res.model) == [{"capacities": [10, 5], "method": "mod", "pass": "mod"}]
     meta = json.loads(get_model_meta(res.model)["mod"])
     assert meta["blocks"] == ["transformer_blocks.0", "transformer_blocks.1"] and meta["tokens"] == 16
     # a second run with the same config is a no-op; another config is refused
@@ -83,6 +85,36 @@ def test_structure_stamps_and_tensorrt(exported):
     assert not again.modified and len(again.model.graph.node) == len(res.model.graph.node)
     with pytest.raises(DitmergeError, match="already carries MoD routing"):
         ModPass(_config(_routing(), [8, 5]), bucket=2)(res.model)
+
+
+def test_count_capacities_one_graph_for_every_bucket(exported):
+    """Capacities from count inputs: every capacity set (k = N included: a TopK over all tokens) gives the
+    same graph bytes, each fed its counts equals the eager routed model, and each profile passes TensorRT."""
+    grid = (4, 4)
+    model, base, d = exported("dit", grid)
+    routing = _routing()
+    sets = [[10, 5], [16, 7], [3, 16], [16, 16]]
+    graphs = [ModPass(_config(routing, caps, (0, 1)), bucket=i)(base).model for i, caps in enumerate(sets)]
+    assert len({g.SerializeToString() for g in graphs}) == 1
+    meta = json.loads(get_model_meta(graphs[0])["mod"])
+    assert meta["capacities"] == ["count", "count"] and "bucket" not in provenance(graphs[0])[0]
+    save_checked(graphs[0], d / "mod_counts.onnx")
+    run = _runner(d, "mod_counts.onnx")
+    inputs = example_inputs(model, 2, grid, seed=4)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    outs = []
+    for caps in sets:
+        counts = bucket_values(caps, (0, 1))["counts"]
+        assert counts == {"mod_k_0": caps[0], "mod_k_1": caps[1]}
+        assert_tensorrt_ok(graphs[0], counts)
+        out = run.infer({**feed, **count_feed(counts)})["sample"]
+        routing.fixed = caps
+        with routing.installed(model):
+            ref = eager_forward(model, inputs).numpy()
+        assert_close(out, ref, METHOD_ATOL, f"capacities {caps}: count graph vs eager")
+        outs.append(out)
+    routing.fixed = None
+    assert np.abs(outs[0] - outs[1]).max() > 1e-3  # the counts change what the graph computes
 
 
 def test_blocks_are_found_by_scope(exported):

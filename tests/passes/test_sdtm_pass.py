@@ -14,11 +14,22 @@ import torch
 from export.measure import feed_of, max_abs
 from export.onnx_export import eager_forward, example_inputs
 from passes.onnxutil import get_model_meta, save_checked
-from passes.sdtm import COUNTER_INPUT, COUNTER_OUTPUT, SdtmConfig, SdtmPass, cache_input, partition_from_counter
+from passes.counts import count_feed
+from passes.sdtm import (
+    COUNTER_INPUT,
+    COUNTER_OUTPUT,
+    SdtmConfig,
+    SdtmPass,
+    bucket_values,
+    cache_input,
+    meta_counts,
+    partition_from_counter,
+)
 from passes.sdtm_twin import SdtmTwin
 from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
 from passes.trt_check import check_tensorrt
 from runtime.runners import OrtRunner, SharedWeights
+from tests.count_profiles import assert_tensorrt_ok
 from tests.helpers import METHOD_ATOL, assert_close
 
 CONFIGS = {
@@ -31,6 +42,12 @@ CASES = [("dit", (6, 6), name) for name in CONFIGS] + [("pixart", (4, 4), "struc
                                                        ("dit", (5, 5), "structure")]
 
 
+def _meta(model, cfg: SdtmConfig, grid) -> dict:
+    """A bucket's meta as the method writes it: the graph's metadata and the bucket's own values (k or r)."""
+    meta = json.loads(get_model_meta(model)["sdtm"])
+    return meta if meta["variant"] == "full" else {**meta, **bucket_values(cfg, grid)}
+
+
 def _runner(d, graph):
     return OrtRunner(d / graph, ["CPUExecutionProvider"], SharedWeights(d / "weights.bin"))
 
@@ -38,7 +55,7 @@ def _runner(d, graph):
 def _extra(meta: dict, batch: int, grid, rng: np.random.Generator) -> dict[str, np.ndarray]:
     n = grid[0] * grid[1]
     counter = rng.integers(0, 6, (batch, n)).astype(np.float32)
-    feed = {COUNTER_INPUT: counter}
+    feed = {COUNTER_INPUT: counter, **count_feed(meta_counts(meta))}
     if meta["merge"] == "bipartite":
         feed[PARTITION_INPUT], feed[PARTITION_INV_INPUT] = partition_from_counter(grid, counter, rng, meta["bands"])
     for path, name in meta["cache_inputs"].items():
@@ -65,8 +82,8 @@ def test_merged_graph_equals_twin(exported, family, grid, name):
     model, base, d = exported(family, grid)
     res = SdtmPass(CONFIGS[name])(base)
     assert res.modified
-    assert check_tensorrt(res.model) == []
-    meta = json.loads(get_model_meta(res.model)["sdtm"])
+    meta = _meta(res.model, CONFIGS[name], grid)
+    assert_tensorrt_ok(res.model, meta["counts"])
     kinds = {s.rsplit(".", 1)[1] for s in meta["sites"]}
     assert kinds == ({"ff"} if CONFIGS[name].locations == ("mlp",) else {"attn1", "ff"}), meta["sites"]
     save_checked(res.model, d / f"sdtm_{name}.onnx")
@@ -92,7 +109,7 @@ def test_full_variant_outputs_caches(exported, family, grid):
     model, base, d = exported(family, grid)
     res = SdtmPass(SdtmConfig(variant="full"))(base)
     assert check_tensorrt(res.model) == []
-    meta = json.loads(get_model_meta(res.model)["sdtm"])
+    meta = _meta(res.model, SdtmConfig(variant="full"), grid)
     save_checked(res.model, d / "sdtm_full.onnx")
     inputs = example_inputs(model, 2, grid, seed=5)
     out = _runner(d, "sdtm_full.onnx").infer(feed_of(inputs))
@@ -135,7 +152,8 @@ def test_twin_counter_semantics(exported, monkeypatch):
     from passes import sdtm_math
 
     model, base, _ = exported("dit", (6, 6))
-    meta = json.loads(get_model_meta(SdtmPass(SdtmConfig(merge="window", ratio=0.3, blend=None))(base).model)["sdtm"])
+    cfg = SdtmConfig(merge="window", ratio=0.3, blend=None)
+    meta = _meta(SdtmPass(cfg)(base).model, cfg, (6, 6))
     blocks = len(meta["metric_sites"])
     assert blocks == model.config.num_layers >= 2
     chosen: list[np.ndarray] = []  # per block: [B, N] bool, the position lies in a chosen window
@@ -175,8 +193,8 @@ def test_prompt_reweighting_equals_twin_on_pixart(exported):
     model, base, d = exported("pixart", grid)
     merged = SdtmPass(CONFIGS["structure"])(base).model
     weighted = PromptWeightPass(2.0)(merged).model
-    assert check_tensorrt(weighted) == []
-    meta = json.loads(get_model_meta(weighted)["sdtm"])
+    meta = _meta(weighted, CONFIGS["structure"], grid)
+    assert_tensorrt_ok(weighted, meta["counts"])
     prompt = json.loads(get_model_meta(weighted)["sdtm_prompt"])
     assert [s.rsplit(".", 1)[1] for s in prompt["sites"]] == ["attn2", "attn2"]
     save_checked(weighted, d / "sdtm_prompt.onnx")
@@ -185,7 +203,7 @@ def test_prompt_reweighting_equals_twin_on_pixart(exported):
     extra = sdtm_extra_feed(meta, 2, np.random.default_rng(3))
     run = _runner(d, "sdtm_prompt.onnx").infer
     assert sdtm_fidelity(model, run, inputs, meta, extra, prompt) <= METHOD_ATOL
-    diff = max_abs(run({**feed_of(inputs), **extra})["sample"],
+    diff = max_abs(run({**feed_of(inputs), **extra})["sample"],  # extra holds the count inputs
                    _runner(d, "sdtm_noprompt.onnx").infer({**feed_of(inputs), **extra})["sample"])
     assert diff > 1e-3, f"prompt weight 2 changed nothing ({diff:.1e})"
     assert not PromptWeightPass(1.0)(base).modified
@@ -211,3 +229,27 @@ def test_method_bucket_with_prompt_weight_matches_twin_in_every_variant(exported
         save_checked(g, d / f"method_{variant}.onnx")
         err = meth.fidelity(ctx, bg.meta, variant, _runner(d, f"method_{variant}.onnx").infer, inputs)
         assert err <= METHOD_ATOL, f"{variant}: {err:.2e}"
+
+
+@pytest.mark.parametrize("grid,bands", [((4, 4), 1), ((5, 7), 1), ((8, 8), 2), ((8, 6), 4)])
+def test_device_partition_equals_the_host_one(grid, bands):
+    """The TensorRT path draws the detail partition on the counter's device: the same partition as numpy,
+    with integer counters (ties in every window), with and without the tie-breaking noise."""
+    from passes.sdtm import partition_from_counter_torch, tie_noise
+
+    n = grid[0] * grid[1]
+    for seed in range(4):
+        counter = np.random.default_rng(seed).integers(0, 3, (2, n)).astype(np.float32)
+        for noisy in (False, True):
+            rng_a, rng_b = np.random.default_rng(100 + seed), np.random.default_rng(100 + seed)
+            want = partition_from_counter(grid, counter, rng_a if noisy else None, bands)
+            got = partition_from_counter_torch(grid, torch.from_numpy(counter),
+                                               tie_noise(grid, rng_b) if noisy else None, bands)
+            for w, g in zip(want, got):
+                assert g.dtype == torch.int64 and np.array_equal(g.numpy(), w), (grid, bands, seed, noisy)
+    # teeth: a stale token in window (0, 0) moves that window's dst from its first slot to it
+    counter = np.zeros((1, n), np.float32)
+    base = partition_from_counter_torch(grid, torch.from_numpy(counter), None, bands)[0]
+    counter[0, grid[1] + 1] = 5  # slot (1, 1) of window (0, 0)
+    moved = partition_from_counter_torch(grid, torch.from_numpy(counter), None, bands)[0]
+    assert not torch.equal(base, moved)

@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from passes.atedm import ATEDMConfig, ATEDMPass
+from passes.atedm import ATEDMConfig, ATEDMPass, bucket_values
+from passes.counts import count_feed
 from passes.onnxutil import get_model_meta
 from tests.reference.atedm import ATEDMHooks
 from tests.reference.common import check, eager, feed, inputs, max_err, runner
@@ -25,8 +26,9 @@ CASES = [((6, 6), 0.5, 0, 1, 5, "copy"),
 def _graph(exported, case):
     grid, ratio, layer, stride, iters, refill = case
     model, base, d = exported("dit", grid)
-    res = ATEDMPass(ATEDMConfig(ratio, prune_layer=layer, stride=stride, iterations=iters, refill=refill))(base)
-    meta = json.loads(get_model_meta(res.model)["atedm"])
+    cfg = ATEDMConfig(ratio, prune_layer=layer, stride=stride, iterations=iters, refill=refill)
+    res = ATEDMPass(cfg)(base)
+    meta = {**json.loads(get_model_meta(res.model)["atedm"]), **bucket_values(cfg, grid)}  # kept: a count input
     name = f"ref_atedm_{grid[0]}_{ratio}_{stride}_{iters}_{refill}.onnx"
     return model, meta, runner(d, res.model, name)
 
@@ -37,7 +39,7 @@ def test_graph_equals_gwpr_reference(exported, case):
     model, meta, run = _graph(exported, case)
     for batch, seed in ((1, 11), (2, 12)):
         inp = inputs(model, batch, grid, seed)
-        out = run.infer(feed(inp))["sample"]
+        out = run.infer(feed(inp, **count_feed(meta["counts"])))["sample"]
         ref = ATEDMHooks(model, meta["prune_block"], meta["last_block"], meta["kept"], meta["stride"],
                          meta["iterations"], meta["refill"])
         with ref.installed():
@@ -50,7 +52,7 @@ def test_a_wrong_reference_is_caught(exported):
     case = ((6, 6), 0.5, 0, 1, 5, "copy")
     model, meta, run = _graph(exported, case)
     inp = inputs(model, 2, (6, 6), 12)
-    out = run.infer(feed(inp))["sample"]
+    out = run.infer(feed(inp, **count_feed(meta["counts"])))["sample"]
     for wrong in ({"iterations": 1}, {"refill": "delta"}):
         kw = {"stride": 1, "iterations": 5, "refill": "copy", **wrong}
         with ATEDMHooks(model, meta["prune_block"], meta["last_block"], meta["kept"], **kw).installed():

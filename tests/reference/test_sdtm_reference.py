@@ -13,7 +13,16 @@ import pytest
 import torch
 
 from passes.onnxutil import get_model_meta
-from passes.sdtm import COUNTER_INPUT, COUNTER_OUTPUT, SdtmConfig, SdtmPass, cache_input, partition_from_counter
+from passes.counts import count_feed
+from passes.sdtm import (
+    COUNTER_INPUT,
+    COUNTER_OUTPUT,
+    SdtmConfig,
+    SdtmPass,
+    bucket_values,
+    cache_input,
+    partition_from_counter,
+)
 from tests.helpers import assert_close
 from tests.reference.common import check, eager, feed, inputs, max_err, partition_feed, runner
 from tests.reference.sdtm import SdtmHooks, stalest_dst
@@ -32,13 +41,16 @@ def _run_case(exported, name: str, batch: int, seed: int, reference_kwargs: dict
     grid, cfg = CASES[name]
     model, base, d = exported("dit", grid)
     res = SdtmPass(cfg)(base)
-    meta = json.loads(get_model_meta(res.model)["sdtm"])
+    # the bucket's k or r: a count input of the graph, in the bucket's meta
+    values = bucket_values(cfg, grid)
+    meta = {**json.loads(get_model_meta(res.model)["sdtm"]), **values}
     run = runner(d, res.model, f"ref_sdtm_{name}.onnx")
     n = grid[0] * grid[1]
     g = torch.Generator().manual_seed(seed)
     counter = torch.rand(batch, n, generator=g) * 5
     caches = {p: torch.randn(batch, n, meta["widths"][p], generator=g) for p in meta["cache_inputs"]}
-    extra = {COUNTER_INPUT: counter.numpy(), **{cache_input(p): c.numpy() for p, c in caches.items()}}
+    extra = {COUNTER_INPUT: counter.numpy(), **{cache_input(p): c.numpy() for p, c in caches.items()},
+             **count_feed(values["counts"])}
     idx = None
     if meta["merge"] == "bipartite":
         # the runtime's dst choice sums the counters over the batch (CFG halves share one partition)
