@@ -229,7 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
     add_routers(work / "model", model, snapped)
     feed = feed_of(example_inputs(model, 2, (16, 16), seed=1))
     plans = {"sdtm": dict(method="sdtm"), "atedm": dict(method="atedm", buckets="0.4,0.4,0.3,0.2"),
-             "mod": dict(method="mod")}
+             "mod": dict(method="mod"),
+             # variants as branches of one graph: the cache's full and cached steps, CA-ToMe's match and apply
+             "cache": dict(method="cache", buckets="0.3,0", options={"interval": (3,)}),
+             "catome": dict(method="catome", buckets="0.5,0.4,0.3",
+                            options={"calib_samples": 2, "calib_steps": 10})}
     results: dict = {"model": f"DiT-XL/2-256 config, {args.layers} layers, random weights", "tokens": 256,
                      "backend": "onnxruntime-cpu, prepacking on", "batch": 2, "methods": {}}
     for name in args.methods.split(","):
