@@ -12,9 +12,10 @@ steps), with the DDIM sampler of the bundled model's scheduler config, run two w
 - ``sample_classes``: the runtime's own loop (``runtime.generate.sample_classes``).
 
 Each runner's ``infer`` is wrapped by a timer here (the library is not instrumented): the outside share of
-a generation is ``1 - sum(infer) / total``. The time inside ``PlanTransformer.forward`` but outside
-``infer`` is the plan's own per-call cost (input checks, policy, bucket lookup, copies); the rest is the
-loop's (scheduler, CFG concatenation). Configurations are interleaved, the order alternating per round, and
+a generation is ``1 - sum(infer) / total`` (wall times). The time inside ``PlanTransformer.forward`` but
+outside ``infer`` is the plan's own per-call cost (input checks, policy, bucket lookup, copies); the rest is
+the loop's (scheduler, CFG concatenation). On a loaded machine wall times outside the graphs stretch more
+than the graphs do, so the main thread's CPU time outside the graphs is reported beside them. Configurations are interleaved, the order alternating per round, and
 the figures are medians over rounds (minima beside them).
 
 Spinning: per-forward latency (calls at the timesteps of a 50-step schedule, through ``PlanTransformer``)
@@ -55,7 +56,7 @@ class Timer:
     """Sums the time of every ``runner.infer`` and of every ``PlanTransformer.forward`` of one plan."""
 
     def __init__(self, tf) -> None:
-        self.graph_s = self.forward_s = 0.0
+        self.graph_s = self.forward_s = self.graph_cpu_s = 0.0
         self.calls = 0
         for bucket in tf.plan.buckets:
             for graph in bucket.graphs.values():
@@ -69,9 +70,10 @@ class Timer:
 
     def _wrap_infer(self, infer):
         def timed(feed):
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             out = infer(feed)
             self.graph_s += time.perf_counter() - t0
+            self.graph_cpu_s += time.thread_time() - c0
             self.calls += 1
             return out
         return timed
@@ -85,7 +87,7 @@ class Timer:
         return timed
 
     def reset(self) -> None:
-        self.graph_s = self.forward_s = 0.0
+        self.graph_s = self.forward_s = self.graph_cpu_s = 0.0
         self.calls = 0
 
 
@@ -140,7 +142,7 @@ def dit_pipeline(tf, scheduler_config: dict):
 
 def generation(kind: str, tf, timer: Timer, pipe, steps: int, scheduler_config: dict, seed: int) -> dict:
     timer.reset()
-    t0 = time.perf_counter()
+    c0, t0 = time.thread_time(), time.perf_counter()
     if kind == "dit_pipeline":
         pipe(class_labels=[LABEL], generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
              output_type="np")
@@ -148,7 +150,10 @@ def generation(kind: str, tf, timer: Timer, pipe, steps: int, scheduler_config: 
         sample_classes(tf, [LABEL], steps=steps, guidance=4.0, seed=seed, scheduler_config=scheduler_config,
                        progress=False)
     total = time.perf_counter() - t0
-    return {"total_s": total, "graph_s": timer.graph_s, "forward_s": timer.forward_s, "calls": timer.calls}
+    # this thread's CPU time outside the graphs: what the loop and the plan compute, whatever the machine's load
+    outside_cpu = time.thread_time() - c0 - timer.graph_cpu_s
+    return {"total_s": total, "graph_s": timer.graph_s, "forward_s": timer.forward_s, "calls": timer.calls,
+            "outside_cpu_s": outside_cpu}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -156,6 +161,7 @@ def summarize(runs: list[dict]) -> dict:
     graph = np.array([r["graph_s"] for r in runs])
     fwd = np.array([r["forward_s"] for r in runs])
     calls = runs[0]["calls"]
+    cpu = np.array([r["outside_cpu_s"] for r in runs])
     share = 1 - graph / total
     return {"rounds": len(runs), "calls": calls,
             "total_ms_median": round(float(np.median(total)) * 1e3, 1), "total_ms_min": round(float(total.min()) * 1e3, 1),
@@ -164,7 +170,8 @@ def summarize(runs: list[dict]) -> dict:
             "outside_share_max": round(float(share.max()), 4),
             "outside_ms_per_call_median": round(float(np.median((total - graph) / calls)) * 1e3, 3),
             "plan_ms_per_call_median": round(float(np.median((fwd - graph) / calls)) * 1e3, 3),
-            "loop_ms_per_call_median": round(float(np.median((total - fwd) / calls)) * 1e3, 3)}
+            "loop_ms_per_call_median": round(float(np.median((total - fwd) / calls)) * 1e3, 3),
+            "outside_cpu_ms_per_call_median": round(float(np.median(cpu / calls)) * 1e3, 3)}
 
 
 def forward_latency(tfs: dict[str, object], timesteps: list[int], rounds: int, per_round: int) -> dict:
@@ -178,8 +185,10 @@ def forward_latency(tfs: dict[str, object], timesteps: list[int], rounds: int, p
             tf = tfs[name]
             tf.reset(0)
             times = []
+            start = (r * per_round) % len(timesteps)  # the rounds' windows walk the schedule, so every bucket is in
+            tf(x, timestep=torch.tensor(timesteps[start]).expand(2), class_labels=labels)  # this bucket's session warm
             for k in range(per_round):
-                t = torch.tensor(timesteps[k % len(timesteps)]).expand(2)
+                t = torch.tensor(timesteps[(start + k) % len(timesteps)]).expand(2)
                 t0 = time.perf_counter()
                 tf(x, timestep=t, class_labels=labels)
                 times.append(time.perf_counter() - t0)
@@ -272,12 +281,13 @@ def runtime_plans(plan: str, threads: int) -> dict:
 
 
 def table(result: dict) -> str:
-    rows = ["| loop / plan setting | total ms | in graphs ms | outside share (min-max) | plan ms/call | loop ms/call |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| loop / plan setting | total ms | in graphs ms | outside share (min-max) | plan ms/call | loop ms/call "
+            "| outside CPU ms/call |", "|---|---|---|---|---|---|---|"]
     for k, s in result["generations"].items():
         rows.append(f"| {k} | {s['total_ms_median']} | {s['graph_ms_median']} | {100 * s['outside_share_median']:.2f} % "
                     f"({100 * s['outside_share_min']:.2f}-{100 * s['outside_share_max']:.2f}) | "
-                    f"{s['plan_ms_per_call_median']} | {s['loop_ms_per_call_median']} |")
+                    f"{s['plan_ms_per_call_median']} | {s['loop_ms_per_call_median']} | "
+                    f"{s['outside_cpu_ms_per_call_median']} |")
     if "forward_latency" in result:
         fl = result["forward_latency"]
         rows += ["", "| spinning | ms per forward (median of round medians) | min |", "|---|---|---|"]

@@ -192,9 +192,10 @@ def to_numpy(x) -> np.ndarray:
     import torch
 
     if isinstance(x, torch.Tensor):
-        if x.device.type == "cpu" and not x.requires_grad:
-            return x.numpy()  # shares the tensor's memory
-        return x.detach().cpu().numpy()
+        try:
+            return x.numpy()  # a CPU tensor without autograd: shares its memory
+        except (RuntimeError, TypeError):  # needs grad, or lives on a device
+            return x.detach().cpu().numpy()
     return np.asarray(x)
 
 
@@ -280,9 +281,9 @@ class InputCheck:
              device_io: bool = False) -> dict:
         """The checked feed. ``extra`` (the policy's inputs: partitions, caches, counts) passes through as it is.
 
-        numpy (``device_io`` False): arrays in the graph's dtypes, C-contiguous (no copy where they already
-        are; a CPU tensor becomes an array without a copy). torch (``device_io`` True): tensors left on their
-        device and in their dtype (the runner casts and moves them, one copy at most).
+        numpy (``device_io`` False): arrays in the graph's dtypes, for onnxruntime (which copies what is not
+        C-contiguous); a CPU tensor becomes an array without a copy. torch (``device_io`` True): tensors left
+        on their device and in their dtype (the runner casts and moves them, one copy at most).
         """
         extra = extra or {}
         convert = _to_torch if device_io else to_numpy
@@ -357,7 +358,10 @@ class InputCheck:
         for name, from_extra, to_1d, want, cast, check_integral, broadcast in steps:
             if from_extra:
                 value = extra[name]
-                feed[name] = _to_torch(value) if device_io else np.ascontiguousarray(value)
+                if device_io:
+                    feed[name] = _to_torch(value)
+                else:
+                    feed[name] = value if isinstance(value, np.ndarray) else to_numpy(value)
                 continue
             arr = arrays[name]
             if to_1d:
@@ -369,9 +373,9 @@ class InputCheck:
                 continue
             if cast:
                 arr = arr.astype(want)
-            if broadcast is not None:
-                arr = np.broadcast_to(arr, (broadcast,))
-            feed[name] = np.ascontiguousarray(arr)
+            # onnxruntime copies a non-contiguous array itself: no np.ascontiguousarray (each numpy call is
+            # dear right after a forward, when the caches are cold)
+            feed[name] = np.broadcast_to(arr, (broadcast,)) if broadcast is not None else arr
         return feed
 
 

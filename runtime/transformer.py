@@ -78,6 +78,19 @@ def _family_feed(family: str, hidden_states, timestep, kw: dict) -> dict[str, ob
     raise DitmergeError(f"plan is for an unknown model family {family!r}")
 
 
+def _output(sample: torch.Tensor):
+    """What a diffusers transformer returns (imported on first use: diffusers is slow to import)."""
+    global _Transformer2DModelOutput
+    if _Transformer2DModelOutput is None:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        _Transformer2DModelOutput = Transformer2DModelOutput
+    return _Transformer2DModelOutput(sample=sample)
+
+
+_Transformer2DModelOutput = None
+
+
 class _Generation(threading.local):
     state: GenState | None = None
     last_t: float | None = None
@@ -164,7 +177,8 @@ class PlanTransformer(torch.nn.Module):
                     runner = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads,
                                        self.prepack, self.spinning)
                 self._inputs[graph] = graph_inputs(self.plan.dir / graph)
-                self._checks[graph] = InputCheck(self._inputs[graph], hint=lambda name: _fixed_dim_hint(name, self.plan))
+                self._checks[graph] = InputCheck(self._inputs[graph],
+                                                 hint=lambda name: _fixed_dim_hint(name, self.plan))
                 self._runners[graph] = runner  # last: a runner seen outside the lock has its checks
             return self._runners[graph]
 
@@ -176,8 +190,6 @@ class PlanTransformer(torch.nn.Module):
         self.policy.start(self._gen.state)
 
     def forward(self, hidden_states: torch.Tensor, timestep=None, return_dict: bool = True, **kwargs):
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
         if timestep is None:
             raise DitmergeError("the plan needs the timestep of every call")
         t_arr = _np(timestep)
@@ -213,14 +225,19 @@ class PlanTransformer(torch.nn.Module):
         values = _family_feed(self.family, hidden_states, timestep if runner.device_io else t_arr, kwargs)
         # device runners (TensorRT) take torch tensors where they are; method state stays on the device
         feed = self._checks[graph].feed(values, extra, device_io=runner.device_io)
-        device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
         outputs = runner.infer(feed)  # the one path for every backend: activates the runner on first use
         sample = outputs["sample"]
-        sample = (torch.from_numpy(sample) if isinstance(sample, np.ndarray) else torch.as_tensor(sample)).to(device)
+        on_host = not isinstance(hidden_states, torch.Tensor) or hidden_states.is_cpu
+        if isinstance(sample, np.ndarray):
+            sample = torch.from_numpy(sample)  # no copy
+            if not on_host:
+                sample = sample.to(hidden_states.device)
+        elif on_host or sample.device != hidden_states.device:
+            sample = torch.as_tensor(sample).to(hidden_states.device if not on_host else "cpu")
         if len(outputs) > 1:
             self.policy.update(state, bucket, variant, {k: v for k, v in outputs.items() if k != "sample"})
         state.steps += 1
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+        return _output(sample) if return_dict else (sample,)
 
     def _bucket_for(self, t: float):
         """The bucket of training-scale timestep ``t``; the previous call's when it still covers ``t``."""

@@ -29,7 +29,8 @@ BAD = [
      "input 'class_labels' has batch 3, other inputs have batch 2 ('hidden_states')"),
     ("a float with a fraction for an int input", {"class_labels": torch.tensor([1.5, 2.0])},
      "input 'class_labels' has dtype"),
-    ("missing input", {"class_labels": None}, "the plan's graph needs input 'class_labels' ['batch'], which the call did not give"),
+    ("missing input", {"class_labels": None},
+     "the plan's graph needs input 'class_labels' ['batch'], which the call did not give"),
     ("static dim", {"hidden_states": torch.randn(2, 4, 9, 8)},
      "input 'hidden_states' has shape [2, 4, 9, 8]; the graph takes ['batch', 4, 8, 8] (axis 2 must be 8) REBUILD"),
     ("rank", {"hidden_states": torch.randn(2, 4, 8)}, "input 'hidden_states' has shape [2, 4, 8]; the graph takes"),
@@ -89,21 +90,21 @@ def test_the_signature_cache_never_skips_a_check():
             check.feed({**_good(), "hidden_states": torch.randn(2, 4, 7, 8)}, EXTRA, device_io=device_io)
 
 
-def test_numpy_feed_casts_broadcasts_and_copies_nothing_it_need_not():
+def test_numpy_feed_casts_broadcasts_and_copies_nothing():
     check = _check()
     values = _good()
     for _ in range(2):  # uncached, then cached: the same feed
         feed = check.feed({**values, "class_labels": torch.tensor([3.0, 4.0])}, EXTRA)
         assert feed["class_labels"].dtype == np.int64 and feed["class_labels"].tolist() == [3, 4]
         assert feed["timestep"].dtype == np.int64 and feed["timestep"].tolist() == [500, 500]
-        assert feed["hidden_states"].flags.c_contiguous and feed["hidden_states"].dtype == np.float32
-        # a contiguous CPU tensor of the graph's dtype reaches onnxruntime without a host copy
+        assert feed["hidden_states"].dtype == np.float32
+        # a CPU tensor of the graph's dtype reaches onnxruntime without a host copy
         assert np.shares_memory(feed["hidden_states"], values["hidden_states"].numpy())
         assert feed["cache"] is EXTRA["cache"]
-    # a non-contiguous input is made contiguous, with its values
+    # a non-contiguous input keeps its values (onnxruntime makes its own contiguous copy)
     hs = torch.randn(2, 8, 8, 4).permute(0, 3, 1, 2)
     feed = check.feed({**values, "hidden_states": hs}, EXTRA)
-    assert feed["hidden_states"].flags.c_contiguous and np.array_equal(feed["hidden_states"], hs.numpy())
+    assert np.array_equal(feed["hidden_states"], hs.numpy())
 
 
 def test_torch_feed_keeps_tensors_where_they_are():

@@ -44,15 +44,36 @@ def test_ddim_update_declines_what_it_does_not_compute():
 
 @pytest.mark.parametrize("grid, stride, bands", [((16, 16), (2, 2), 1), ((16, 16), (2, 2), 2), ((7, 9), (2, 2), 1),
                                                  ((12, 8), (3, 2), 1)])
-def test_partition_draws_equal_draw_partition(grid, stride, bands):
-    """The policy's cached drawer consumes the stream as draw_partition does and gives the same arrays."""
+def test_partitions_drawn_ahead_equal_draw_partition_step_by_step(grid, stride, bands):
+    """Drawn k steps at a time, the partitions are those draw_partition gives call by call with the same seed."""
     draws = PartitionDraws(grid, stride, bands)
-    a, b = np.random.default_rng(4), np.random.default_rng(4)
-    for _ in range(5):
-        for got, want in zip(draws.draw(a), draw_partition(grid, stride, b, bands)):
-            assert got.dtype == want.dtype == np.int64 and np.array_equal(got, want)
-    fixed = draws.draw(None)
-    for got, want in zip(fixed, draw_partition(grid, stride, None, bands)):
-        assert np.array_equal(got, want)
-    fixed[0][:] = 0  # callers get their own copy of the fixed partition
-    assert np.array_equal(draws.draw(None)[0], draw_partition(grid, stride, None, bands)[0])
+    for seed in range(3):
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        got = [draws.draw_many(a, k) for k in (5, 1, 16)]  # chunk boundaries anywhere
+        for parts, invs in got:
+            for part, inv in zip(parts, invs):
+                want_part, want_inv = draw_partition(grid, stride, b, bands)
+                assert part.dtype == inv.dtype == np.int64
+                assert np.array_equal(part, want_part) and np.array_equal(inv, want_inv)
+    fixed = draws.draw_many(None, 3)
+    want = draw_partition(grid, stride, None, bands)
+    assert all(np.array_equal(fixed[0][i], want[0]) and np.array_equal(fixed[1][i], want[1]) for i in range(3))
+
+
+def test_tome_policy_draws_the_stream_of_draw_partition():
+    """Through the policy, across its look-ahead: step s gets the partition of the s-th draw_partition call."""
+    from types import SimpleNamespace
+
+    from runtime.policies import GenState
+    from runtime.policies.tome import ToMePolicy
+
+    plan = SimpleNamespace(model={"grid": [16, 16]}, method={"params": {"stride": [2, 2]}})
+    policy = ToMePolicy(plan)
+    bucket = SimpleNamespace(meta={"r": 8, "bands": 1})
+    state = GenState(seed=3, rng=np.random.default_rng(3))
+    ref = np.random.default_rng(3)
+    for step in range(2 * ToMePolicy.AHEAD + 3):
+        _, extra = policy.select(state, bucket, 2)
+        want = draw_partition((16, 16), (2, 2), ref, 1)
+        assert np.array_equal(extra["tome_partition"], want[0]), f"step {step}"
+        assert np.array_equal(extra["tome_partition_inv"], want[1]), f"step {step}"
