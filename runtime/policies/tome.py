@@ -61,7 +61,7 @@ class ToMePolicy(StepPolicy):
         self._draws: dict[int, PartitionDraws] = {}
 
     def select(self, state: GenState, bucket, batch: int) -> tuple[str, dict[str, np.ndarray]]:
-        if not bucket.meta.get("r"):
+        if not bucket.meta.get("sites"):  # the unmerged base graph (a merged graph at r = 0 still takes a partition)
             return MAIN, {}
         bands = int(bucket.meta.get("bands", self.params.get("bands", 1)))
         ahead = state.data.get(("tome_partitions", bands))  # [partitions, inverses, next row]

@@ -15,7 +15,7 @@ from export.measure import feed_of, max_abs
 from export.methods.catome import apply_fidelity, match_fidelity, twin_forward
 from export.onnx_export import example_inputs
 from passes import tome_math
-from passes.catome import INDEX_PREFIX, CaToMePass
+from passes.catome import INDEX_PREFIX, OUTPUT_PREFIX, CaToMePass, as_cache_feed
 from passes.catome_twin import to_feed
 from passes.errors import DitmergeError
 from passes.onnxutil import PROVENANCE_KEY, get_model_meta, save_checked
@@ -59,10 +59,13 @@ def test_variants_expose_and_take_the_indices_and_pass_the_tensorrt_check(export
     _, base, _ = exported("dit", GRID)
     g = _variants(base, r=5)
     blocks = ["transformer_blocks.0", "transformer_blocks.1"]
-    names = {f"{INDEX_PREFIX}{b}/{k}" for b in blocks for k in ("unm", "mrg", "mrg_dst", "dst", "row")}
-    outs = {o.name: o for o in g["match"].graph.output}
+    names = {f"{INDEX_PREFIX}{b}/{k}" for b in blocks for k in ("order", "node_idx")} | {
+        f"{INDEX_PREFIX}partition", f"{INDEX_PREFIX}partition_inv"}
+    # match outputs catome_idx_out/..., apply takes the same tensors as catome_idx/...
+    outs = {k: o for k, o in as_cache_feed({o.name: o for o in g["match"].graph.output}).items()}
     ins = {i.name: i for i in g["apply"].graph.input}
-    assert set(outs) == names | {"sample"}
+    assert set(outs) == names and {o.name for o in g["match"].graph.output} - {"sample"} == {
+        n.replace(INDEX_PREFIX, OUTPUT_PREFIX) for n in names}
     assert names <= set(ins) and not {PARTITION_INPUT, PARTITION_INV_INPUT} & set(ins)
     assert {i.name for i in g["match"].graph.input} >= {PARTITION_INPUT, PARTITION_INV_INPUT}
     for name in names:  # static apart from the batch axis, int64, the same on both sides
@@ -71,9 +74,9 @@ def test_variants_expose_and_take_the_indices_and_pass_the_tensorrt_check(export
         assert dims_in == dims_out and all(isinstance(d, int) for d in dims_in[1:])
         assert ins[name].type.tensor_type.elem_type == outs[name].type.tensor_type.elem_type == 7
     shapes = {n.split("/")[-1]: [d.dim_value or d.dim_param for d in ins[n].type.tensor_type.shape.dim]
-              for n in names if n.startswith(f"{INDEX_PREFIX}{blocks[0]}/")}
-    assert shapes == {"unm": ["batch", 7], "mrg": ["batch", 1, 5], "mrg_dst": ["batch", 1, 5], "dst": [1, 4],
-                      "row": ["batch", 16]}
+              for n in names if n.startswith(f"{INDEX_PREFIX}{blocks[0]}/") or n.count("/") == 1}
+    # what is cached does not depend on r: src order and best dst [B, K, Na], and the partition [N]
+    assert shapes == {"order": ["batch", 1, 12], "node_idx": ["batch", 1, 12], "partition": [16], "partition_inv": [16]}
     # apply computes no similarity: no sort, no arg-max among the inserted nodes
     inserted = [n.op_type for n in g["apply"].graph.node if any(p.key == PROVENANCE_KEY for p in n.metadata_props)]
     assert inserted and not {"TopK", "ArgMax", "ReduceMax"} & set(inserted)
@@ -117,7 +120,7 @@ def test_match_and_apply_equal_the_twin(exported, tmp_path, family, grid, band_l
     # the graph's own outputs are the cache: apply on the same step with them reproduces match
     part, inv = draw_partition(grid, rng=np.random.default_rng(3), bands=meta["bands"])
     out_a = match.infer({**feed_of(step_a), PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})
-    cache = {k: v for k, v in out_a.items() if k.startswith(INDEX_PREFIX)}
+    cache = as_cache_feed(out_a)
     assert max_abs(apply.infer({**feed_of(step_a), **cache})["sample"], out_a["sample"]) <= METHOD_ATOL
     # ... and on step B it merges differently from a fresh matching (the cache is really used) and from no merge
     fresh = match.infer({**feed_of(step_b), PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})["sample"]
@@ -125,3 +128,32 @@ def test_match_and_apply_equal_the_twin(exported, tmp_path, family, grid, band_l
     unmerged = OrtRunner(d / "base.onnx", ["CPUExecutionProvider"], SharedWeights(d / "weights.bin")).infer(
         feed_of(step_b))["sample"]
     assert max_abs(reused, fresh) > 1e-3 and max_abs(reused, unmerged) > 1e-3
+
+
+def test_with_r_from_shapes_one_pair_of_graphs_serves_every_r(exported):
+    """Per-block r as count inputs: graphs of different calibrations are identical and equal the baked ones."""
+    from passes.counts import count_feed
+    from passes.tome import strip_bucket_meta
+
+    model, base, d = exported("dit", GRID)
+    blocks = ["transformer_blocks.0", "transformer_blocks.1"]
+    dyn = {v: [strip_bucket_meta(CaToMePass(ToMeConfig(0.0, r=4, r_blocks=dict(zip(blocks, rb)), dynamic=True), v)(base).model)
+               for rb in ((4, 8), (2, 6))] for v in ("match", "apply")}
+    for v, (a, b) in dyn.items():
+        assert a.SerializeToString() == b.SerializeToString(), v
+    r_blocks = dict(zip(blocks, (4, 8)))
+    baked = {v: CaToMePass(ToMeConfig(0.0, r=6, r_blocks=r_blocks), v)(base).model for v in ("match", "apply")}
+    counts = count_feed({"tome_r_0": 4, "tome_r_1": 8})
+    step_a, step_b = feed_of(example_inputs(model, 2, GRID, seed=5)), feed_of(example_inputs(model, 2, GRID, seed=6))
+    part, inv = draw_partition(GRID, rng=np.random.default_rng(1))
+    run = {k: _runner(d, g, f"dyn_{k}.onnx") for k, g in (("match", dyn["match"][0]), ("apply", dyn["apply"][0]),
+                                                           ("bmatch", baked["match"]), ("bapply", baked["apply"]))}
+    got = run["match"].infer({**step_a, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv, **counts})
+    want = run["bmatch"].infer({**step_a, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})
+    assert max_abs(got["sample"], want["sample"]) <= METHOD_ATOL
+    cache = as_cache_feed(got)
+    reused = run["apply"].infer({**step_b, **cache, **counts})["sample"]
+    assert max_abs(reused, run["bapply"].infer({**step_b, **cache})["sample"]) <= METHOD_ATOL
+    # the counts reach the apply graph: other r on the same cache merges differently
+    other = run["apply"].infer({**step_b, **cache, **count_feed({"tome_r_0": 2, "tome_r_1": 2})})["sample"]
+    assert max_abs(other, reused) > 1e-3

@@ -69,7 +69,7 @@ def test_tome_policy_draws_the_stream_of_draw_partition():
 
     plan = SimpleNamespace(model={"grid": [16, 16]}, method={"params": {"stride": [2, 2]}})
     policy = ToMePolicy(plan)
-    bucket = SimpleNamespace(meta={"r": 8, "bands": 1})
+    bucket = SimpleNamespace(meta={"r": 8, "sites": ["transformer_blocks.0.attn1"], "bands": 1})
     state = GenState(seed=3, rng=np.random.default_rng(3))
     ref = np.random.default_rng(3)
     for step in range(2 * ToMePolicy.AHEAD + 3):
