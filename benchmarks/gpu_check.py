@@ -18,7 +18,7 @@ random-init except the bundled model, no network), a ToMe plan with a merged buc
 4. device memory: used before and after the engines load, and the engines' activation memory;
 5. the multi-profile path (``--profile-plans``, default bundled and DiT-XL width): a ToMe plan of three
    buckets (ratios 0.5 and 0.3, and unmerged; ``PROFILE_BUCKETS``) that all run one graph (r from shapes,
-   the unmerged bucket at r = 0: ``unmerged_on_merged``): one fp32 engine per graph file with a profile
+   the unmerged bucket on the plain branch of the same graph: ``unmerged=branch``): one fp32 engine per graph file with a profile
    per count vector (a zero-length count input included),
    every bucket within ``FP32_ATOL`` of onnxruntime CPU fp32, and each multi-profile engine's device memory
    (TensorRT's weights + the one activation buffer) at most ``MAX_PROFILE_MEMORY`` x a plain single-profile
@@ -296,7 +296,7 @@ def check_profiles(spec: PlanSpec, root: Path, trt_ok: bool, opt_level: int | No
     import runtime
     from export.trt_build import build_engine, build_plan_engines, check_plan_profiles, graph_profiles
 
-    plan, model = build(spec, root, PROFILE_BUCKETS, suffix="-profiles", options={"unmerged_on_merged": True})
+    plan, model = build(spec, root, PROFILE_BUCKETS, suffix="-profiles", options={"unmerged": "branch"})
     manifest_path = plan / "plan.json"
     manifest = json.loads(manifest_path.read_text())
     layout = graph_profiles(plan, manifest)

@@ -8,7 +8,7 @@ model). Compared in fresh child processes, after one forward of every bucket, ag
 model (one session over base.onnx):
 - ``per-bucket graphs``: today's layout before this change, one graph with r baked in per bucket;
 - ``shared graph``: the plan as built now, one merged graph with r from shapes, base.onnx beside it;
-- ``one graph``: the merged graph also at r = 0 (``-o unmerged_on_merged=true``), one session.
+- ``one graph``: the merged graph also at r = 0 (``-o unmerged=merged``), one session.
 Latency: one process, interleaved rounds, medians (min-based ratios beside them) of each bucket's
 forward through the shared graph against the same bucket's baked graph, and of the merged graph at
 r = 0 against base.onnx. Writes ``results/plan_memory.json``.

@@ -181,14 +181,21 @@ def graph_profiles(plan_dir: Path, manifest: dict) -> dict[str, list[dict[str, i
     """
     import onnx
 
+    from passes.branch import VARIANT_COUNT, branch_info
+
     takes: dict[str, set[str]] = {}
+    branches: dict[str, dict | None] = {}
     vectors: dict[str, set[tuple]] = {}
     for b in manifest["buckets"]:
-        files = {b["graph"]} | {v["file"] for v in b.get("graphs", {}).values()}
-        for g in sorted(files):
+        uses = {(v, f["file"]) for v, f in b.get("graphs", {}).items()} or {("main", b["graph"])}
+        for variant, g in sorted(uses):
             if g not in takes:
-                takes[g] = set(count_inputs(onnx.load(plan_dir / g, load_external_data=False).graph).values())
-            counts = b.get("counts") or {}
+                model = onnx.load(plan_dir / g, load_external_data=False)
+                takes[g] = set(count_inputs(model.graph).values())
+                branches[g] = branch_info(model)
+            counts = dict(b.get("counts") or {})
+            if branches[g]:  # a branched graph (passes/branch.py): each variant is a profile of its own
+                counts[VARIANT_COUNT] = branches[g]["variants"][variant]["index"]
             missing = sorted(takes[g] - set(counts))
             if missing:
                 raise DitmergeError(f"bucket {b.get('index')} uses {g}, which takes counts {', '.join(missing)} that "

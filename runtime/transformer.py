@@ -19,6 +19,7 @@ import torch
 
 from passes.counts import count_feed
 from passes.errors import DitmergeError
+from passes.branch import VARIANT_COUNT
 from runtime.branches import variant_feed, variant_outputs
 from runtime.plan import Plan
 from runtime.policies import GenState, policy_for
@@ -376,9 +377,9 @@ def _stale_profiles(plan: Plan, engines: dict) -> str:
     for b in plan.buckets:
         for graph in sorted(set(b.graphs.values())):
             profiles = engines[graph]["profiles"]
-            keys = {k for p in profiles for k in p}
+            keys = {k for p in profiles for k in p} - {VARIANT_COUNT}  # a branched graph: one profile per variant
             want = {k: int(v) for k, v in b.counts.items() if k in keys}
-            if want not in [{k: int(v) for k, v in p.items()} for p in profiles]:
+            if want not in [{k: int(v) for k, v in p.items() if k != VARIANT_COUNT} for p in profiles]:
                 return (f"engine {engines[graph]['file']} has no optimization profile for bucket {b.index}'s counts "
                         f"{want} (its profiles: {profiles}); {rebuild}")
     return ""

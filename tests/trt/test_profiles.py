@@ -223,12 +223,13 @@ def test_plan_transformer_makes_one_trt_runner_per_engine_file(tmp_path, monkeyp
     assert runners[0].engine_path.name == "g1.engine" and runners[0].expected_profiles == [{"r": 2}, {"r": 5}]
 
 
-@pytest.mark.parametrize("one_graph", [False, True], ids=["merged+base", "unmerged_on_merged"])
-def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monkeypatch, one_graph):
+@pytest.mark.parametrize("unmerged", ["base", "merged", "branch"])
+def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monkeypatch, unmerged):
     """export -> engines -> ``runtime.load(backend="trt")`` -> forward, on the fake whose engines are their graphs
     run by onnxruntime: every bucket's step equals the onnxruntime backend's, through one runner per engine
-    file, in the profile of the bucket's counts. With ``unmerged_on_merged`` the whole plan is one engine of
-    three profiles, the unmerged bucket's count input of length 0."""
+    file, in the profile of the bucket's counts. With ``unmerged=merged`` or ``branch`` (If on r == 0) the
+    whole plan is one engine of three profiles, the unmerged bucket's count input of length 0."""
+    one_graph = unmerged != "base"
     import export.trt_build as tb
     import runtime
     import runtime.trt_runner as rt
@@ -241,7 +242,7 @@ def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monk
     monkeypatch.setattr(rt, "DEFAULT_DEVICE", "cpu")
     plan = tmp_path / "p"
     manifest = build_plan("builtin:tiny-dit", buckets="999-700:0.5,699-400:0.3,399-0:0", out=plan, measure=False,
-                          progress=False, quality_samples=0, options={"unmerged_on_merged": one_graph})
+                          progress=False, quality_samples=0, options={"unmerged": unmerged})
     manifest["engines"] = tb.build_plan_engines(plan, manifest, "fp32", strip=False, progress=False)
     assert len(fake_trt["builds"]) == len(manifest["engines"]) == len({b["graph"] for b in manifest["buckets"]})
     (plan / "plan.json").write_text(json.dumps(manifest))
@@ -278,3 +279,35 @@ def test_check_plan_profiles_runs_the_static_check_of_every_engine(tmp_path):
     found = check_plan_profiles(tmp_path, manifest)
     assert found["base.onnx"] == [] and found["g1.onnx"] == [
         "TopK topk: K=3900 in profile 1 (r=100) exceeds TensorRT's limit of 3840"]  # profiles r=2 and r=100
+
+
+def test_a_cache_plan_runs_its_two_variants_in_one_engine(tmp_path, fake_trt, monkeypatch):
+    """The cache method's full and cached steps are branches of one graph: one engine, one profile per variant."""
+    import export.trt_build as tb
+    import runtime
+    import runtime.trt_runner as rt
+    from export.build import build_plan
+
+    for mod in (tb, rt):
+        monkeypatch.setattr(mod, "gpu_name", lambda: "FAKE GPU")
+    monkeypatch.setattr(tb, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(rt, "tensorrt_status", lambda: (True, ""))
+    monkeypatch.setattr(rt, "DEFAULT_DEVICE", "cpu")
+    plan = tmp_path / "p"
+    manifest = build_plan("builtin:tiny-dit", method="cache", options={"interval": (2,), "full_above": -1}, out=plan,
+                          measure=False, progress=False, quality_samples=0)
+    manifest["engines"] = tb.build_plan_engines(plan, manifest, "fp32", strip=False, progress=False)
+    (graph,) = manifest["engines"]
+    assert manifest["engines"][graph]["profiles"] == [{"variant": 0}, {"variant": 1}]
+    (plan / "plan.json").write_text(json.dumps(manifest))
+    on_trt = runtime.load(plan, backend="trt", deterministic=True)
+    on_ort = runtime.load(plan, backend="cpu", deterministic=True)
+    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 7])
+    for t in (900, 800, 700, 600):  # full, cached, full, cached
+        got = on_trt(x, timestep=torch.tensor([t, t]), class_labels=labels).sample
+        want = on_ort(x, timestep=torch.tensor([t, t]), class_labels=labels).sample
+        assert float((got - want).abs().max()) <= 1e-5, t
+    (runner,) = on_trt._engine_runners.values()
+    assert sorted(set(runner.engine.ran_profiles)) == [0, 1]
+    assert [v for _, _, v in on_ort._gen.state.data["log"]] == ["main", "cached", "main", "cached"]
