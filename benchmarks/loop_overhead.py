@@ -15,8 +15,9 @@ Each runner's ``infer`` is wrapped by a timer here (the library is not instrumen
 a generation is ``1 - sum(infer) / total`` (wall times). The time inside ``PlanTransformer.forward`` but
 outside ``infer`` is the plan's own per-call cost (input checks, policy, bucket lookup, copies); the rest is
 the loop's (scheduler, CFG concatenation). On a loaded machine wall times outside the graphs stretch more
-than the graphs do, so the main thread's CPU time outside the graphs is reported beside them. Configurations are interleaved, the order alternating per round, and
-the figures are medians over rounds (minima beside them).
+than the graphs do, so the main thread's CPU time outside the graphs is reported beside them.
+Configurations are interleaved, the order alternating per round, and the figures are medians over rounds
+(minima beside them).
 
 Spinning: per-forward latency (calls at the timesteps of a 50-step schedule, through ``PlanTransformer``)
 and whole generations with onnxruntime's intra-op spinning allowed and disallowed (``runtime.load(...,
@@ -164,9 +165,11 @@ def summarize(runs: list[dict]) -> dict:
     cpu = np.array([r["outside_cpu_s"] for r in runs])
     share = 1 - graph / total
     return {"rounds": len(runs), "calls": calls,
-            "total_ms_median": round(float(np.median(total)) * 1e3, 1), "total_ms_min": round(float(total.min()) * 1e3, 1),
+            "total_ms_median": round(float(np.median(total)) * 1e3, 1),
+            "total_ms_min": round(float(total.min()) * 1e3, 1),
             "graph_ms_median": round(float(np.median(graph)) * 1e3, 1),
-            "outside_share_median": round(float(np.median(share)), 4), "outside_share_min": round(float(share.min()), 4),
+            "outside_share_median": round(float(np.median(share)), 4),
+            "outside_share_min": round(float(share.min()), 4),
             "outside_share_max": round(float(share.max()), 4),
             "outside_ms_per_call_median": round(float(np.median((total - graph) / calls)) * 1e3, 3),
             "plan_ms_per_call_median": round(float(np.median((fwd - graph) / calls)) * 1e3, 3),
@@ -246,9 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
             res = generation(kind, tfs[name], timers[name], pipes[name], args.steps, scheduler_config, seed=r)
             runs[f"{kind}/{name}"].append(res)
         logger.info("round %d/%d done", r + 1, args.rounds)
-    result = {"machine": machine(), "plan": {"buckets": [[b.t_lo, b.t_hi, b.ratio] for b in tfs[next(iter(tfs))].plan.buckets],
-                                             "graph_files": sorted({g for b in tfs[next(iter(tfs))].plan.buckets
-                                                                    for g in b.graphs.values()})},
+    buckets = tfs[next(iter(tfs))].plan.buckets
+    result = {"machine": machine(), "plan": {"buckets": [[b.t_lo, b.t_hi, b.ratio] for b in buckets],
+                                             "graph_files": sorted({g for b in buckets for g in b.graphs.values()})},
               "steps": args.steps, "guidance": 4.0, "batch": 2, "threads": args.threads,
               "command": "python benchmarks/loop_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "generations": {k: summarize(v) for k, v in runs.items()}}
@@ -256,8 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         sched = make_scheduler(scheduler_config)
         sched.set_timesteps(args.steps)
         timesteps = [int(t) for t in sched.timesteps]
-        fwd = {name: tf for name, tf in runtime_plans(plan, args.threads).items()}
-        result["forward_latency"] = forward_latency(fwd, timesteps, args.rounds, args.forwards)
+        result["forward_latency"] = forward_latency(runtime_plans(plan, args.threads), timesteps, args.rounds,
+                                                    args.forwards)
         result["forward_latency"]["spin_on_over_off"] = round(
             result["forward_latency"]["spin_off"]["ms_median"] / result["forward_latency"]["spin_on"]["ms_median"], 3)
         result["spinning_auto"] = runtime.load(plan).spinning
@@ -284,7 +287,8 @@ def table(result: dict) -> str:
     rows = ["| loop / plan setting | total ms | in graphs ms | outside share (min-max) | plan ms/call | loop ms/call "
             "| outside CPU ms/call |", "|---|---|---|---|---|---|---|"]
     for k, s in result["generations"].items():
-        rows.append(f"| {k} | {s['total_ms_median']} | {s['graph_ms_median']} | {100 * s['outside_share_median']:.2f} % "
+        share = f"{100 * s['outside_share_median']:.2f} %"
+        rows.append(f"| {k} | {s['total_ms_median']} | {s['graph_ms_median']} | {share} "
                     f"({100 * s['outside_share_min']:.2f}-{100 * s['outside_share_max']:.2f}) | "
                     f"{s['plan_ms_per_call_median']} | {s['loop_ms_per_call_median']} | "
                     f"{s['outside_cpu_ms_per_call_median']} |")
