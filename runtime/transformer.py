@@ -23,15 +23,10 @@ from passes.branch import VARIANT_COUNT
 from runtime.branches import variant_feed, variant_outputs
 from runtime.plan import Plan
 from runtime.policies import GenState, policy_for
-from runtime.runners import OrtRunner, SharedWeights, ort_providers, torch_feed
+from runtime.runners import InputCheck, OrtRunner, SharedWeights, ort_providers
+from runtime.runners import to_numpy as _np
 
 logger = logging.getLogger(__name__)
-
-
-def _np(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 # the keyword arguments of a diffusers transformer call that each family's graph takes
@@ -85,6 +80,19 @@ def _family_feed(family: str, hidden_states, timestep, kw: dict) -> dict[str, ob
     raise DitmergeError(f"plan is for an unknown model family {family!r}")
 
 
+def _output(sample: torch.Tensor):
+    """What a diffusers transformer returns (imported on first use: diffusers is slow to import)."""
+    global _Transformer2DModelOutput
+    if _Transformer2DModelOutput is None:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        _Transformer2DModelOutput = Transformer2DModelOutput
+    return _Transformer2DModelOutput(sample=sample)
+
+
+_Transformer2DModelOutput = None
+
+
 class _Generation(threading.local):
     state: GenState | None = None
     last_t: float | None = None
@@ -103,10 +111,12 @@ class PlanTransformer(torch.nn.Module):
         threads: onnxruntime intra-op threads (0: onnxruntime's default).
         prepack: let onnxruntime prepack MatMul weights per session (faster, but each session holds its own
             packed copy of the weights); False shares one copy among all the plan's sessions.
+        spinning: let onnxruntime's idle intra-op threads spin for work instead of sleeping. "auto": on when the
+            plan runs at most one graph file besides the unmerged base (see :func:`spinning_default`).
     """
 
     def __init__(self, plan: Plan, backend: str = "auto", seed: int = 0, deterministic: bool = False,
-                 threads: int = 0, prepack: bool = True) -> None:
+                 threads: int = 0, prepack: bool = True, spinning: bool | str = "auto") -> None:
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
@@ -121,10 +131,16 @@ class PlanTransformer(torch.nn.Module):
         self.grid = tuple(plan.model["grid"])
         self.timestep_scale = float(plan.model.get("timestep_scale", 1.0))
         self.threads, self.prepack = threads, prepack
+        if spinning not in (True, False, "auto"):
+            raise DitmergeError(f"spinning must be True, False or 'auto', got {spinning!r}")
+        self.spinning = spinning_default(plan) if spinning == "auto" else bool(spinning)
         self._weights = SharedWeights(plan.dir / plan.manifest["weights"]["file"])
         self._runners: dict[str, object] = {}
         self._engine_runners: dict[str, object] = {}  # TensorRT: engine file -> its one runner
         self._inputs: dict[str, dict[str, tuple[np.dtype, list]]] = {}
+        self._checks: dict[str, InputCheck] = {}
+        self._count_feeds: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+        self._last_bucket = None  # the bucket of the previous call: consecutive steps mostly share one
         self._branches: dict[str, dict | None] = {}
         self._runner_lock = threading.Lock()
         self._gen = _Generation()
@@ -152,6 +168,9 @@ class PlanTransformer(torch.nn.Module):
         check_scheduler(self.plan, scheduler)
 
     def runner(self, graph: str):
+        runner = self._runners.get(graph)
+        if runner is not None:
+            return runner
         with self._runner_lock:
             if graph not in self._runners:
                 if self.use_trt:
@@ -163,12 +182,15 @@ class PlanTransformer(torch.nn.Module):
                         engine = self.plan.dir / info["file"]
                         self._engine_runners[info["file"]] = TrtRunner(engine, self.plan.dir / graph, info["strip"],
                                                                        profiles=info["profiles"])
-                    self._runners[graph] = self._engine_runners[info["file"]]
+                    runner = self._engine_runners[info["file"]]
                 else:
-                    self._runners[graph] = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads,
-                                                     self.prepack)
+                    runner = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads,
+                                       self.prepack, self.spinning)
                 self._inputs[graph] = graph_inputs(self.plan.dir / graph)
                 self._branches[graph] = graph_branches(self.plan.dir / graph)
+                self._checks[graph] = InputCheck(self._inputs[graph],
+                                                 hint=lambda name: _fixed_dim_hint(name, self.plan))
+                self._runners[graph] = runner  # last: a runner seen outside the lock has its checks
             return self._runners[graph]
 
     def reset(self, seed: int | None = None) -> None:
@@ -179,23 +201,26 @@ class PlanTransformer(torch.nn.Module):
         self.policy.start(self._gen.state)
 
     def forward(self, hidden_states: torch.Tensor, timestep=None, return_dict: bool = True, **kwargs):
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
         if timestep is None:
             raise DitmergeError("the plan needs the timestep of every call")
-        t = _np(timestep).astype(np.float64).reshape(-1)
+        t_arr = _np(timestep)
+        t = t_arr.reshape(-1)
         if t.size == 0:
             raise DitmergeError("timestep is empty")
-        t_train = t / self.timestep_scale
         _check_unused(self.family, kwargs)
-        bucket = self.plan.bucket_for(float(t_train[0]))
-        if any(not self.plan.covers(bucket, float(v)) for v in t_train):
-            raise DitmergeError(f"the timesteps of one call {t_train.tolist()} fall in different buckets")
-        if self._gen.state is None or (self._gen.last_t is not None and t_train[0] > self._gen.last_t):
+        t0 = float(t[0]) / self.timestep_scale  # on the training scale
+        bucket = self._bucket_for(t0)
+        if t.size > 1:
+            ts = t.tolist()  # pipelines send one timestep for the whole batch: the equality test is the common path
+            if ts.count(ts[0]) != len(ts) and not all(self.plan.covers(bucket, float(v) / self.timestep_scale)
+                                                      for v in ts):
+                t_train = t.astype(np.float64) / self.timestep_scale
+                raise DitmergeError(f"the timesteps of one call {t_train.tolist()} fall in different buckets")
+        if self._gen.state is None or (self._gen.last_t is not None and t0 > self._gen.last_t):
             self.reset()
-        self._gen.last_t = float(t_train[0])
+        self._gen.last_t = t0
         state = self._gen.state
-        state.t = float(t_train[0])
+        state.t = t0
         state.context = self._gen.context
 
         batch = int(hidden_states.shape[0]) if isinstance(hidden_states, torch.Tensor) else len(hidden_states)
@@ -206,68 +231,44 @@ class PlanTransformer(torch.nn.Module):
                                 f"{', '.join(bucket.graphs)}); rebuild the plan")
         runner = self.runner(graph)
         if bucket.counts:  # a bucket is a shape: its token counts are the lengths of count inputs
-            extra = {**extra, **{k: v for k, v in count_feed(bucket.counts).items() if k in self._inputs[graph]}}
-        values = _family_feed(self.family, hidden_states, timestep, kwargs)
+            extra = {**extra, **self._count_feed(bucket, graph)}
+        # the host copy of the timestep is made once; device runners take the tensor where it is
+        values = _family_feed(self.family, hidden_states, timestep if runner.device_io else t_arr, kwargs)
         branched = self._branches.get(graph)
         if branched:  # one graph for every variant: its count picks the branch, other variants' inputs get zeros
             extra = {**extra, **variant_feed(branched, variant, self._inputs[graph], {**values, **extra})}
         # device runners (TensorRT) take torch tensors where they are; method state stays on the device
-        if runner.device_io:
-            feed = torch_feed(self._inputs[graph], values, extra)
-        else:
-            feed = self._feed(self._inputs[graph], values, extra, self.plan)
-        device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
+        feed = self._checks[graph].feed(values, extra, device_io=runner.device_io)
         outputs = runner.infer(feed)  # the one path for every backend: activates the runner on first use
         if branched:
             outputs = variant_outputs(branched, variant, outputs)
-        sample = torch.as_tensor(outputs["sample"]).to(device)
+        sample = outputs["sample"]
+        on_host = not isinstance(hidden_states, torch.Tensor) or hidden_states.is_cpu
+        if isinstance(sample, np.ndarray):
+            sample = torch.from_numpy(sample)  # no copy
+            if not on_host:
+                sample = sample.to(hidden_states.device)
+        elif on_host or sample.device != hidden_states.device:
+            sample = torch.as_tensor(sample).to(hidden_states.device if not on_host else "cpu")
         if len(outputs) > 1:
             self.policy.update(state, bucket, variant, {k: v for k, v in outputs.items() if k != "sample"})
         state.steps += 1
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+        return _output(sample) if return_dict else (sample,)
 
-    @staticmethod
-    def _feed(inputs: dict[str, tuple[np.dtype, list]], values: dict[str, object],
-              extra: dict[str, np.ndarray] | None = None, plan: Plan | None = None) -> dict[str, np.ndarray]:
-        """Check names, ranks, static dims, dynamic dims (by name: batch, text) and dtypes; cast where lossless.
+    def _bucket_for(self, t: float):
+        """The bucket of training-scale timestep ``t``; the previous call's when it still covers ``t``."""
+        bucket = self._last_bucket
+        if bucket is None or not self.plan.covers(bucket, t):
+            bucket = self._last_bucket = self.plan.bucket_for(t)
+        return bucket
 
-        ``extra`` holds the policy's inputs (partitions, caches), passed through as they are.
-        """
-        extra = extra or {}
-        feed: dict[str, np.ndarray] = {}
-        bound: dict[str, tuple[int, str]] = {}  # dynamic dim name -> (size, the input that set it)
-        for name, (want, shape) in inputs.items():
-            if name in extra:
-                feed[name] = np.ascontiguousarray(extra[name])
-                continue
-            value = values.get(name)
-            if value is None:
-                raise DitmergeError(f"the plan's graph needs input {name!r} {shape}, which the call did not give")
-            arr = _np(value)
-            if name == "timestep" and arr.ndim == 0:
-                arr = arr.reshape(1)
-            if arr.dtype != want:
-                if arr.dtype.kind not in "biuf" or (want.kind in "iu" and arr.dtype.kind == "f" and not np.all(arr == np.round(arr))):
-                    raise DitmergeError(f"input {name!r} has dtype {arr.dtype}; the graph takes {want}")
-                arr = arr.astype(want)
-            if arr.ndim != len(shape):
-                raise DitmergeError(f"input {name!r} has shape {list(arr.shape)}; the graph takes {shape}")
-            for axis, (got, exp) in enumerate(zip(arr.shape, shape)):
-                if isinstance(exp, int) and got != exp:
-                    raise DitmergeError(f"input {name!r} has shape {list(arr.shape)}; the graph takes {shape} "
-                                        f"(axis {axis} must be {exp}){_fixed_dim_hint(name, plan)}")
-                if not isinstance(exp, str):
-                    continue
-                if name == "timestep" and exp == "batch" and got == 1 and bound.get(exp, (1,))[0] != 1:
-                    arr = np.broadcast_to(arr, (bound[exp][0],)).copy()
-                    got = arr.shape[0]
-                if exp not in bound:
-                    bound[exp] = (got, name)
-                elif got != bound[exp][0]:
-                    what = "batch" if exp == "batch" else f"{exp} length"
-                    raise DitmergeError(f"input {name!r} has {what} {got}, other inputs have {what} {bound[exp][0]} "
-                                        f"({bound[exp][1]!r})")
-            feed[name] = np.ascontiguousarray(arr)
+    def _count_feed(self, bucket, graph: str) -> dict[str, np.ndarray]:
+        """The count inputs (``passes.counts``) of ``bucket`` that ``graph`` takes, made once per bucket and graph."""
+        key = (bucket.index, graph)
+        feed = self._count_feeds.get(key)
+        if feed is None:
+            feed = self._count_feeds[key] = {k: v for k, v in count_feed(bucket.counts).items()
+                                             if k in self._inputs[graph]}
         return feed
 
 
@@ -301,6 +302,18 @@ def graph_inputs(path: Path) -> dict[str, tuple[np.dtype, list]]:
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
         out[vi.name] = (np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)), dims)
     return out
+
+
+def spinning_default(plan: Plan) -> bool:
+    """Whether ``spinning="auto"`` lets onnxruntime's intra-op threads spin for ``plan``.
+
+    Each graph file is its own session with its own thread pool. Where the plan runs at most one graph
+    file besides the unmerged base, one session is busy at a time and nothing else waits for its cores;
+    with more, the spinning threads of the session that just finished compete with the next one.
+    """
+    base = plan.manifest.get("base", {}).get("graph")
+    files = {g for b in plan.buckets for g in b.graphs.values()} - {base}
+    return len(files) <= 1
 
 
 def graph_branches(path: Path) -> dict | None:
@@ -399,7 +412,8 @@ _KIND = {"flow": "flow-matching", "ddpm": "DDPM-style (noise schedule of betas)"
 
 
 def load(plan_dir: str | Path, backend: str = "auto", seed: int = 0, deterministic: bool = False,
-         verify: bool = True, threads: int = 0, prepack: bool = True, pipeline=None) -> PlanTransformer:
+         verify: bool = True, threads: int = 0, prepack: bool = True, pipeline=None,
+         spinning: bool | str = "auto") -> PlanTransformer:
     """Load a plan; the result can replace ``pipe.transformer`` in a diffusers pipeline.
 
     With ``pipeline`` the plan checks the pipeline's scheduler against its model (a mismatch would give
