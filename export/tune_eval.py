@@ -97,6 +97,9 @@ class Evaluator:
         if path.is_file() and "reference_fid" in self.data:
             ref = np.load(path)
             if len(ref) == self.samples:
+                if self.clf is not None and self.data["reference_fid"] is None:  # recorded by a search without FID
+                    self.data["reference_fid"] = self._fid(ref)
+                    self._write()
                 return ref
         ref, _ = self.generate(self.reference, self.jobs(self.samples, 0))
         np.save(path, ref)
@@ -164,10 +167,12 @@ class Evaluator:
         """The schedule's quality on the calibration seeds (generated once, then read from the record)."""
         name = ",".join(map(str, levels))
         entry = self.data["evaluations"].get(name)
+        if entry is not None and self.clf is not None and "fid" not in entry["quality"]:
+            entry = None  # recorded by a search without a FID target: generate again, with FID
         if entry is None:
             sig = self.signature(levels)
-            twin = next((e for e in self.data["evaluations"].values() if sig is not None and e.get("signature") == sig),
-                        None)
+            twin = next((e for e in self.data["evaluations"].values() if sig is not None and e.get("signature") == sig
+                         and (self.clf is None or "fid" in e["quality"])), None)
             if twin is not None:  # another schedule that runs the same graphs at the same calls
                 calls, q = twin["calls"], twin["quality"]
             else:
