@@ -78,7 +78,8 @@ def tune_plan(model: str = DEFAULT_MODEL, method: str = "cache", out: str | Path
               locations: Sequence[str] | None = None, grid: tuple[int, int] | None = None, text_len: int = 8,
               num_train_timesteps: int = 1000, samples: int = 12, heldout_samples: int | None = None,
               steps: int = 20, guidance: float = 4.0, classes: Sequence[int] | None = None, repeats: int = 10,
-              work_dir: str | Path | None = None, keep_work: bool = False, progress: bool = True) -> dict:
+              work_dir: str | Path | None = None, keep_work: bool = False, check_fidelity: bool = True,
+              progress: bool = True) -> dict:
     """Search the method's schedules for the fastest one meeting every given target; write it as a plan.
 
     Args:
@@ -99,6 +100,7 @@ def tune_plan(model: str = DEFAULT_MODEL, method: str = "cache", out: str | Path
         work_dir: where the built plan and the search record live (default: ``out/.tuning``); a search there
             with the same inputs resumes, reusing every schedule already evaluated.
         keep_work: keep the work directory after success (a later search with other targets reuses it).
+        check_fidelity: check the built graphs against their eager twins (the build's measurement).
         progress: show progress bars.
     """
     t0 = time.perf_counter()
@@ -108,6 +110,9 @@ def tune_plan(model: str = DEFAULT_MODEL, method: str = "cache", out: str | Path
         raise DitmergeError(f"the tuner needs at least 2 calibration and held-out samples, got {samples}/{heldout_samples}")
     if steps < 2:
         raise DitmergeError(f"steps must be at least 2, got {steps}")
+    if target_fid_increase is not None and samples < 50:
+        logger.warning("a FID target on %d samples: the classifier-FID of so few images is mostly sampling noise "
+                       "(the held-out check will say); use samples >= 50 or a PSNR/SSIM target", samples)
     options = dict(options or {})
     if locations is not None:
         options["locations"] = tuple(locations)
@@ -117,13 +122,13 @@ def tune_plan(model: str = DEFAULT_MODEL, method: str = "cache", out: str | Path
         raise DitmergeError(f"--out {out} exists and is not a directory")
     work = Path(work_dir) if work_dir is not None else out / ".tuning"
     if (out.exists() and any(out.iterdir()) and not (out / PLAN_FILE).exists()
-            and not any((out / d).exists() for d in (".staging", ".tuning")) and work_dir is None):
+            and not any((out / d).exists() for d in (".staging", ".tuning"))):
         raise DitmergeError(f"--out {out} is a non-empty directory that holds no plan; choose an empty or new one")
     work.mkdir(parents=True, exist_ok=True)
 
     from export.tune_eval import Evaluator
 
-    plan_dir = _build_once(work, model, space, grid, text_len, num_train_timesteps, progress)
+    plan_dir = _build_once(work, model, space, grid, text_len, num_train_timesteps, check_fidelity, progress)
     manifest = json.loads((plan_dir / PLAN_FILE).read_text())
     space.check_built(plan_dir, manifest)
     cfg = manifest["model"]["config"]
@@ -230,21 +235,21 @@ def _jsonable(x):
 
 
 def _build_once(work: Path, model: str, space: Space, grid, text_len: int, num_train_timesteps: int,
-                progress: bool) -> Path:
+                measure: bool, progress: bool) -> Path:
     """The space's plan, built into ``work/plan`` unless a build with the same inputs is there."""
     from export.build import build_plan, fingerprint
 
     plan_dir = work / "plan"
     args = space.build_args()
     key = _jsonable({"model": model, "fingerprint": fingerprint(model), **args, "grid": grid, "text_len": text_len,
-                     "num_train_timesteps": num_train_timesteps})
+                     "num_train_timesteps": num_train_timesteps, "measure": measure})
     stamp = plan_dir / BUILD_FILE
     if (plan_dir / PLAN_FILE).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == key:
         logger.info("tune: reusing the plan built in %s", plan_dir)
         return plan_dir
     logger.info("tune: building the %s graphs once (%s)", space.method, args["buckets"])
     build_plan(model=model, out=plan_dir, grid=grid, text_len=text_len, num_train_timesteps=num_train_timesteps,
-               measure=True, repeats=3, quality_samples=0, progress=progress, **args)
+               measure=measure, repeats=3, quality_samples=0, progress=progress, **args)
     stamp.write_text(json.dumps(key))
     return plan_dir
 

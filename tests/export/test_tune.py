@@ -20,7 +20,7 @@ from runtime.plan import Plan
 from runtime.transformer import PlanTransformer
 
 SMALL = dict(model="bundled:tiny-dit", method="cache", buckets=2, samples=3, steps=8, repeats=5, keep_work=True,
-             progress=False)
+             check_fidelity=False, progress=False)  # fidelity: tests/export/test_cache_method.py
 HELDOUT_TOL_DB = 3.0  # 3 seeds: the held-out mean may fall this far below a target the calibration mean met
 
 
@@ -134,3 +134,28 @@ def test_cli_prints_the_library_call_and_refuses_fixed_schedules(tmp_path, capsy
     assert out.startswith("from export.tune import tune_plan") and "target_psnr=28.0" in out and "samples=4" in out
     assert main(["--target-psnr", "28", "--buckets", "0.3", "--out", str(tmp_path / "p")]) == 1
     assert "--buckets cannot be combined with a --target-*" in capsys.readouterr().err
+
+
+def test_tome_schedules_share_the_one_graph_and_differ_only_in_counts(tmp_path):
+    """ToMe: every bucket on one graph (r from the count input's length), or a clear refusal where the graphs
+    still bake r in (before "a bucket is a shape" reached ToMe)."""
+    from passes.counts import count_input_name
+    from runtime.transformer import graph_inputs
+
+    kwargs = {**SMALL, "method": "tome", "levels": {"ratio": (0.0, 0.2, 0.4)}}
+    try:
+        m = tune_plan(out=tmp_path / "p", target_psnr=20, work_dir=tmp_path / "w", **kwargs)
+    except DitmergeError as e:
+        assert "not implemented" in str(e) and "--method cache" in str(e)
+        built = Plan.load(tmp_path / "w" / "plan")
+        assert count_input_name("tome_r") not in graph_inputs(built.dir / built.buckets[0].graph)
+        return
+    t = m["report"]["tune"]
+    assert t["calibration"]["psnr_db"]["mean"] >= 20 and t["predicted_speedup"] > 1
+    plan = Plan.load(tmp_path / "p")
+    merged = [b for b in plan.buckets if b.r > 0]
+    assert merged and len({b.graph for b in merged}) == 1  # one graph serves every merged bucket
+    assert all(b.counts == {"tome_r": b.r} for b in merged)
+    assert all(b.graph == "base.onnx" and not b.counts for b in plan.buckets if b.r == 0)
+    ratios = [t["schedule"][f"ratio[{i}]"] for i in range(2)]
+    assert [b.ratio for b in plan.buckets] == ratios
