@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -352,13 +353,12 @@ def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int
         names[variant] = BASE_GRAPH if g is None else (f"bucket_{index}.onnx" if variant == MAIN
                                                        else f"bucket_{index}_{variant}.onnx")
         if g is not None:
-            path = ctx.stage / names[variant]
-            save_checked(g, path)
-            digest = sha256_file(path)
-            if staged.get(digest, names[variant]) != names[variant]:
-                path.unlink()
+            digest = hashlib.sha256(g.SerializeToString()).hexdigest()  # the bytes onnx.save writes
+            if digest in staged:
                 names[variant] = staged[digest]
-            staged.setdefault(digest, names[variant])
+                continue
+            save_checked(g, ctx.stage / names[variant])
+            staged[digest] = staged[sha256_file(ctx.stage / names[variant])] = names[variant]
     done.record(key + "#files", sorted(set(names.values()) - {BASE_GRAPH}))
     done.remember(key, {"variants": names, "meta": bg.meta, "r": bg.r, "kept_tokens": bg.kept_tokens,
                         "counts": bg.counts})

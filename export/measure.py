@@ -42,8 +42,12 @@ def tome_fidelity(model: torch.nn.Module, runner: OrtRunner, inputs: dict[str, t
     return max_abs(out, ref)
 
 
-def interleaved_latency(calls: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each callable, run round-robin so drift hits all of them alike."""
+def interleaved_latency(calls: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2,
+                        stat: str = "median") -> dict:
+    """Median seconds per call of each callable, run round-robin so drift hits all of them alike.
+
+    ``stat="all"`` returns every round's seconds per callable instead (for minima beside medians).
+    """
     for _ in range(warmup):
         for fn in calls.values():
             fn()
@@ -53,4 +57,6 @@ def interleaved_latency(calls: dict[str, Callable[[], object]], repeats: int = 2
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+    if stat == "all":
+        return times
     return {k: statistics.median(v) for k, v in times.items()}

@@ -28,6 +28,7 @@ def unmerged_view(plan: Plan) -> Plan:
     for b in manifest["buckets"]:
         b["graph"], b["sha256"] = manifest["base"]["graph"], manifest["base"]["sha256"]
         b["graphs"] = {"main": {"file": b["graph"], "sha256": b["sha256"]}}
+        b["counts"] = {}
         b["method_meta"] = {}
     manifest["method"] = {"name": "none", "params": {}}
     return Plan(plan.dir, manifest)

@@ -4,13 +4,16 @@ CA-ToMe caches each block's matching across denoising steps. A static graph cann
 cache moves to the runtime and the graph comes in two variants with the same merges:
 
 - ``match``: ToMe's graph (similarity, sort, merge), plus every block's matching as int64 graph outputs
-  ``catome_idx/<block>/<name>`` (:class:`passes.tome_graph.MatchIndices`: unm, mrg, mrg_dst, dst, row);
-- ``apply``: the same merges, with those index tensors as graph inputs of the same names; no similarity,
-  no TopK, and no partition inputs (the dst positions are part of the cached matching).
+  ``catome_idx/<block>/order`` and ``.../node_idx`` (src by best similarity, and each src's best dst,
+  ``[B, K, Na]``) and the partition it used (``catome_idx/partition``, ``catome_idx/partition_inv``);
+- ``apply``: the same merges, with those tensors as graph inputs of the same names; no similarity and no
+  TopK: only the integer index half of the matching (:func:`passes.tome_graph.indices_from_order`).
 
-Index shapes are static apart from the batch axis; the indices are batch-local (per sample), so a
-cache taken at batch 2 (CFG) feeds batch 2. Deviation from the paper: ``r`` is fixed per graph (the
-bucket's calibrated value) instead of the per-call count of pairs above the threshold.
+The cached tensors do not depend on r, so with r from shapes (``ToMeConfig.dynamic``, each block's r the
+length of ``ditmerge_count_tome_r_<i>``) one match graph and one apply graph serve every bucket, and their
+shapes are static apart from the batch axis. They are batch-local (per sample): a cache taken at batch 2
+(CFG) feeds batch 2. Deviation from the paper: ``r`` is fixed per bucket (its calibrated value) instead
+of the per-call count of pairs above the threshold.
 """
 
 from __future__ import annotations
@@ -21,23 +24,18 @@ import onnx_graphsurgeon as gs
 from passes.errors import DitmergeError
 from passes.graphbuild import Emitter
 from passes.tome import ToMeConfig, ToMePass
-from passes.tome_graph import (
-    INDEX_NAMES,
-    Geometry,
-    MatchIndices,
-    MatchState,
-    build_match_indices,
-    build_state,
-    index_shapes,
-)
+from passes.tome_graph import Geometry, MatchState, band_r, build_order, build_state, indices_from_order
 
 INDEX_PREFIX = "catome_idx/"
 VARIANTS = ("match", "apply")
+CACHED_NAMES = ("order", "node_idx")  # per block; what the apply variant needs besides the partition
+PARTITION_NAMES = ("partition", "partition_inv")
 
 
 def index_name(block: str, name: str) -> str:
-    """Graph output (match) / input (apply) name of one index tensor of one block's matching."""
-    return f"{INDEX_PREFIX}{block}/{name}"
+    """Graph output (match) / input (apply) name of one cached tensor of one block's matching; ``block=""``:
+    the partition, shared by every block."""
+    return f"{INDEX_PREFIX}{block}/{name}" if block else f"{INDEX_PREFIX}{name}"
 
 
 class CaToMePass(ToMePass):
@@ -56,7 +54,8 @@ class CaToMePass(ToMePass):
         self._index_io: dict[str, dict[str, list]] = {}
 
     def stamp(self) -> dict:
-        return {**super().stamp(), "method": "catome", "variant": self.variant, "r": self.config.r}
+        return {**super().stamp(), "method": "catome", "variant": self.variant,
+                "r": "count" if self.config.dynamic else self.config.r}
 
     def _start(self, graph: gs.Graph, n: int) -> None:
         self._batch_dim = next((t.shape[0] for t in graph.inputs if t.name == "hidden_states" and t.shape),
@@ -64,21 +63,30 @@ class CaToMePass(ToMePass):
         self._index_io = {}
         if self.variant == "match":
             super()._start(graph, n)
+            for name, var in zip(PARTITION_NAMES, (self._part, self._part_inv)):
+                out = gs.Variable(index_name("", name), dtype=np.int64, shape=[n])
+                graph.nodes.append(gs.Node("Identity", name=f"ditmerge_catome/{name}_out", inputs=[var], outputs=[out]))
+                graph.outputs.append(out)
+        else:
+            self._part, self._part_inv = (gs.Variable(index_name("", name), dtype=np.int64, shape=[n])
+                                          for name in PARTITION_NAMES)
+            graph.inputs.extend([self._part, self._part_inv])
 
-    def _block_state(self, em: Emitter, block: str, x: gs.Variable, geo: Geometry) -> MatchState:
-        shapes = {k: [self._batch_dim if d == "B" else d for d in v] for k, v in index_shapes(geo).items()}
+    def _block_state(self, em: Emitter, block: str, x: gs.Variable, geo: Geometry,
+                     r_count: gs.Variable | None = None) -> MatchState:
+        shape = [self._batch_dim, geo.bands, geo.num_src // geo.bands]
         if self.variant == "match":
-            idx = build_match_indices(em, x, self._part, self._part_inv, geo)
-            for key, var in idx.as_dict().items():
-                var.name, var.dtype, var.shape = index_name(block, key), np.int64, shapes[key]
+            cached = dict(zip(CACHED_NAMES, build_order(em, x, self._part, geo)))
+            for key, var in cached.items():
+                var.name, var.dtype, var.shape = index_name(block, key), np.int64, shape
                 em.graph.outputs.append(var)
         else:
-            tensors = {key: gs.Variable(index_name(block, key), dtype=np.int64, shape=shapes[key]) for key in INDEX_NAMES}
-            em.graph.inputs.extend(tensors.values())
-            idx = MatchIndices(**tensors)
-        self._index_io[block] = {index_name(block, k): [d if isinstance(d, int) else "B" for d in s]
-                                 for k, s in shapes.items()}
-        return build_state(em, x, idx, geo)
+            cached = {key: gs.Variable(index_name(block, key), dtype=np.int64, shape=shape) for key in CACHED_NAMES}
+            em.graph.inputs.extend(cached.values())
+        self._index_io[block] = {index_name(block, k): ["B", shape[1], shape[2]] for k in CACHED_NAMES}
+        r = band_r(em, geo, r_count)
+        idx = indices_from_order(em, x, cached["order"], cached["node_idx"], self._part, self._part_inv, geo, r)
+        return build_state(em, x, idx, geo, r)
 
     def _extra_meta(self) -> dict:
         return {"catome": {"variant": self.variant, "indices": self._index_io}}

@@ -6,14 +6,16 @@ import numpy as np
 import torch
 
 from passes import tome_math
-from passes.catome import index_name
-from passes.tome_graph import INDEX_NAMES
+from passes.catome import CACHED_NAMES, PARTITION_NAMES, index_name
 from passes.twin import ToMeTwin
+
+PARTITION = ""  # the key of the shared partition in a cache (block -> tensors)
 
 
 class CaToMeTwin(ToMeTwin):
-    """ToMe on ``sites``; with ``cached`` set (block -> index tensors) it merges with those indices instead
-    of matching (the apply variant); otherwise it matches (the match variant) and records the indices."""
+    """ToMe on ``sites``; with ``cached`` set (block -> {order, node_idx}, and ``PARTITION`` -> {partition,
+    partition_inv}) it merges with that matching at this twin's r instead of matching (the apply
+    variant); otherwise it matches (the match variant) and records the same tensors."""
 
     def __init__(self, model: torch.nn.Module, sites: list[str], num_src: int, r: int | dict[str, int], bands: int = 1,
                  cached: dict[str, dict[str, torch.Tensor]] | None = None, metric: str = "sublayer",
@@ -21,23 +23,32 @@ class CaToMeTwin(ToMeTwin):
         super().__init__(model, sites, num_src, r, bands, metric, metric_blocks)
         self.cached = cached
         self.recorded: dict[str, dict[str, torch.Tensor]] = {}
+        if cached is not None:
+            self.set_partition(cached[PARTITION]["partition"], cached[PARTITION]["partition_inv"])
+
+    def set_partition(self, partition: torch.Tensor, partition_inv: torch.Tensor) -> None:
+        super().set_partition(partition, partition_inv)
+        self.recorded[PARTITION] = {"partition": self.partition, "partition_inv": self.partition_inv}
 
     def _match(self, block: str, x: torch.Tensor) -> tome_math.TorchMatch:
+        r = self.r[block] if isinstance(self.r, dict) else self.r
         if self.cached is not None:
-            idx = self.cached[block]
-            return tome_math.from_indices(idx["unm"], idx["mrg"], idx["mrg_dst"], idx["dst"], idx["row"],
-                                          self.num_src, x.dtype)
-        mt = super()._match(block, x)
-        self.recorded[block] = mt.indices()
-        return mt
+            order, node_idx = self.cached[block]["order"], self.cached[block]["node_idx"]
+        else:
+            order, node_idx = tome_math.order_of(x, self.partition, self.num_src, self.bands)
+            self.recorded[block] = {"order": order, "node_idx": node_idx}
+        return tome_math.match_from_order(order, node_idx, self.partition, self.partition_inv, self.num_src, r,
+                                          self.bands, x.dtype)
 
 
-def to_feed(indices: dict[str, dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-    """Block -> index tensors, as the graph's ``catome_idx/<block>/<name>`` feed (int64)."""
-    return {index_name(block, k): np.ascontiguousarray(v.numpy().astype(np.int64))
-            for block, idx in indices.items() for k, v in idx.items()}
+def to_feed(cache: dict[str, dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """A twin's cache (block -> tensors, ``PARTITION`` -> the partition) as the graph's ``catome_idx/`` feed."""
+    return {index_name(block, k): np.ascontiguousarray(np.asarray(v).astype(np.int64))
+            for block, tensors in cache.items() for k, v in tensors.items()}
 
 
 def from_feed(feed: dict[str, np.ndarray], blocks: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """The inverse of :func:`to_feed`: graph outputs of the match variant -> the twin's cache."""
-    return {b: {k: torch.from_numpy(np.asarray(feed[index_name(b, k)])) for k in INDEX_NAMES} for b in blocks}
+    """The inverse of :func:`to_feed`: graph outputs of the match variant -> a twin's cache."""
+    out = {b: {k: torch.from_numpy(np.asarray(feed[index_name(b, k)])) for k in CACHED_NAMES} for b in blocks}
+    out[PARTITION] = {k: torch.from_numpy(np.asarray(feed[index_name("", k)])) for k in PARTITION_NAMES}
+    return out

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from passes.errors import DitmergeError
 from passes.cleanup import FreeTokenAxisPass
-from passes.graphbuild import Emitter
+from passes.graphbuild import Emitter, count_input
 from passes.infra import GraphPass, PassResult
 from passes.locate import Site, Topology, _node_scopes, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, get_model_meta, import_graph, infer_shapes, provenance, set_model_meta
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 PARTITION_INPUT = "tome_partition"
 PARTITION_INV_INPUT = "tome_partition_inv"
+R_COUNT = "tome_r"  # count key of r in graphs with r from shapes (passes/counts.py); per block: tome_r_<i>
 LOCATIONS = ("attn", "xattn", "joint", "mlp")
 # Attention only by default, as tomesd: on the bundled model merging the MLP as well dropped sample class
 # accuracy from 0.75 to 0.30 at ratio 0.3 (attention only: 0.70); see the README's quality table.
@@ -65,6 +66,10 @@ class ToMeConfig:
     metric: str = DEFAULT_METRIC  # what the matching compares: "sublayer" input or "block" input (tomesd)
     # tokens removed per block (block path -> r), overriding ``r`` (CA-ToMe's per-block calibration)
     r_blocks: dict[str, int] | None = None
+    # r from input shapes: the graph takes r as the length of the count input ``tome_r`` (per-block r:
+    # ``tome_r_<i>``, i-th merged block), so one graph serves every ratio; ``ratio`` / ``r`` then only
+    # choose the r of the graph's metadata, and blocks with r = 0 stay in the graph (docs/design.md)
+    dynamic: bool = False
 
     def validate(self, grid: tuple[int, int]) -> None:
         if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool):
@@ -119,6 +124,10 @@ class ToMePass(GraphPass):
         self.bucket = bucket
 
     def stamp(self) -> dict:
+        if self.config.dynamic:  # nothing per bucket: graphs of buckets that differ in r are identical
+            return {"pass": self.name, "method": "tome", "r": "count", "locations": list(self.config.locations),
+                    "metric": self.config.metric, "stride": list(self.config.stride),
+                    **({"r_blocks": sorted(self.config.r_blocks)} if self.config.r_blocks else {})}
         return {"pass": self.name, "method": "tome", "bucket": self.bucket, "ratio": self.config.ratio,
                 "locations": list(self.config.locations), "metric": self.config.metric,
                 **({"r_blocks": dict(self.config.r_blocks)} if self.config.r_blocks else {})}
@@ -140,7 +149,7 @@ class ToMePass(GraphPass):
                                 f"{cfg.stride[0]}-row cells with at most {cfg.max_src_per_band} src tokens each")
         r = (merged_count(cfg.ratio, n, na) if cfg.r is None else cfg.r) // bands * bands
         r_blocks = {b: v // bands * bands for b, v in (cfg.r_blocks or {}).items()}
-        if (r == 0 and not r_blocks) or (r_blocks and not any(r_blocks.values())):
+        if not cfg.dynamic and ((r == 0 and not r_blocks) or (r_blocks and not any(r_blocks.values()))):
             return PassResult(model, False)
 
         model = FreeTokenAxisPass(n)(model).model
@@ -152,7 +161,8 @@ class ToMePass(GraphPass):
                 raise DitmergeError(f"r_blocks gives no r for {', '.join(unknown)}")
             # the bucket's r: the mean over blocks (what the plan reports as tokens removed)
             r = round(sum(r_blocks[b] for b in merged_blocks) / len(merged_blocks))
-            chosen = [s for s in chosen if r_blocks[s.block] > 0]
+            if not cfg.dynamic:
+                chosen = [s for s in chosen if r_blocks[s.block] > 0]
         geos = {s.block: Geometry(tokens=n, num_src=na, r=r_blocks.get(s.block, r), bands=bands) for s in chosen}
         shapes = tensor_shapes(shaped)
         metric_inputs = block_inputs(shaped, n, [s.block for s in chosen]) if cfg.metric == "block" else {}
@@ -162,6 +172,11 @@ class ToMePass(GraphPass):
         nodes = {nd.name: nd for nd in graph.nodes}
         em = Emitter(graph, f"ditmerge_{self.name}")
         self._start(graph, n)
+        counts: dict[str, str] = {}  # block -> count key (dynamic r)
+        if cfg.dynamic:
+            blocks = list(dict.fromkeys(s.block for s in chosen))
+            counts = {b: (f"{R_COUNT}_{i}" if r_blocks else R_COUNT) for i, b in enumerate(blocks)}
+            self._counts = {key: count_input(graph, key) for key in dict.fromkeys(counts.values())}
 
         states: dict[str, object] = {}
         for site in chosen:
@@ -172,7 +187,8 @@ class ToMePass(GraphPass):
             em.prefix = f"ditmerge_{self.name}/{site.path}"
             if site.block not in states:
                 metric = tensors[metric_inputs[site.block]] if site.block in metric_inputs else x
-                states[site.block] = self._block_state(em, site.block, metric, geos[site.block])
+                r_count = self._counts[counts[site.block]] if counts else None
+                states[site.block] = self._block_state(em, site.block, metric, geos[site.block], r_count)
             state = states[site.block]
             merged = build_merge(em, x, state, channels_in)
             inside = set(site.nodes)
@@ -191,6 +207,7 @@ class ToMePass(GraphPass):
                                   "locations": list(cfg.locations), "metric": cfg.metric,
                                   **({"metric_blocks": list(metric_inputs)} if cfg.metric == "block" else {}),
                                   **({"r_blocks": {b: g.r for b, g in geos.items()}} if r_blocks else {}),
+                                  **({"counts": counts} if counts else {}),
                                   "sites": [s.path for s in chosen]}, **self._extra_meta())
         out = infer_shapes(out)
         _summarize(chosen, skipped, sites, cfg.locations, r, n)
@@ -203,9 +220,10 @@ class ToMePass(GraphPass):
         self._part_inv = gs.Variable(PARTITION_INV_INPUT, dtype=np.int64, shape=[n])
         graph.inputs.extend([self._part, self._part_inv])
 
-    def _block_state(self, em: Emitter, block: str, x: gs.Variable, geo: Geometry) -> MatchState:
-        """The matching of one block, on its first merged sublayer's input ``x``."""
-        return build_match(em, x, self._part, self._part_inv, geo)
+    def _block_state(self, em: Emitter, block: str, x: gs.Variable, geo: Geometry,
+                     r_count: gs.Variable | None = None) -> MatchState:
+        """The matching of one block, on its first merged sublayer's input ``x``; ``r_count``: dynamic r."""
+        return build_match(em, x, self._part, self._part_inv, geo, r_count)
 
     def _extra_meta(self) -> dict:
         return {}
@@ -246,3 +264,25 @@ def _summarize(chosen: list[Site], skipped: list[Site], sites: list[Site], locat
     parts = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in by_kind.items())
     logger.info("tome: merged %s modules (r=%d of %d tokens)%s", parts, r, n,
                 f"; {len(skipped)} skipped: " + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:4]) if skipped else "")
+
+
+# what a ToMe graph's metadata holds per bucket; graphs with r from shapes leave these to the plan's buckets
+PER_BUCKET_META = ("ratio", "r", "r_blocks")
+
+
+def count_values(meta: dict) -> dict[str, int]:
+    """The counts (key -> value) that feed r to a graph with r from shapes, from ToMe metadata with r."""
+    counts = meta.get("counts")
+    if not counts:
+        return {}
+    r_blocks = meta.get("r_blocks")
+    return {key: int(r_blocks[block] if r_blocks else meta["r"]) for block, key in counts.items()}
+
+
+def strip_bucket_meta(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph without its per-bucket ToMe metadata (r, ratio): equal for every bucket of a plan."""
+    import json
+
+    meta = json.loads(get_model_meta(model)["tome"])
+    set_model_meta(model, tome={k: v for k, v in meta.items() if k not in PER_BUCKET_META})
+    return model

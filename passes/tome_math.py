@@ -50,24 +50,35 @@ def best_match(x: torch.Tensor, partition: torch.Tensor, num_src: int, bands: in
 
 def match(x: torch.Tensor, partition: torch.Tensor, partition_inv: torch.Tensor, num_src: int, r: int,
           bands: int = 1) -> TorchMatch:
-    b, n, _ = x.shape
-    k = bands
+    order, node_idx = order_of(x, partition, num_src, bands)
+    return match_from_order(order, node_idx, partition, partition_inv, num_src, r, bands, x.dtype)
+
+
+def order_of(x: torch.Tensor, partition: torch.Tensor, num_src: int, bands: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """src sorted by best similarity (descending, stable) and each src's best dst: ``[B, K, Na]`` each."""
+    node_max, node_idx = best_match(x, partition, num_src, bands)
+    return torch.sort(node_max, dim=-1, descending=True, stable=True).indices, node_idx
+
+
+def match_from_order(order: torch.Tensor, node_idx: torch.Tensor, partition: torch.Tensor, partition_inv: torch.Tensor,
+                     num_src: int, r: int, bands: int = 1, dtype: torch.dtype = torch.float32) -> TorchMatch:
+    """The matching that merges the first r of ``order`` (per band) into their ``node_idx``."""
+    b, k = order.shape[0], bands
+    n = partition.shape[0]
     na, nb, rb = num_src // k, (n - num_src) // k, r // k
     unm_total = k * (na - rb)
     per_band = partition.view(k, na + nb)
     src_idx, dst_idx = per_band[:, :na], per_band[:, na:]
-    node_max, node_idx = best_match(x, partition, num_src, bands)
-    order = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
     rank = torch.sort(order, dim=-1, stable=True).indices
     unm_order, mrg_order = order[..., rb:], order[..., :rb]
     mrg_dst = node_idx.gather(-1, mrg_order)
     src_b = src_idx.expand(b, k, na)
-    band = torch.arange(k, device=x.device).view(1, k, 1)
+    band = torch.arange(k, device=order.device).view(1, k, 1)
     row_src = torch.where(rank < rb, node_idx + unm_total + band * nb, rank + band * (na - rb) - rb)
-    row_dst = (unm_total + band * nb + torch.arange(nb, device=x.device).view(1, 1, nb)).expand(b, k, nb)
+    row_dst = (unm_total + band * nb + torch.arange(nb, device=order.device).view(1, 1, nb)).expand(b, k, nb)
     row = torch.cat([row_src, row_dst], -1).reshape(b, n)[:, partition_inv]
     return from_indices(src_b.gather(-1, unm_order).reshape(b, unm_total), src_b.gather(-1, mrg_order), mrg_dst,
-                        dst_idx, row, num_src, x.dtype)
+                        dst_idx, row, num_src, dtype)
 
 
 def from_indices(unm: torch.Tensor, mrg: torch.Tensor, mrg_dst: torch.Tensor, dst: torch.Tensor, row: torch.Tensor,

@@ -30,13 +30,13 @@ from export.catome_calib import block_summary, check_statistic, count_trajectori
 from export.measure import feed_of, max_abs
 from export.methods import MAIN, BucketGraphs, BuildContext, Method
 from export.onnx_export import eager_forward, example_inputs
-from passes.catome import CaToMePass, index_name
+from passes.catome import CACHED_NAMES, PARTITION_NAMES, CaToMePass, index_name
 from passes.catome_twin import CaToMeTwin, from_feed, to_feed
 from passes.errors import DitmergeError
 from passes.onnxutil import get_model_meta
 from passes.partition import draw_partition, num_dst, plan_bands
-from passes.tome import DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, merge_sites
-from passes.tome_graph import INDEX_NAMES
+from passes.tome import (DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, count_values, merge_sites,
+                         strip_bucket_meta)
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class CaToMe(Method):
     def config(self, r: int, r_blocks: dict[str, int] | None = None) -> ToMeConfig:
         return ToMeConfig(ratio=0.0, locations=tuple(self.options["locations"]),
                           stride=tuple(int(s) for s in self.options["stride"]), r=r, r_blocks=r_blocks,
-                          metric=str(self.options["metric"]))
+                          metric=str(self.options["metric"]), dynamic=True)
 
     def params(self) -> dict:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}
@@ -175,17 +175,22 @@ class CaToMe(Method):
     def build_bucket(self, ctx: BuildContext, spec: BucketSpec, index: int) -> BucketGraphs:
         r = self._r(ctx, spec, index)
         calib = self.calibration.get(index) if isinstance(index, int) else None
-        cfg = self.config(r, (calib or {}).get("r_blocks"))
-        match = CaToMePass(cfg, "match", bucket=index)(ctx.base)
-        if not match.modified:
-            meta = {"r": 0, "stride": list(cfg.stride), "bands": self.bands(ctx.grid), "calibration": calib}
+        r_blocks = (calib or {}).get("r_blocks")
+        cfg = self.config(r, r_blocks)
+        bands = self.bands(ctx.grid)
+        if (r // bands == 0 and not r_blocks) or (r_blocks and not any(v // bands for v in r_blocks.values())):
+            meta = {"r": 0, "stride": list(cfg.stride), "bands": bands, "calibration": calib}
             return BucketGraphs({MAIN: None}, meta, 0, ctx.tokens)
+        match = CaToMePass(cfg, "match", bucket=index)(ctx.base)
         apply = CaToMePass(cfg, "apply", bucket=index)(ctx.base)
         tome = _meta(match.model, "tome")
         blocks = list(_meta(match.model, "catome")["indices"])
         meta = {**tome, "variants": {MAIN: "apply", MATCH: "match"}, "blocks": blocks,
-                "index_names": [index_name(b, k) for b in blocks for k in INDEX_NAMES], "calibration": calib}
-        return BucketGraphs({MAIN: apply.model, MATCH: match.model}, meta, tome["r"], ctx.tokens - tome["r"])
+                "index_names": [index_name(b, k) for b in blocks for k in CACHED_NAMES] +
+                               [index_name("", k) for k in PARTITION_NAMES], "calibration": calib}
+        # r from shapes: the graphs are equal for every bucket (one match and one apply graph per plan)
+        graphs = {MAIN: strip_bucket_meta(apply.model), MATCH: strip_bucket_meta(match.model)}
+        return BucketGraphs(graphs, meta, tome["r"], ctx.tokens - tome["r"], count_values(tome))
 
     def extra_feed(self, ctx: BuildContext, meta: dict, variant: str, batch: int,
                    seed: int | None = None) -> dict[str, np.ndarray]:

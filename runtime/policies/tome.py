@@ -15,7 +15,7 @@ class ToMePolicy(StepPolicy):
         self.stride = tuple(self.params.get("stride", (2, 2)))
 
     def select(self, state: GenState, bucket, batch: int) -> tuple[str, dict[str, np.ndarray]]:
-        if not bucket.meta.get("r"):
+        if not bucket.meta.get("sites"):  # the unmerged base graph (a merged graph at r = 0 still takes a partition)
             return MAIN, {}
         bands = int(bucket.meta.get("bands", self.params.get("bands", 1)))
         part, inv = draw_partition(self.grid, self.stride, None if self.deterministic else state.rng, bands)

@@ -59,7 +59,8 @@ def test_variants_expose_and_take_the_indices_and_pass_the_tensorrt_check(export
     _, base, _ = exported("dit", GRID)
     g = _variants(base, r=5)
     blocks = ["transformer_blocks.0", "transformer_blocks.1"]
-    names = {f"{INDEX_PREFIX}{b}/{k}" for b in blocks for k in ("unm", "mrg", "mrg_dst", "dst", "row")}
+    names = {f"{INDEX_PREFIX}{b}/{k}" for b in blocks for k in ("order", "node_idx")} | {
+        f"{INDEX_PREFIX}partition", f"{INDEX_PREFIX}partition_inv"}
     outs = {o.name: o for o in g["match"].graph.output}
     ins = {i.name: i for i in g["apply"].graph.input}
     assert set(outs) == names | {"sample"}
@@ -71,9 +72,9 @@ def test_variants_expose_and_take_the_indices_and_pass_the_tensorrt_check(export
         assert dims_in == dims_out and all(isinstance(d, int) for d in dims_in[1:])
         assert ins[name].type.tensor_type.elem_type == outs[name].type.tensor_type.elem_type == 7
     shapes = {n.split("/")[-1]: [d.dim_value or d.dim_param for d in ins[n].type.tensor_type.shape.dim]
-              for n in names if n.startswith(f"{INDEX_PREFIX}{blocks[0]}/")}
-    assert shapes == {"unm": ["batch", 7], "mrg": ["batch", 1, 5], "mrg_dst": ["batch", 1, 5], "dst": [1, 4],
-                      "row": ["batch", 16]}
+              for n in names if n.startswith(f"{INDEX_PREFIX}{blocks[0]}/") or n.count("/") == 1}
+    # what is cached does not depend on r: src order and best dst [B, K, Na], and the partition [N]
+    assert shapes == {"order": ["batch", 1, 12], "node_idx": ["batch", 1, 12], "partition": [16], "partition_inv": [16]}
     # apply computes no similarity: no sort, no arg-max among the inserted nodes
     inserted = [n.op_type for n in g["apply"].graph.node if any(p.key == PROVENANCE_KEY for p in n.metadata_props)]
     assert inserted and not {"TopK", "ArgMax", "ReduceMax"} & set(inserted)
@@ -125,3 +126,32 @@ def test_match_and_apply_equal_the_twin(exported, tmp_path, family, grid, band_l
     unmerged = OrtRunner(d / "base.onnx", ["CPUExecutionProvider"], SharedWeights(d / "weights.bin")).infer(
         feed_of(step_b))["sample"]
     assert max_abs(reused, fresh) > 1e-3 and max_abs(reused, unmerged) > 1e-3
+
+
+def test_with_r_from_shapes_one_pair_of_graphs_serves_every_r(exported):
+    """Per-block r as count inputs: graphs of different calibrations are identical and equal the baked ones."""
+    from passes.counts import count_feed
+    from passes.tome import strip_bucket_meta
+
+    model, base, d = exported("dit", GRID)
+    blocks = ["transformer_blocks.0", "transformer_blocks.1"]
+    dyn = {v: [strip_bucket_meta(CaToMePass(ToMeConfig(0.0, r=4, r_blocks=dict(zip(blocks, rb)), dynamic=True), v)(base).model)
+               for rb in ((4, 8), (2, 6))] for v in ("match", "apply")}
+    for v, (a, b) in dyn.items():
+        assert a.SerializeToString() == b.SerializeToString(), v
+    r_blocks = dict(zip(blocks, (4, 8)))
+    baked = {v: CaToMePass(ToMeConfig(0.0, r=6, r_blocks=r_blocks), v)(base).model for v in ("match", "apply")}
+    counts = count_feed({"tome_r_0": 4, "tome_r_1": 8})
+    step_a, step_b = feed_of(example_inputs(model, 2, GRID, seed=5)), feed_of(example_inputs(model, 2, GRID, seed=6))
+    part, inv = draw_partition(GRID, rng=np.random.default_rng(1))
+    run = {k: _runner(d, g, f"dyn_{k}.onnx") for k, g in (("match", dyn["match"][0]), ("apply", dyn["apply"][0]),
+                                                           ("bmatch", baked["match"]), ("bapply", baked["apply"]))}
+    got = run["match"].infer({**step_a, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv, **counts})
+    want = run["bmatch"].infer({**step_a, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})
+    assert max_abs(got["sample"], want["sample"]) <= METHOD_ATOL
+    cache = {k: v for k, v in got.items() if k.startswith(INDEX_PREFIX)}
+    reused = run["apply"].infer({**step_b, **cache, **counts})["sample"]
+    assert max_abs(reused, run["bapply"].infer({**step_b, **cache})["sample"]) <= METHOD_ATOL
+    # the counts reach the apply graph: other r on the same cache merges differently
+    other = run["apply"].infer({**step_b, **cache, **count_feed({"tome_r_0": 2, "tome_r_1": 2})})["sample"]
+    assert max_abs(other, reused) > 1e-3

@@ -119,7 +119,7 @@ def test_tome_plan_equals_twin_pipeline(name, pipeline_plans):
     merged = _run(through, name, output_type="np")
     expected = _run(twin_pipe, name, output_type="np")
     assert {r for _, r in twin.calls} == {b["r"] for b in manifest["buckets"]}, "the generation crossed one bucket only"
-    assert {rn.graph_path.name for rn in tf._runners.values()} == {"bucket_0.onnx", "bucket_1.onnx"}
+    assert {rn.graph_path.name for rn in tf._runners.values()} == {"bucket_0.onnx"}  # one graph, r per bucket
     err = assert_close(merged, expected, PIPELINE_TWIN_ATOL, f"{name}: ToMe plan vs eager twin pipeline")
     print(f"{name}: ToMe plan vs twin, max abs {err:.2e}")
 

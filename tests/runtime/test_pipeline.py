@@ -73,7 +73,8 @@ def test_merged_plan_runs_the_merge_and_is_reproducible(model_dir, plans):
     again = _generate(pipe)
     assert float(np.abs(merged - unmerged).max()) > 1e-3, "the merged plan generated the unmerged image"
     assert np.array_equal(merged, again), "same seed, same partitions: generations must repeat exactly"
-    assert {r.graph_path.name for r in merged_tf._runners.values()} == {"bucket_0.onnx", "bucket_1.onnx"}
+    # a bucket is a shape: both merged buckets run the one merged graph (one session), at their own r
+    assert {r.graph_path.name for r in merged_tf._runners.values()} == {"bucket_0.onnx"}
 
 
 def test_plan_manifest_covers_all_timesteps(plans):
@@ -94,7 +95,9 @@ def test_plan_manifest_covers_all_timesteps(plans):
     import onnx
 
     refs = []
-    for graph in ("base.onnx", "bucket_0.onnx", "bucket_1.onnx"):
+    assert [b["graph"] for b in manifest["buckets"]] == ["bucket_0.onnx", "bucket_0.onnx"]
+    assert [b["counts"] for b in manifest["buckets"]] == [{"tome_r": 8}, {"tome_r": 4}]
+    for graph in ("base.onnx", "bucket_0.onnx"):
         m = onnx.load(plans / "merged" / graph, load_external_data=False)
         ext = {i.name: tuple((e.key, e.value) for e in i.external_data) for i in m.graph.initializer
                if i.data_location == onnx.TensorProto.EXTERNAL}
@@ -129,15 +132,19 @@ def test_runtime_errors_are_clear(plans):
 def test_damaged_plans_are_refused(plans, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(plans / "merged", bad)
-    (bad / "bucket_1.onnx").write_bytes((bad / "bucket_1.onnx").read_bytes() + b"\0")
+    (bad / "bucket_0.onnx").write_bytes((bad / "bucket_0.onnx").read_bytes() + b"\0")
     with pytest.raises(DitmergeError, match="does not match the hash"):
         runtime.load(bad)
-    (bad / "bucket_1.onnx").unlink()
-    with pytest.raises(DitmergeError, match="missing bucket_1.onnx"):
+    (bad / "bucket_0.onnx").unlink()
+    with pytest.raises(DitmergeError, match="missing bucket_0.onnx"):
         runtime.load(bad)
     manifest = json.loads((plans / "merged" / "plan.json").read_text())
     (bad / "plan.json").write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(DitmergeError, match="format version 99"):
+        runtime.load(bad)
+    # a plan of the old format (one graph and one copy of the weights per bucket) is refused: rebuild it
+    (bad / "plan.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(DitmergeError, match="format version 2.*rebuild the plan"):
         runtime.load(bad)
     with pytest.raises(DitmergeError, match="plan.json is missing"):
         runtime.load(tmp_path)
