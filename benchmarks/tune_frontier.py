@@ -31,7 +31,8 @@ TARGETS = ({"target_psnr": 25.0}, {"target_psnr": 30.0}, {"target_psnr": 35.0}, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="cache")
+    p.add_argument("--methods", default="cache", help="comma-separated; other methods already in --out are kept")
+    p.add_argument("--targets", default="all", help="'all' or 'psnr': the PSNR targets only")
     p.add_argument("--samples", type=int, default=12)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=10)
@@ -51,7 +52,7 @@ def main() -> None:
     try:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             runs, table = [], {}
-            for i, target in enumerate(TARGETS):
+            for i, target in enumerate(TARGETS if args.targets == "all" else [t for t in TARGETS if "target_psnr" in t]):
                 t0 = time.perf_counter()
                 try:
                     m = tune_plan(model="bundled:tiny-dit", method=method, out=root / f"{method}_{i}",
@@ -82,6 +83,9 @@ def main() -> None:
                                                                              key=lambda r: -r["predicted_speedup"])}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if Path(args.out).is_file():  # keep the other methods' figures of an earlier run
+        earlier = json.loads(Path(args.out).read_text()).get("methods", {})
+        results["methods"] = {**{k: v for k, v in earlier.items() if k not in results["methods"]}, **results["methods"]}
     Path(args.out).write_text(json.dumps(results, indent=1))
     plot(results, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")

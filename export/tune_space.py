@@ -16,10 +16,10 @@ from pathlib import Path
 from export.buckets import BucketSpec, parse_buckets
 from passes.counts import count_input_name
 from passes.errors import DitmergeError
-from passes.tome import max_ratio, merged_count
+from passes.tome import R_COUNT, count_values, max_ratio, merged_count
 
 SUPPORTED = ("cache", "tome")
-TOME_R = "tome_r"
+TOME_R = R_COUNT
 DEFAULT_INTERVALS = (1, 2, 3, 4, 5, 6)
 DEFAULT_FULL_ABOVE = (900, -1)  # a warm-up of full steps above t=900, then none
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -146,18 +146,18 @@ class ToMeSpace(Space):
     def apply(self, manifest: dict, levels: tuple[int, ...]) -> dict:
         view = copy.deepcopy(manifest)
         base = view["base"]
+        on_merged = bool(self.options.get("unmerged_on_merged", False))  # r = 0 on the merged graph, not base.onnx
         for b, ratio in zip(view["buckets"], self.values(levels).values()):
-            meta = b["method_meta"]
-            tome = meta.get("tome", meta)  # the merged graph's ToMe metadata
-            r = merged_count(ratio, int(tome["tokens"]), int(tome["num_src"])) // int(tome["bands"]) * int(tome["bands"])
+            meta = b["method_meta"]  # the merged graph's ToMe metadata (tokens, num_src, bands, counts, sites)
+            r = merged_count(ratio, int(meta["tokens"]), int(meta["num_src"])) // int(meta["bands"]) * int(meta["bands"])
             b["ratio"] = ratio
-            if r == 0:  # the unmerged graph: no count, no partition
-                b.update(graph=base["graph"], sha256=base["sha256"], r=0, kept_tokens=int(tome["tokens"]), counts={},
+            if r == 0 and not on_merged:  # the unmerged graph: no count, no partition
+                b.update(graph=base["graph"], sha256=base["sha256"], r=0, kept_tokens=int(meta["tokens"]), counts={},
                          graphs={"main": {"file": base["graph"], "sha256": base["sha256"]}},
                          method_meta={"stride": meta.get("stride"), "bands": meta.get("bands")})
                 continue
-            b.update(r=r, kept_tokens=int(tome["tokens"]) - r, counts={**b.get("counts", {}), TOME_R: r})
             meta["r"], meta["ratio"] = r, ratio
+            b.update(r=r, kept_tokens=int(meta["tokens"]) - r, counts=count_values(meta) or {TOME_R: r})
         view["schedule"]["buckets"] = ",".join(f"{b['t_hi']}-{b['t_lo']}:{b['ratio']:g}" for b in view["buckets"])
         return view
 

@@ -137,25 +137,33 @@ def test_cli_prints_the_library_call_and_refuses_fixed_schedules(tmp_path, capsy
 
 
 def test_tome_schedules_share_the_one_graph_and_differ_only_in_counts(tmp_path):
-    """ToMe: every bucket on one graph (r from the count input's length), or a clear refusal where the graphs
-    still bake r in (before "a bucket is a shape" reached ToMe)."""
-    from passes.counts import count_input_name
-    from runtime.transformer import graph_inputs
+    """ToMe: one build at the largest ratio; each schedule is r per bucket as the count input's length.
+
+    On the bundled model (256 tokens) the matching costs about what merging saves, so the search may end in the
+    unmerged-plan answer; the record shows what it evaluated either way.
+    """
+    from export.tune_space import ToMeSpace, bucket_ranges
 
     kwargs = {**SMALL, "method": "tome", "levels": {"ratio": (0.0, 0.2, 0.4)}}
-    try:
-        m = tune_plan(out=tmp_path / "p", target_psnr=20, work_dir=tmp_path / "w", **kwargs)
+    try:  # ToMe's speed-up here is within the timing noise of 1.0x: either verdict is a correct answer
+        m = tune_plan(out=tmp_path / "p", target_psnr=15, work_dir=tmp_path / "w", **kwargs)
     except DitmergeError as e:
-        assert "not implemented" in str(e) and "--method cache" in str(e)
-        built = Plan.load(tmp_path / "w" / "plan")
-        assert count_input_name("tome_r") not in graph_inputs(built.dir / built.buckets[0].graph)
-        return
-    t = m["report"]["tune"]
-    assert t["calibration"]["psnr_db"]["mean"] >= 20 and t["predicted_speedup"] > 1
-    plan = Plan.load(tmp_path / "p")
-    merged = [b for b in plan.buckets if b.r > 0]
-    assert merged and len({b.graph for b in merged}) == 1  # one graph serves every merged bucket
-    assert all(b.counts == {"tome_r": b.r} for b in merged)
-    assert all(b.graph == "base.onnx" and not b.counts for b in plan.buckets if b.r == 0)
-    ratios = [t["schedule"][f"ratio[{i}]"] for i in range(2)]
-    assert [b.ratio for b in plan.buckets] == ratios
+        assert "no faster than the unmerged plan" in str(e) and "unmerged plan is the answer" in str(e)
+    else:
+        t = m["report"]["tune"]
+        assert t["predicted_speedup"] > 1 and t["calibration"]["psnr_db"]["mean"] >= 15
+        tuned = Plan.load(tmp_path / "p")
+        assert all(b.counts == ({"tome_r": b.meta["r"]} if b.ratio else {}) for b in tuned.buckets)
+    built = Plan.load(tmp_path / "w" / "plan")
+    graph = built.buckets[0].graph
+    assert {b.graph for b in built.buckets} == {graph} != {"base.onnx"}  # the one merged graph the build staged
+    record = json.loads((tmp_path / "w" / SEARCH_FILE).read_text())
+    # one latency per r on that one graph (plus base.onnx), and every schedule's quality differs
+    assert {k for k in record["latency_s"] if k.startswith(graph)} == {
+        f"{graph}|ditmerge_count_tome_r={r}" for r in (51, 102)}
+    psnrs = [e["quality"]["psnr_db"]["mean"] for e in record["evaluations"].values()]
+    assert len(psnrs) >= 2 and len(set(psnrs)) == len(psnrs)
+    space = ToMeSpace(bucket_ranges(2, 1000), {}, {"ratio": (0.0, 0.2, 0.4)})
+    view = Plan(built.dir, space.apply(built.manifest, (0, 2)))
+    assert view.buckets[0].graph == "base.onnx" and view.buckets[0].counts == {}
+    assert view.buckets[1].graph == graph and view.buckets[1].counts == {"tome_r": 102} == {"tome_r": view.buckets[1].meta["r"]}
