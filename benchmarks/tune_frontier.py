@@ -79,6 +79,7 @@ def main() -> None:
                       f"({'meets' if run['heldout']['meets_target'] else 'MISSES'}) | predicted "
                       f"{run['predicted_speedup']:.2f}x measured {run['measured_speedup']:.2f}x | "
                       f"{run['generated']} generated, {run['reused']} reused, {run['seconds']:.0f} s")
+            table.update(_recorded(root / f"{method}_work" / "search.json", table))
             results["methods"][method] = {"runs": runs, "schedules": sorted(table.values(),
                                                                              key=lambda r: -r["predicted_speedup"])}
     finally:
@@ -89,6 +90,23 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
     plot(results, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+
+
+def _recorded(path: Path, known: dict) -> dict:
+    """Schedules in the search record that no written plan's table holds (searches that ended in an error)."""
+    if not path.is_file():
+        return {}
+    rec = json.loads(path.read_text())
+    lat, over = rec["latency_s"], rec["overhead_s"]
+    base = len(next(iter(rec["evaluations"].values()))["calls"]) * (over + lat[rec["base_key"]]) if rec["evaluations"] else 1
+    out = {}
+    for e in rec["evaluations"].values():
+        name = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in e["values"].items())
+        if name in known or e.get("signature") is None:
+            continue
+        pred = len(e["signature"]) * over + sum(lat[s.split("|", 2)[2]] for s in e["signature"])
+        out[name] = {"schedule": name, "quality": e["quality"], "predicted_speedup": base / pred}
+    return out
 
 
 def _q(q: dict) -> dict:
