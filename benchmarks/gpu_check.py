@@ -15,7 +15,15 @@ random-init except the bundled model, no network), a ToMe plan with a merged buc
    both buckets);
 3. per-forward latency (median) of the merged and the unmerged engine, torch eager and torch.compile
    (DiT-XL width in fp16 only; its compile is the slow part) on the same GPU, batch 2;
-4. device memory: used before and after the engines load, and the engines' activation memory.
+4. device memory: used before and after the engines load, and the engines' activation memory;
+5. the multi-profile path (``--profile-plans``, default bundled and DiT-XL width): a ToMe plan of three
+   buckets (ratios 0.5 and 0.3, and unmerged; ``PROFILE_BUCKETS``) that all run one graph (r from shapes,
+   the unmerged bucket at r = 0: ``unmerged_on_merged``): one fp32 engine per graph file with a profile
+   per count vector (a zero-length count input included),
+   every bucket within ``FP32_ATOL`` of onnxruntime CPU fp32, and each multi-profile engine's device memory
+   (TensorRT's weights + the one activation buffer) at most ``MAX_PROFILE_MEMORY`` x a plain single-profile
+   engine of the same graph. The static check of every engine and profile (``check_plan_profiles``) runs
+   on CPU too; with ``--cpu`` it and the layout (graph file -> its count vectors) are all that is recorded.
 
 Writes one JSON to ``benchmarks/results/gpu_check-<date>.json`` (date, GPU, versions, every figure, and
 PASSED / FAILED per check) and exits 1 if a check failed. Budget: <= 8 minutes on one GPU (engine
@@ -52,6 +60,9 @@ FP32_ATOL = 1e-3
 MIN_PSNR = 30.0
 PRECISIONS = ("fp32", "fp16", "bf16")
 BUCKETS = "999-500:0.5,499-0:0"
+PROFILE_BUCKETS = "999-700:0.5,699-400:0.3,399-0:0"  # two merged buckets that differ only in r, and unmerged
+MAX_PROFILE_MEMORY = 1.15  # a multi-profile engine against a single-profile one of the same graph
+T_PROFILE = (850, 550, 100)  # a training-scale timestep in each of PROFILE_BUCKETS
 T_MERGED, T_BASE = 900, 100  # training-scale timesteps in the merged and the unmerged bucket
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -123,20 +134,22 @@ def versions() -> dict:
     return out
 
 
-def build(spec: PlanSpec, root: Path) -> tuple[Path, torch.nn.Module]:
+def build(spec: PlanSpec, root: Path, buckets: str = BUCKETS, suffix: str = "",
+          options: dict | None = None) -> tuple[Path, torch.nn.Module]:
     """The plan's graphs (onnxruntime only) and the eager model they were exported from."""
     from export.build import build_plan
     from export.load import builtin_tiny_dit
 
-    out = root / spec.name
+    out = root / (spec.name + suffix)
     if spec.make is None:
         model, source = builtin_tiny_dit(), "builtin:tiny-dit"
     else:
         model = spec.make()
         source = str(root / f"{spec.name}-model")
-        model.save_pretrained(source)
+        if not Path(source).exists():
+            model.save_pretrained(source)
     t0 = time.perf_counter()
-    build_plan(source, buckets=BUCKETS, out=out, grid=spec.grid, measure=False, progress=False)
+    build_plan(source, buckets=buckets, out=out, grid=spec.grid, measure=False, progress=False, options=options)
     logger.info("%s: plan built in %.1f s", spec.name, time.perf_counter() - t0)
     return out, model.eval()
 
@@ -269,11 +282,70 @@ def check_trt(spec: PlanSpec, plan: Path, model, precision: str, reference: np.n
         res["latency_ms"] = latency(calls, repeats)
         model.to("cpu", torch.float32)
     res["speedup_vs_unmerged_engine"] = res["latency_ms"]["unmerged_engine"] / res["latency_ms"]["merged_engine"]
-    runners = [r for r in tf._runners.values() if r.is_active]
+    runners = [r for r in {id(r): r for r in tf._runners.values()}.values() if r.is_active]  # one per engine file
     res["device_memory_mb"] = {"used_by_engines": (free0 - torch.cuda.mem_get_info()[0]) / 2**20,
-                               "activation": sum(getattr(r.engine, "device_memory_size_v2", 0) for r in runners) / 2**20}
+                               "activation": sum(r.memory["activation_bytes"] for r in runners) / 2**20,
+                               "weights": sum(r.memory.get("weights_bytes") or 0 for r in runners) / 2**20}
     for r in runners:
         r.deactivate()
+    return res
+
+
+def check_profiles(spec: PlanSpec, root: Path, trt_ok: bool, opt_level: int | None) -> dict:
+    """The multi-profile path on a ToMe plan of ``PROFILE_BUCKETS``: layout, agreement and device memory."""
+    import runtime
+    from export.trt_build import build_engine, build_plan_engines, check_plan_profiles, graph_profiles
+
+    plan, model = build(spec, root, PROFILE_BUCKETS, suffix="-profiles", options={"unmerged_on_merged": True})
+    manifest_path = plan / "plan.json"
+    manifest = json.loads(manifest_path.read_text())
+    layout = graph_profiles(plan, manifest)
+    res: dict = {"buckets": PROFILE_BUCKETS, "layout": layout,
+                 "buckets_per_graph": {g: sum(g in {b["graph"], *(v["file"] for v in b.get("graphs", {}).values())}
+                                              for b in manifest["buckets"]) for g in layout},
+                 "shared": any(len(v) > 1 for v in layout.values()),
+                 "static_check": check_plan_profiles(plan, manifest)}  # per engine and profile, on CPU
+    res["static_ok"] = not any(res["static_check"].values())
+    if not trt_ok:
+        return res
+    t0 = time.perf_counter()
+    manifest["engines"] = build_plan_engines(plan, manifest, "fp32", progress=False, opt_level=opt_level)
+    res["build_s"] = time.perf_counter() - t0
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    tf = runtime.load(plan, backend="trt", deterministic=True)
+    ref_tf = runtime.load(plan, backend="cpu", deterministic=True)
+    x = example(tf, model)
+    scale = tf.timestep_scale
+    errs = {}
+    with torch.no_grad():
+        for t in T_PROFILE:
+            a = torch.as_tensor(call(model, tf, x, t, scale)).float().cpu()
+            b = torch.as_tensor(call(model, ref_tf, x, t, scale)).float()
+            errs[str(t)] = float((a - b).abs().max())
+    res["max_abs_vs_ort"] = errs
+    res["agree"] = all(e <= FP32_ATOL for e in errs.values())
+    runners = {id(r): r for r in tf._runners.values()}.values()
+    res["engines"] = {r.engine_path.name: {"profiles": r.profiles, "contexts": len(r.contexts), **r.memory}
+                      for r in runners if r.is_active}
+    for r in runners:
+        r.deactivate()
+    # each multi-profile engine against a plain engine of the same graph with one profile (its first)
+    res["memory_vs_single_profile"] = {}
+    for graph, info in manifest["engines"].items():
+        if len(info["profiles"]) < 2:
+            continue
+        plain = plan / f"plain-{Path(graph).stem}.engine"
+        single = build_engine(plan / graph, plain, "fp32", strip=info["strip"], opt_level=opt_level,
+                              profiles=info["profiles"][:1])
+        multi = info["memory"]
+
+        def total(m: dict) -> int | None:
+            return None if m.get("weights_bytes") is None else m["weights_bytes"] + m["activation_bytes"]
+
+        ratio = (total(multi) / total(single)) if total(multi) and total(single) else None
+        res["memory_vs_single_profile"][graph] = {"multi": multi, "single": single, "ratio": ratio,
+                                                  "ok": ratio is not None and ratio <= MAX_PROFILE_MEMORY}
+    res["ok"] = res["static_ok"] and res["agree"] and all(v["ok"] for v in res["memory_vs_single_profile"].values())
     return res
 
 
@@ -284,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="skip TensorRT even where it runs")
     p.add_argument("--repeats", type=int, default=20, help="timed forwards per latency median")
     p.add_argument("--opt-level", type=int, default=2, help="TensorRT builder optimization level of the tiny plans")
+    p.add_argument("--profile-plans", default="bundled,dit-xl4",
+                   help="plans (of --plans) whose multi-profile path is checked; 'none' for none")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu_check-<date>.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -315,15 +389,18 @@ def main(argv: list[str] | None = None) -> int:
 
             reference = generation(spec, runtime.load(plan, backend="cpu", deterministic=True), model, spec.gen_steps)
             entry["cpu"]["reference_finite"] = bool(np.isfinite(reference).all())
-            if not ok_trt:
-                continue
-            for precision in args.precisions.split(","):
+            for precision in args.precisions.split(",") if ok_trt else ():
                 # TensorRT's default level (3) only where the timing matters most: DiT-XL width in fp16
                 level = None if spec.compile and precision == "fp16" else args.opt_level
                 res = entry[precision] = check_trt(spec, plan, model, precision, reference, args.repeats, level)
                 logger.info("%s %s: %s", name, precision, json.dumps(res))
                 if not res["ok"]:
                     failed.append(f"{name} {precision}")
+            if name in args.profile_plans.split(","):
+                res = entry["profiles"] = check_profiles(spec, Path(tmp), ok_trt, args.opt_level)
+                logger.info("%s profiles: %s", name, json.dumps(res))
+                if not res["static_ok"] or (ok_trt and not res["ok"]):
+                    failed.append(f"{name} profiles")
     report["failed"] = failed
     report["wall_s"] = time.perf_counter() - t_start
     out = Path(args.out) if args.out else RESULTS / f"gpu_check-{datetime.date.today().isoformat()}.json"

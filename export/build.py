@@ -23,6 +23,7 @@ from export.load import DEFAULT_MODEL, load_transformer, scheduler_config
 from export.measure import export_fidelity, feed_of, interleaved_latency
 from export.methods import MAIN, BucketGraphs, BuildContext, Method, get_method
 from export.onnx_export import WEIGHTS_FILE, example_inputs, export_onnx
+from passes.branch import branch_variants
 from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass
 from passes.errors import DitmergeError
 from passes.flops import count_flops
@@ -196,7 +197,7 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
         bg, names = _bucket_graphs(meth, ctx, spec, i, done, staged)
         built[i], files[i] = bg, names
         main = names[MAIN]
-        flops = base_flops if main == BASE_GRAPH else count_flops(bg.graphs[MAIN])
+        flops = base_flops if main == BASE_GRAPH else bg.flops
         trt = sorted({str(v) for name, g in bg.graphs.items() if g is not None for v in check_tensorrt(g)}) or (
             base_trt if main == BASE_GRAPH else [])
         if trt:
@@ -221,16 +222,16 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
             res.fidelity = {}
             for variant, g in files[res.index].items():
                 counts = shape_feed(stage / g, bg.counts)
-                run = lambda f, rn=runners[g], c=counts: rn.infer({**f, **c})  # noqa: E731
+                run = variant_runner(runners[g], stage / g, variant, counts)
                 res.fidelity[variant] = (report["export_fidelity_max_abs"] if g == BASE_GRAPH else
                                          meth.fidelity(ctx, bg.meta, variant, run, inputs))
-                extra = {**meth.extra_feed(ctx, bg.meta, variant, 2), **counts}
-                calls.setdefault(_call_key(g, counts), lambda rn=runners[g], extra=extra: rn.infer({**feed, **extra}))
+                extra = meth.extra_feed(ctx, bg.meta, variant, 2)
+                calls.setdefault(_call_key(g, counts, variant), lambda run=run, extra=extra: run({**feed, **extra}))
             res.fidelity_max_abs = max(res.fidelity.values())
         lat = interleaved_latency(calls, repeats=repeats)
         report["base_latency_ms"] = lat[BASE_GRAPH] * 1e3
         for res in results:
-            keys = {v: _call_key(g, shape_feed(stage / g, built[res.index].counts)) for v, g in files[res.index].items()}
+            keys = {v: _call_key(g, shape_feed(stage / g, built[res.index].counts), v) for v, g in files[res.index].items()}
             res.latency_ms = lat[keys[MAIN]] * 1e3
             res.speedup = lat[BASE_GRAPH] / lat[keys[MAIN]]
             res.variant_latency_ms = {v: lat[k] * 1e3 for v, k in keys.items()}
@@ -316,9 +317,27 @@ def _sweep(stage: Path, manifest: dict, meth: Method, ctx: BuildContext, ratios:
     return rows
 
 
-def _call_key(graph: str, counts: dict) -> str:
-    """One latency measurement per graph and count lengths (buckets sharing a graph differ in counts)."""
-    return graph + "".join(f"|{k}={len(v)}" for k, v in sorted(counts.items()))
+def _call_key(graph: str, counts: dict, variant: str) -> str:
+    """One latency measurement per graph, count lengths (buckets sharing a graph differ in counts) and
+    variant (the variants of a branched graph share its file)."""
+    return graph + "".join(f"|{k}={len(v)}" for k, v in sorted(counts.items())) + f"|{variant}"
+
+
+def variant_runner(runner: OrtRunner, path: Path, variant: str, counts: dict):
+    """``feed -> outputs`` of one variant of the graph at ``path``: its counts, and for a branched graph its
+    variant count, stand-ins for the other variants' inputs and only its own outputs."""
+    from runtime.branches import variant_feed, variant_outputs
+    from runtime.transformer import graph_branches
+
+    info = graph_branches(path)
+    if info is None:
+        return lambda f: runner.infer({**f, **counts})
+    inputs = graph_inputs(path)
+
+    def run(f: dict) -> dict:
+        given = {**f, **counts}
+        return variant_outputs(info, variant, runner.infer({**given, **variant_feed(info, variant, inputs, given)}))
+    return run
 
 
 def shape_feed(graph_path: Path, counts: dict[str, int]) -> dict:
@@ -346,8 +365,13 @@ def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int
             for f in files:
                 staged.setdefault(sha256_file(ctx.stage / f), f)
             return BucketGraphs(graphs, record["meta"], record["r"], record["kept_tokens"],
-                                record.get("counts", {})), names
+                                record.get("counts", {}), record.get("flops")), names
     bg = meth.build_bucket(ctx, spec, index)
+    if bg.graphs[MAIN] is not None and bg.flops is None:
+        bg.flops = count_flops(bg.graphs[MAIN], bg.counts)
+    if meth.one_graph and len(bg.graphs) > 1:  # the variants become branches of one graph (passes/branch.py)
+        joined = branch_variants({v: ctx.base if g is None else g for v, g in bg.graphs.items()})
+        bg = dataclasses.replace(bg, graphs={v: joined for v in bg.graphs})
     names = {}
     for variant, g in bg.graphs.items():
         names[variant] = BASE_GRAPH if g is None else (f"bucket_{index}.onnx" if variant == MAIN
@@ -361,7 +385,7 @@ def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int
             staged[digest] = staged[sha256_file(ctx.stage / names[variant])] = names[variant]
     done.record(key + "#files", sorted(set(names.values()) - {BASE_GRAPH}))
     done.remember(key, {"variants": names, "meta": bg.meta, "r": bg.r, "kept_tokens": bg.kept_tokens,
-                        "counts": bg.counts})
+                        "counts": bg.counts, "flops": bg.flops})
     return bg, names
 
 

@@ -4,10 +4,12 @@ CA-ToMe caches each block's matching across denoising steps. A static graph cann
 cache moves to the runtime and the graph comes in two variants with the same merges:
 
 - ``match``: ToMe's graph (similarity, sort, merge), plus every block's matching as int64 graph outputs
-  ``catome_idx/<block>/order`` and ``.../node_idx`` (src by best similarity, and each src's best dst,
-  ``[B, K, Na]``) and the partition it used (``catome_idx/partition``, ``catome_idx/partition_inv``);
-- ``apply``: the same merges, with those tensors as graph inputs of the same names; no similarity and no
-  TopK: only the integer index half of the matching (:func:`passes.tome_graph.indices_from_order`).
+  ``catome_idx_out/<block>/order`` and ``.../node_idx`` (src by best similarity, and each src's best dst,
+  ``[B, K, Na]``) and the partition it used (``catome_idx_out/partition``, ``.../partition_inv``);
+- ``apply``: the same merges, with those tensors as graph inputs named ``catome_idx/...``
+  (:func:`as_cache_feed`); no similarity and no TopK: only the integer index half of the matching
+  (:func:`passes.tome_graph.indices_from_order`). Inputs and outputs differ in name, so the two variants
+  can be branches of one graph (:mod:`passes.branch`).
 
 The cached tensors do not depend on r, so with r from shapes (``ToMeConfig.dynamic``, each block's r the
 length of ``ditmerge_count_tome_r_<i>``) one match graph and one apply graph serve every bucket, and their
@@ -26,16 +28,23 @@ from passes.graphbuild import Emitter
 from passes.tome import ToMeConfig, ToMePass
 from passes.tome_graph import Geometry, MatchState, band_r, build_order, build_state, indices_from_order
 
-INDEX_PREFIX = "catome_idx/"
+INDEX_PREFIX = "catome_idx/"  # inputs of the apply variant
+OUTPUT_PREFIX = "catome_idx_out/"  # the same tensors as outputs of the match variant
 VARIANTS = ("match", "apply")
 CACHED_NAMES = ("order", "node_idx")  # per block; what the apply variant needs besides the partition
 PARTITION_NAMES = ("partition", "partition_inv")
 
 
-def index_name(block: str, name: str) -> str:
-    """Graph output (match) / input (apply) name of one cached tensor of one block's matching; ``block=""``:
-    the partition, shared by every block."""
-    return f"{INDEX_PREFIX}{block}/{name}" if block else f"{INDEX_PREFIX}{name}"
+def index_name(block: str, name: str, output: bool = False) -> str:
+    """Graph input (apply) or, with ``output``, output (match) name of one cached tensor of one block's
+    matching; ``block=""``: the partition, shared by every block."""
+    prefix = OUTPUT_PREFIX if output else INDEX_PREFIX
+    return f"{prefix}{block}/{name}" if block else f"{prefix}{name}"
+
+
+def as_cache_feed(outputs: dict) -> dict:
+    """The match variant's cache outputs, renamed as the apply variant's inputs (other outputs dropped)."""
+    return {INDEX_PREFIX + k[len(OUTPUT_PREFIX):]: v for k, v in outputs.items() if k.startswith(OUTPUT_PREFIX)}
 
 
 class CaToMePass(ToMePass):
@@ -64,7 +73,7 @@ class CaToMePass(ToMePass):
         if self.variant == "match":
             super()._start(graph, n)
             for name, var in zip(PARTITION_NAMES, (self._part, self._part_inv)):
-                out = gs.Variable(index_name("", name), dtype=np.int64, shape=[n])
+                out = gs.Variable(index_name("", name, output=True), dtype=np.int64, shape=[n])
                 graph.nodes.append(gs.Node("Identity", name=f"ditmerge_catome/{name}_out", inputs=[var], outputs=[out]))
                 graph.outputs.append(out)
         else:
@@ -78,7 +87,7 @@ class CaToMePass(ToMePass):
         if self.variant == "match":
             cached = dict(zip(CACHED_NAMES, build_order(em, x, self._part, geo)))
             for key, var in cached.items():
-                var.name, var.dtype, var.shape = index_name(block, key), np.int64, shape
+                var.name, var.dtype, var.shape = index_name(block, key, output=True), np.int64, shape
                 em.graph.outputs.append(var)
         else:
             cached = {key: gs.Variable(index_name(block, key), dtype=np.int64, shape=shape) for key in CACHED_NAMES}

@@ -48,7 +48,7 @@ def to_feed(cache: dict[str, dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
 
 
 def from_feed(feed: dict[str, np.ndarray], blocks: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """The inverse of :func:`to_feed`: graph outputs of the match variant -> a twin's cache."""
+    """The inverse of :func:`to_feed` (apply inputs, or match outputs through ``as_cache_feed``) -> a twin's cache."""
     out = {b: {k: torch.from_numpy(np.asarray(feed[index_name(b, k)])) for k in CACHED_NAMES} for b in blocks}
     out[PARTITION] = {k: torch.from_numpy(np.asarray(feed[index_name("", k)])) for k in PARTITION_NAMES}
     return out

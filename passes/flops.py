@@ -17,8 +17,22 @@ def _dims(shapes, name) -> list[int] | None:
     return [d if isinstance(d, int) else 1 for d in dims]  # symbolic dims (the batch) count as 1
 
 
-def count_flops(model: onnx.ModelProto) -> int:
-    """2 * multiply-adds of MatMul, Gemm, Conv and Attention nodes."""
+def count_flops(model: onnx.ModelProto, counts: dict[str, int] | None = None) -> int:
+    """2 * multiply-adds of MatMul, Gemm, Conv and Attention nodes.
+
+    ``counts``: the values of the graph's count inputs (passes/counts.py); their lengths are fixed before
+    shapes are inferred, so token counts that follow from them are static.
+    """
+    if counts:
+        from passes.counts import count_input_name
+
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        fixed = {count_input_name(k): int(v) for k, v in counts.items()}
+        for vi in model.graph.input:
+            if vi.name in fixed:
+                vi.type.tensor_type.shape.dim[0].dim_value = fixed[vi.name]
+    if any(n.op_type in ("If", "Loop") for n in model.graph.node):
+        raise ValueError("count_flops counts graphs without If/Loop: count each branch's graph before joining")
     shapes = tensor_shapes(infer_shapes(model))
     total = 0
     for n in model.graph.node:

@@ -20,7 +20,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise and the merge partitions (default: 0)")
-    g.add_argument("--backend", default="auto", help="auto, cpu, cuda or ort-trt (default: auto)")
+    g.add_argument("--backend", default="auto",
+                   help="auto, trt (the plan's TensorRT engines), cpu, cuda or ort-trt (default: auto)")
     g.add_argument("--out", default="images", help="output folder for the PNGs (default: ./images)")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     s = sub.add_parser("serve", help="serve a plan over HTTP on Ray Serve (needs pip install 'ditmerge[serve]')",
@@ -36,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default: 1)")
     s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default: 0)")
     s.add_argument("--threads", type=int, default=None, help="onnxruntime threads per replica (default: its CPUs)")
-    s.add_argument("--backend", default="auto", help="auto, cpu, cuda, ort-trt or trt (default: auto)")
+    s.add_argument("--backend", default="auto",
+                   help="auto, trt (the plan's TensorRT engines), cpu, cuda or ort-trt (default: auto)")
     s.add_argument("--max-steps", type=int, default=100, help="most denoising steps per request (default: 100)")
     s.add_argument("--max-images", type=int, default=8, help="most images per request (default: 8)")
     s.add_argument("--max-pending", type=int, default=16,

@@ -19,6 +19,7 @@ import torch
 
 from passes.counts import count_feed
 from passes.errors import DitmergeError
+from runtime.branches import variant_feed, variant_outputs
 from runtime.plan import Plan
 from runtime.policies import GenState, policy_for
 from runtime.runners import OrtRunner, SharedWeights, ort_providers, torch_feed
@@ -94,7 +95,8 @@ class PlanTransformer(torch.nn.Module):
 
     Args:
         plan: the loaded plan.
-        backend: "auto" (CUDA when a GPU answers, else CPU), "cpu", "cuda" or "ort-trt".
+        backend: "auto" (TensorRT where the plan has engines and TensorRT runs, else CUDA when a GPU answers,
+            else CPU), "trt", "cpu", "cuda" or "ort-trt".
         seed: seeds the partition stream of each generation.
         deterministic: no random draws at run time (ToMe: the fixed top-left partition).
         threads: onnxruntime intra-op threads (0: onnxruntime's default).
@@ -120,7 +122,9 @@ class PlanTransformer(torch.nn.Module):
         self.threads, self.prepack = threads, prepack
         self._weights = SharedWeights(plan.dir / plan.manifest["weights"]["file"])
         self._runners: dict[str, object] = {}
+        self._engine_runners: dict[str, object] = {}  # TensorRT: engine file -> its one runner
         self._inputs: dict[str, dict[str, tuple[np.dtype, list]]] = {}
+        self._branches: dict[str, dict | None] = {}
         self._runner_lock = threading.Lock()
         self._gen = _Generation()
 
@@ -152,12 +156,18 @@ class PlanTransformer(torch.nn.Module):
                 if self.use_trt:
                     from runtime.trt_runner import TrtRunner
 
+                    # one runner per engine file: every bucket of the graph is one of its profiles
                     info = self.plan.engines(graph)
-                    self._runners[graph] = TrtRunner(self.plan.dir / info["file"], self.plan.dir / graph, info["strip"])
+                    if info["file"] not in self._engine_runners:
+                        engine = self.plan.dir / info["file"]
+                        self._engine_runners[info["file"]] = TrtRunner(engine, self.plan.dir / graph, info["strip"],
+                                                                       profiles=info["profiles"])
+                    self._runners[graph] = self._engine_runners[info["file"]]
                 else:
                     self._runners[graph] = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads,
                                                      self.prepack)
                 self._inputs[graph] = graph_inputs(self.plan.dir / graph)
+                self._branches[graph] = graph_branches(self.plan.dir / graph)
             return self._runners[graph]
 
     def reset(self, seed: int | None = None) -> None:
@@ -197,6 +207,9 @@ class PlanTransformer(torch.nn.Module):
         if bucket.counts:  # a bucket is a shape: its token counts are the lengths of count inputs
             extra = {**extra, **{k: v for k, v in count_feed(bucket.counts).items() if k in self._inputs[graph]}}
         values = _family_feed(self.family, hidden_states, timestep, kwargs)
+        branched = self._branches.get(graph)
+        if branched:  # one graph for every variant: its count picks the branch, other variants' inputs get zeros
+            extra = {**extra, **variant_feed(branched, variant, self._inputs[graph], {**values, **extra})}
         # device runners (TensorRT) take torch tensors where they are; method state stays on the device
         if runner.device_io:
             feed = torch_feed(self._inputs[graph], values, extra)
@@ -204,6 +217,8 @@ class PlanTransformer(torch.nn.Module):
             feed = self._feed(self._inputs[graph], values, extra, self.plan)
         device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
         outputs = runner.infer(feed)  # the one path for every backend: activates the runner on first use
+        if branched:
+            outputs = variant_outputs(branched, variant, outputs)
         sample = torch.as_tensor(outputs["sample"]).to(device)
         if len(outputs) > 1:
             self.policy.update(state, bucket, variant, {k: v for k, v in outputs.items() if k != "sample"})
@@ -287,13 +302,35 @@ def graph_inputs(path: Path) -> dict[str, tuple[np.dtype, list]]:
     return out
 
 
+def graph_branches(path: Path) -> dict | None:
+    """The variants of a branched graph (:mod:`passes.branch`), or None for a graph of one variant."""
+    import onnx
+
+    from passes.branch import branch_info
+
+    return branch_info(onnx.load(path, load_external_data=False))
+
+
 def _use_tensorrt(plan: Plan, backend: str) -> bool:
-    """TensorRT for "trt" (or "auto" when the plan has engines and TensorRT runs here); refuse stale engines."""
+    """TensorRT for "trt" (or "auto" when the plan has engines and TensorRT runs here); refuse stale engines.
+
+    Stale: built by another TensorRT or on another GPU, recorded without optimization profiles (an older
+    ditmerge, one engine per bucket), or missing a profile for some bucket's counts. "auto" falls back to
+    onnxruntime with a warning where "trt" refuses with the rebuild command.
+    """
     if backend not in ("trt", "auto"):
         return False
-    has_engines = all(g in plan.manifest.get("engines", {}) for b in plan.buckets for g in b.graphs.values())
+    engines = plan.manifest.get("engines", {})
+    has_engines = all(g in engines for b in plan.buckets for g in b.graphs.values())
     if backend == "auto" and not has_engines:
         return False
+    if has_engines:
+        why = _stale_profiles(plan, engines)
+        if why:
+            if backend == "auto":
+                logger.warning("%s; using onnxruntime", why)
+                return False
+            raise DitmergeError(why)
     from runtime.trt_runner import gpu_name, tensorrt_status
 
     ok, why = tensorrt_status()
@@ -305,7 +342,7 @@ def _use_tensorrt(plan: Plan, backend: str) -> bool:
         raise DitmergeError(f"plan {plan.dir} has no TensorRT engines; build them with `python -m export --backend trt`")
     import tensorrt as trt
 
-    for graph, info in plan.manifest["engines"].items():
+    for graph, info in engines.items():
         if info["tensorrt"] != trt.__version__ or info["gpu"] != gpu_name():
             if backend == "auto":
                 logger.warning("TensorRT engines of %s were built for %s / %s; using onnxruntime", plan.dir,
@@ -314,6 +351,24 @@ def _use_tensorrt(plan: Plan, backend: str) -> bool:
             raise DitmergeError(f"engine {info['file']} was built with TensorRT {info['tensorrt']} on {info['gpu']}, "
                                 f"this is TensorRT {trt.__version__} on {gpu_name()}: rebuild with --backend trt")
     return True
+
+
+def _stale_profiles(plan: Plan, engines: dict) -> str:
+    """Why the engines table does not serve every bucket through an optimization profile ('' when it does)."""
+    rebuild = "rebuild them with `python -m export --backend trt` (same arguments)"
+    for graph, info in engines.items():
+        if not isinstance(info.get("profiles"), list) or not info["profiles"]:
+            return (f"engine {info.get('file', graph)} of plan {plan.dir} records no optimization profiles (built "
+                    f"by an older ditmerge, one engine per bucket); {rebuild}")
+    for b in plan.buckets:
+        for graph in sorted(set(b.graphs.values())):
+            profiles = engines[graph]["profiles"]
+            keys = {k for p in profiles for k in p}
+            want = {k: int(v) for k, v in b.counts.items() if k in keys}
+            if want not in [{k: int(v) for k, v in p.items()} for p in profiles]:
+                return (f"engine {engines[graph]['file']} has no optimization profile for bucket {b.index}'s counts "
+                        f"{want} (its profiles: {profiles}); {rebuild}")
+    return ""
 
 
 def check_scheduler(plan: Plan, scheduler) -> None:

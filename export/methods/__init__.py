@@ -57,6 +57,7 @@ class BucketGraphs:
     r: int  # tokens removed at the deepest merge point of the MAIN variant
     kept_tokens: int
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    flops: int | None = None  # of the MAIN variant at ``counts``, counted before variants are joined
 
 
 class Method:
@@ -69,6 +70,8 @@ class Method:
     default_buckets: str = DEFAULT_BUCKETS
     #: families (export.families names) this method refuses, with the reason; README's family x method matrix
     unsupported: dict[str, str] = {}
+    #: a bucket's variants become the branches of one graph (passes/branch.py): one session / engine for all
+    one_graph: bool = False
 
     def __init__(self, options: dict[str, object] | None = None) -> None:
         options = dict(options or {})

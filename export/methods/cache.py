@@ -92,6 +92,7 @@ def per_bucket(values: tuple, count: int, what: str) -> list:
 
 class StepCache(Method):
     name = "cache"
+    one_graph = True  # the variants are branches of one graph (passes/branch.py): the weights once
     default_buckets = DEFAULT_BUCKETS
     #: with the prompt axis dynamic, Flux's joint split sizes are computed at run time, so shape inference cannot
     #: give the span's streams their shapes (the span locator checks them by shape)

@@ -30,7 +30,7 @@ from export.catome_calib import block_summary, check_statistic, count_trajectori
 from export.measure import feed_of, max_abs
 from export.methods import MAIN, BucketGraphs, BuildContext, Method
 from export.onnx_export import eager_forward, example_inputs
-from passes.catome import CACHED_NAMES, PARTITION_NAMES, CaToMePass, index_name
+from passes.catome import CACHED_NAMES, PARTITION_NAMES, CaToMePass, as_cache_feed, index_name
 from passes.catome_twin import CaToMeTwin, from_feed, to_feed
 from passes.errors import DitmergeError
 from passes.onnxutil import get_model_meta
@@ -51,6 +51,7 @@ PAPER_SCHEDULE_STEPS = 50
 
 class CaToMe(Method):
     name = "catome"
+    one_graph = True  # the variants are branches of one graph (passes/branch.py): the weights once
     unsupported = dict.fromkeys(
         ("sd3", "flux"), "its calibration samples DDPM trajectories with DDIM and its checkpoints are DDIM steps; "
         "flow-matching sampling is not implemented")
@@ -248,8 +249,11 @@ def match_fidelity(model: torch.nn.Module, run, inputs: dict[str, torch.Tensor],
     out = run({**feed_of(inputs), PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})
     ref, indices = twin_forward(model, meta, grid, inputs, seed=seed)
     err = max_abs(out["sample"], ref)
+    got_cache = as_cache_feed(out)
     for name, want in to_feed(indices).items():
-        got = np.asarray(out[name])
+        if name not in got_cache:
+            return float("inf")
+        got = np.asarray(got_cache[name])
         if got.shape != want.shape:
             return float("inf")
         if want.size:

@@ -2,8 +2,11 @@
 
 The graph takes r as the length of its count input (``ToMeConfig.dynamic``, docs/design.md "a bucket is
 a shape"), so every merged bucket references one file and the runtime opens one session (one TensorRT
-engine with a profile per bucket). Unmerged buckets run the plain ``base.onnx``, or the merged graph at
-r = 0 with ``unmerged_on_merged`` (one session for the whole plan, at the matching's cost at r = 0).
+engine with a profile per bucket). Where the plan also has unmerged buckets, option ``unmerged`` says what
+they run: ``branch`` (default) joins the plain and the merged graph behind ``If(r == 0)``
+(:func:`passes.branch.branch_on_zero`: still one graph, at the plain graph's speed); ``base`` runs
+``base.onnx`` beside the merged graph (two sessions, the weights twice); ``merged`` the merged graph at
+r = 0 (one graph, but the matching still runs: about 5 % slower than plain on DiT-XL/2, CPU).
 """
 
 from __future__ import annotations
@@ -18,20 +21,22 @@ from export.buckets import BucketSpec
 from export.measure import feed_of, max_abs, tome_fidelity
 from export.methods import MAIN, BucketGraphs, BuildContext, Method
 from export.onnx_export import eager_forward
+from passes.branch import branch_on_zero
+from passes.errors import DitmergeError
+from passes.flops import count_flops
 from passes.onnxutil import get_model_meta
 from passes.partition import draw_partition, num_dst, plan_bands
-from passes.tome import (DEFAULT_LOCATIONS, DEFAULT_METRIC, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass,
-                         count_values, merged_count, strip_bucket_meta)
+from passes.tome import (DEFAULT_LOCATIONS, DEFAULT_METRIC, PARTITION_INPUT, PARTITION_INV_INPUT, R_COUNT,
+                         ToMeConfig, ToMePass, count_values, max_ratio, merged_count, strip_bucket_meta)
 
 
 class ToMe(Method):
     name = "tome"
     # metric: what the matching compares, "sublayer" (the adaLN-modulated sublayer input) or "block" (the
     # block's input, as tomesd); benchmarks/deviations.py measures both
-    # unmerged_on_merged: unmerged buckets run the merged graph at r = 0 instead of base.onnx (one graph and
-    # one session per plan; costs the matching at r = 0, see the README's memory table)
-    defaults = {"locations": DEFAULT_LOCATIONS, "stride": (2, 2), "metric": DEFAULT_METRIC,
-                "unmerged_on_merged": False}
+    # unmerged: what unmerged buckets run beside merged ones (see the module docstring)
+    defaults = {"locations": DEFAULT_LOCATIONS, "stride": (2, 2), "metric": DEFAULT_METRIC, "unmerged": "branch"}
+    UNMERGED = ("branch", "base", "merged")
 
     def config(self, ratio: float) -> ToMeConfig:
         return ToMeConfig(ratio=ratio, locations=tuple(self.options["locations"]),
@@ -40,11 +45,21 @@ class ToMe(Method):
 
     def params(self) -> dict:
         return {"locations": list(self.options["locations"]), "stride": list(self.options["stride"]),
-                "metric": self.options["metric"], "unmerged_on_merged": bool(self.options["unmerged_on_merged"])}
+                "metric": self.options["metric"], "unmerged": self.options["unmerged"]}
 
     def validate(self, specs: list[BucketSpec], grid: tuple[int, int]) -> None:
         for spec in specs:
             self.config(spec.ratio).validate(grid)
+        if self.options["unmerged"] not in self.UNMERGED:
+            raise DitmergeError(f"option unmerged={self.options['unmerged']!r}: choose from {', '.join(self.UNMERGED)}")
+        rs = [self._r(grid, spec.ratio) for spec in specs]
+        # merged and unmerged buckets in one plan: how the unmerged ones run (one graph unless unmerged=base)
+        self._mixed = any(rs) and not all(rs)
+
+    def _r(self, grid: tuple[int, int], ratio: float) -> int:
+        cfg = self.config(ratio)
+        n, bands = grid[0] * grid[1], self.bands(grid)
+        return merged_count(ratio, n, n - num_dst(grid, cfg.stride)) // bands * bands
 
     def bands(self, grid: tuple[int, int]) -> int:
         cfg = self.config(0.0)
@@ -52,20 +67,25 @@ class ToMe(Method):
 
     def stamp(self, spec: BucketSpec, index: int) -> dict:
         return {**ToMePass(self.config(spec.ratio), bucket=index).stamp(), "ratio": spec.ratio, "bucket": index,
-                "unmerged_on_merged": bool(self.options["unmerged_on_merged"])}
+                "unmerged": self.options["unmerged"], "mixed": getattr(self, "_mixed", False)}
 
     def build_bucket(self, ctx: BuildContext, spec: BucketSpec, index: int) -> BucketGraphs:
-        cfg = self.config(spec.ratio)
-        n = ctx.tokens
-        bands = self.bands(ctx.grid)
-        r = merged_count(spec.ratio, n, n - num_dst(ctx.grid, cfg.stride)) // bands * bands
-        if r == 0 and not self.options["unmerged_on_merged"]:
+        r = self._r(ctx.grid, spec.ratio)
+        mode = self.options["unmerged"] if getattr(self, "_mixed", False) else "base"
+        if r == 0 and mode == "base":
             return BucketGraphs({MAIN: None}, {"stride": list(self.options["stride"]), "bands": self.bands(ctx.grid)},
                                 0, ctx.tokens)
-        res = ToMePass(cfg, bucket=index)(ctx.base)
-        meta = _tome_meta(res.model)
+        # the merged graph with r from shapes: the same for every ratio (built at any r > 0)
+        res = ToMePass(self.config(spec.ratio if r else 0.5 * max_ratio(ctx.grid, self.config(0).stride)),
+                       bucket=index)(ctx.base)
+        meta = {**_tome_meta(res.model), "ratio": spec.ratio, "r": r}
+        meta.pop("r_blocks", None)
         graph = strip_bucket_meta(res.model)  # equal for every bucket: the plan stores it once
-        return BucketGraphs({MAIN: graph}, meta, meta["r"], ctx.tokens - meta["r"], count_values(meta))
+        counts = count_values(meta)
+        flops = count_flops(ctx.base) if r == 0 else count_flops(graph, counts)
+        if mode == "branch":
+            graph = branch_on_zero(ctx.base, graph, R_COUNT)
+        return BucketGraphs({MAIN: graph}, meta, r, ctx.tokens - r, counts, flops)
 
     def extra_feed(self, ctx: BuildContext, meta: dict, variant: str, batch: int,
                    seed: int | None = None) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ import bisect
 
 import numpy as np
 
-from passes.catome import INDEX_PREFIX
+from passes.catome import as_cache_feed
 from passes.partition import draw_partition
 from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
 from runtime.policies import MAIN, GenState, StepPolicy
@@ -76,7 +76,7 @@ class CaToMePolicy(StepPolicy):
             return
         # torch tensors (a device runner's outputs) stay where they are: the cache never leaves the GPU
         indices = {k: v if hasattr(v, "device") else np.ascontiguousarray(v)
-                   for k, v in outputs.items() if k.startswith(INDEX_PREFIX)}
+                   for k, v in as_cache_feed(outputs).items()}
         state.data["cache"] = {"bucket": bucket.index, "batch": state.data["batch"], "indices": indices}
 
 

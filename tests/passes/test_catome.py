@@ -15,7 +15,7 @@ from export.measure import feed_of, max_abs
 from export.methods.catome import apply_fidelity, match_fidelity, twin_forward
 from export.onnx_export import example_inputs
 from passes import tome_math
-from passes.catome import INDEX_PREFIX, CaToMePass
+from passes.catome import INDEX_PREFIX, OUTPUT_PREFIX, CaToMePass, as_cache_feed
 from passes.catome_twin import to_feed
 from passes.errors import DitmergeError
 from passes.onnxutil import PROVENANCE_KEY, get_model_meta, save_checked
@@ -61,9 +61,11 @@ def test_variants_expose_and_take_the_indices_and_pass_the_tensorrt_check(export
     blocks = ["transformer_blocks.0", "transformer_blocks.1"]
     names = {f"{INDEX_PREFIX}{b}/{k}" for b in blocks for k in ("order", "node_idx")} | {
         f"{INDEX_PREFIX}partition", f"{INDEX_PREFIX}partition_inv"}
-    outs = {o.name: o for o in g["match"].graph.output}
+    # match outputs catome_idx_out/..., apply takes the same tensors as catome_idx/...
+    outs = {k: o for k, o in as_cache_feed({o.name: o for o in g["match"].graph.output}).items()}
     ins = {i.name: i for i in g["apply"].graph.input}
-    assert set(outs) == names | {"sample"}
+    assert set(outs) == names and {o.name for o in g["match"].graph.output} - {"sample"} == {
+        n.replace(INDEX_PREFIX, OUTPUT_PREFIX) for n in names}
     assert names <= set(ins) and not {PARTITION_INPUT, PARTITION_INV_INPUT} & set(ins)
     assert {i.name for i in g["match"].graph.input} >= {PARTITION_INPUT, PARTITION_INV_INPUT}
     for name in names:  # static apart from the batch axis, int64, the same on both sides
@@ -118,7 +120,7 @@ def test_match_and_apply_equal_the_twin(exported, tmp_path, family, grid, band_l
     # the graph's own outputs are the cache: apply on the same step with them reproduces match
     part, inv = draw_partition(grid, rng=np.random.default_rng(3), bands=meta["bands"])
     out_a = match.infer({**feed_of(step_a), PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})
-    cache = {k: v for k, v in out_a.items() if k.startswith(INDEX_PREFIX)}
+    cache = as_cache_feed(out_a)
     assert max_abs(apply.infer({**feed_of(step_a), **cache})["sample"], out_a["sample"]) <= METHOD_ATOL
     # ... and on step B it merges differently from a fresh matching (the cache is really used) and from no merge
     fresh = match.infer({**feed_of(step_b), PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})["sample"]
@@ -149,7 +151,7 @@ def test_with_r_from_shapes_one_pair_of_graphs_serves_every_r(exported):
     got = run["match"].infer({**step_a, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv, **counts})
     want = run["bmatch"].infer({**step_a, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})
     assert max_abs(got["sample"], want["sample"]) <= METHOD_ATOL
-    cache = {k: v for k, v in got.items() if k.startswith(INDEX_PREFIX)}
+    cache = as_cache_feed(got)
     reused = run["apply"].infer({**step_b, **cache, **counts})["sample"]
     assert max_abs(reused, run["bapply"].infer({**step_b, **cache})["sample"]) <= METHOD_ATOL
     # the counts reach the apply graph: other r on the same cache merges differently

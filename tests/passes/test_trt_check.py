@@ -268,3 +268,110 @@ def test_every_method_graph_keeps_indices_integer():
     model = gs.export_onnx(graph)
     assert not [r for r in _reasons(model) if "reaches" in r]
     assert "ScatterElements" in {n.op_type for n in model.graph.node}
+
+
+# rule 10 and the per-profile check: counts carried by input lengths (passes/counts.py)
+COUNT = "ditmerge_count_r"
+
+
+def _count_model(nodes, inits=(), n: int = 4000, extra_inputs=()) -> onnx.ModelProto:
+    """x [batch, n] and the count input r; outputs TopK's values and indices."""
+    inputs = [("x", T.FLOAT, ["batch", n]), (COUNT, T.INT64, ["r"]), *extra_inputs]
+    return _model(nodes, inputs, [("v", T.FLOAT, None), ("i", T.INT64, None)], inits)
+
+
+def _k_from_count(offset: int) -> onnx.ModelProto:
+    """TopK with K = count + offset, the count read only through its Shape."""
+    return _count_model([helper.make_node("Shape", [COUNT], ["r"], name="count_of"),
+                         helper.make_node("Add", ["r", "off"], ["k"], name="k"),
+                         helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")], [_ints("off", [offset])])
+
+
+def test_topk_k_is_evaluated_per_profile():
+    from passes.trt_check import check_count_profiles
+
+    m = _k_from_count(3800)
+    assert _reasons(m) == []  # K is a shape tensor: fine without profiles
+    assert check_count_profiles(m, [{"r": 0}, {"r": 40}]) == []  # K = 3800 and 3840
+    found = [str(v) for v in check_count_profiles(m, [{"r": 40}, {"r": 100}])]
+    assert found == ["TopK topk: K=3900 in profile 1 (r=100) exceeds TensorRT's limit of 3840"]
+    with pytest.raises(DitmergeError, match=r"K=3900 in profile 0 \(r=100\)"):
+        assert_tensorrt_ready(m, "g", [{"r": 100}])
+    assert_tensorrt_ready(m, "g", [{"r": 10}])
+    with pytest.raises(DitmergeError, match="no optimization profile gives their values"):
+        assert_tensorrt_ready(m, "g")  # a graph with counts needs its profiles
+    assert any("gives no value for count r" in str(v) for v in check_count_profiles(m, [{"s": 1}]))
+
+
+def test_topk_k_from_intermediate_shapes_is_evaluated():
+    """K = Shape(x)[1] - r: the evaluator reads x's static dim and the profile's count (Gather, Sub, Unsqueeze)."""
+    from passes.trt_check import check_count_profiles
+
+    m = _count_model([helper.make_node("Shape", [COUNT], ["r"], name="count_of"),
+                      helper.make_node("Shape", ["x"], ["sx"], name="sx"),
+                      helper.make_node("Gather", ["sx", "one"], ["n"], name="n", axis=0),
+                      helper.make_node("Unsqueeze", ["n", "zero"], ["n1"], name="n1"),
+                      helper.make_node("Sub", ["n1", "r"], ["k"], name="k"),
+                      helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")],
+                     [_ints("one", 1), _ints("zero", [0])])
+    assert check_count_profiles(m, [{"r": 160}, {"r": 2000}]) == []  # K = 3840, 2000
+    assert [v.reason for v in check_count_profiles(m, [{"r": 159}])] == [
+        "K=3841 in profile 0 (r=159) exceeds TensorRT's limit of 3840"]
+
+
+def test_topk_k_from_data_or_open_dims_is_refused():
+    from passes.trt_check import check_count_profiles
+
+    data = _count_model([helper.make_node("ReduceMax", ["kin", "ax"], ["k"], name="kmax", keepdims=1),
+                         helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")], [_ints("ax", [0])],
+                        extra_inputs=[("kin", T.INT64, [3])])
+    assert any("must be a constant or computed from input shapes" in r and "ReduceMax kmax" in r
+               for r in _reasons(data))
+    found = [str(v) for v in check_count_profiles(data, [{"r": 1}, {"r": 2}])]
+    assert len(found) == 1 and "data-dependent K" in found[0]  # reported once, not per profile
+    batch = _count_model([helper.make_node("Shape", ["x"], ["sx"], name="sx"),
+                          helper.make_node("Slice", ["sx", "zero", "one"], ["k"], name="k"),
+                          helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")],
+                         [_ints("zero", [0]), _ints("one", [1])])
+    assert any("does not fix (batch or prompt length)" in str(v) for v in check_count_profiles(batch, [{"r": 1}]))
+
+
+def test_a_count_read_as_data_is_refused():
+    """Rule 10: any consumer of a count input other than Shape reads its (unset) values."""
+    from passes.trt_check import check_count_profiles
+
+    as_data = _count_model([helper.make_node("ReduceSum", [COUNT, "ax"], ["k"], name="sum", keepdims=1),
+                            helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")], [_ints("ax", [0])])
+    reasons = _reasons(as_data)
+    assert any(r.startswith("ReduceSum sum") and f"reads count input {COUNT} as data" in r for r in reasons)
+    assert any(r.startswith("TopK topk") and "must be a constant" in r for r in reasons)
+    assert any("as data" in str(v) for v in check_count_profiles(as_data, [{"r": 3}]))
+    # the count in a subgraph, read as data
+    body = helper.make_graph([helper.make_node("Identity", [COUNT], ["o"], name="inner")], "then", [],
+                             [helper.make_tensor_value_info("o", T.INT64, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["c0"], ["o2"], name="inner2")], "else", [],
+                              [helper.make_tensor_value_info("o2", T.INT64, None)])
+    sub = _model([helper.make_node("If", ["c"], ["y"], name="if", then_branch=body, else_branch=other)],
+                 [("c", T.BOOL, []), (COUNT, T.INT64, ["r"])], [("y", T.INT64, None)], [_ints("c0", [1])])
+    assert any(r.startswith("Identity inner") and "as data" in r for r in _reasons(sub))
+    # the fixed twin: only Shape reads it
+    assert not [r for r in _reasons(_k_from_count(0)) if "count" in r]
+
+
+def test_topk_k_inside_an_if_branch_is_evaluated_per_profile():
+    """passes/branch.py puts the merged nodes in an If branch: a K there reads outer-scope shapes."""
+    from passes.trt_check import check_count_profiles
+
+    def branch(name, offset):
+        nodes = [helper.make_node("Shape", [COUNT], [f"{name}/r"], name=f"{name}/count_of"),
+                 helper.make_node("Add", [f"{name}/r", "off"], [f"{name}/k"], name=f"{name}/k"),
+                 helper.make_node("TopK", ["x", f"{name}/k"], [f"{name}/v", f"{name}/i"], name=f"{name}/topk")]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}/v", T.FLOAT, None)])
+
+    m = _count_model([helper.make_node("If", ["c"], ["v"], name="if", then_branch=branch("a", 0),
+                                       else_branch=branch("b", 0)),
+                      helper.make_node("Identity", ["x"], ["i"], name="id")], [_ints("off", [3800])],
+                     extra_inputs=[("c", T.BOOL, [])])
+    assert check_count_profiles(m, [{"r": 40}]) == []
+    found = sorted(str(v) for v in check_count_profiles(m, [{"r": 41}]))
+    assert found == [f"TopK {b}/topk: K=3841 in profile 0 (r=41) exceeds TensorRT's limit of 3840" for b in "ab"]

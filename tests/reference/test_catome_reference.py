@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from passes.catome import CaToMePass
+from passes.catome import CaToMePass, as_cache_feed
 from passes.tome import ToMeConfig
 from tests.reference.common import check, eager, feed, inputs, max_err, partition_feed, rand_idx, runner
 from tests.reference.tome import ToMeHooks
@@ -58,7 +58,7 @@ def test_apply_with_cached_indices_is_the_cached_matching(exported, metric, grid
     idx = rand_idx(grid, 4)
     a, b = inputs(model, 2, grid, 31), inputs(model, 2, grid, 32)
     got_a = match.infer(feed(a, **partition_feed(grid, idx, bands)))
-    cached = {k: np.ascontiguousarray(v) for k, v in got_a.items() if k.startswith("catome_idx/")}
+    cached = {k: np.ascontiguousarray(v) for k, v in as_cache_feed(got_a).items()}
     got_b = apply.infer(feed(b, **cached))["sample"]
 
     closures: dict = {}

@@ -1,14 +1,12 @@
 """The one runner path on CPU: lazy activation for every backend, and TensorRT's device I/O with a fake engine.
 
-The fake ``tensorrt`` module stands in for the real one (not installed here): its engine copies input
-``x`` into output ``y`` and ``2 * x`` into ``z`` through the raw addresses the runner binds, so the test
-sees exactly which buffers the runner handed to the engine.
+The fake ``tensorrt`` module (``conftest.py``) stands in for the real one (not installed here): its engine
+copies input ``x`` into output ``y`` and ``2 * x`` into ``z`` through the raw addresses the runner binds, so
+the test sees exactly which buffers the runner handed to the engine.
 """
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import types
 
 import numpy as np
@@ -17,77 +15,6 @@ import torch
 
 from passes.errors import DitmergeError
 from runtime.runners import OrtRunner, Runner, torch_feed
-
-
-class _FakeContext:
-    def __init__(self, engine: _FakeEngine) -> None:
-        self.engine, self.shapes, self.addresses = engine, {}, {}
-
-    def set_input_shape(self, name, shape):
-        self.shapes[name] = shape
-
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = ptr
-
-    def get_tensor_shape(self, name):
-        return self.shapes["x"]
-
-    def execute_async_v3(self, stream):
-        n = int(np.prod(self.shapes["x"]))
-        x = (ctypes.c_float * n).from_address(self.addresses["x"])
-        ctypes.memmove(self.addresses["y"], self.addresses["x"], 4 * n)
-        z = (ctypes.c_float * n).from_address(self.addresses["z"])
-        for i in range(n):
-            z[i] = 2 * x[i]
-        self.engine.executed += 1
-        return True
-
-
-class _FakeEngine:
-    executed = 0
-
-    def __init__(self) -> None:
-        self.num_io_tensors = 3
-        self.contexts: list[_FakeContext] = []
-
-    def get_tensor_name(self, i):
-        return ["x", "y", "z"][i]
-
-    def get_tensor_mode(self, name):
-        return "in" if name == "x" else "out"
-
-    def get_tensor_shape(self, name):
-        return (-1, 3)
-
-    def get_tensor_dtype(self, name):
-        return "f32"
-
-    def create_execution_context(self):
-        self.contexts.append(_FakeContext(self))
-        return self.contexts[-1]
-
-
-@pytest.fixture
-def fake_trt(monkeypatch):
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.15.1"
-    state = {"deserialized": 0, "engine": None}
-
-    class Runtime:
-        def __init__(self, log):
-            pass
-
-        def deserialize_cuda_engine(self, blob):
-            state["deserialized"] += 1
-            state["engine"] = _FakeEngine()
-            return state["engine"]
-
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
-    trt.Runtime = Runtime
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="in")
-    trt.float32, trt.float16, trt.bfloat16, trt.int32, trt.int64, trt.bool = "f32", "f16", "bf16", "i32", "i64", "b"
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    return state
 
 
 def _runner(tmp_path):
