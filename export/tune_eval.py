@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from export.build import _call_key
+from export.build import _call_key, variant_runner
 from export.measure import interleaved_latency
 from export.quality import frechet_distance, psnr, ssim, summarize
 from export.report_quality import _bundled_classifier, unmerged_view
@@ -205,7 +205,7 @@ class Evaluator:
     def _key(self, bucket, variant: str) -> tuple[str, dict]:
         graph = bucket.graphs[variant]
         counts = {k: v for k, v in count_feed(bucket.counts).items() if k in self._graph_inputs(graph)}
-        return _call_key(graph, counts), counts
+        return _call_key(graph, counts, variant), counts
 
     def _latency(self) -> None:
         """Per-forward latency of every (graph, counts) any schedule of the space runs, once, interleaved."""
@@ -222,15 +222,17 @@ class Evaluator:
         meth = get_method(self.space.method, {k: v for k, v in self.space.options.items()})
         feed = feed_of(example_inputs(load_transformer(m["source"]), 2, grid, m["text_len"], seed=1))
         base = self.manifest["base"]["graph"]
-        calls = {_call_key(base, {}): lambda rn=self.tf.runner(base): rn.infer(feed)}
+        calls = {_call_key(base, {}, "main"): lambda rn=self.tf.runner(base): rn.infer(feed)}
         schedules = {tuple(lv if i == k else 0 for i in range(len(self.space.knobs)))
                      for k, knob in enumerate(self.space.knobs) for lv in range(len(knob.values))}
         for levels in sorted(schedules):
             for bucket in self.plan(levels).buckets:
                 for variant, graph in bucket.graphs.items():
                     key, counts = self._key(bucket, variant)
-                    extra = {**meth.extra_feed(ctx, bucket.meta, variant, 2), **counts}
-                    calls.setdefault(key, lambda rn=self.tf.runner(graph), x=extra: rn.infer({**feed, **x}))
+                    if key not in calls:  # a branched graph (passes/branch.py) runs each variant by its count
+                        run = variant_runner(self.tf.runner(graph), self.plan_dir / graph, variant, counts)
+                        extra = meth.extra_feed(ctx, bucket.meta, variant, 2)
+                        calls[key] = lambda run=run, x=extra: run({**feed, **x})
         lat = interleaved_latency(calls, repeats=self.repeats)
         self._use(self.reference)
         one = np.array([int(self.labels[0])])
@@ -238,7 +240,7 @@ class Evaluator:
                                                                  scheduler_config=self.sched, progress=False)},
                                   repeats=3, warmup=1)["ref"]
         self.data["latency_s"] = lat
-        self.data["base_key"] = _call_key(base, {})
+        self.data["base_key"] = _call_key(base, {}, "main")
         self.data["overhead_s"] = max(0.0, e2e / self.steps - lat[self.data["base_key"]])
         self.data["reference_e2e_s"] = e2e
         self._write()

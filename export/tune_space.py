@@ -146,7 +146,7 @@ class ToMeSpace(Space):
     def apply(self, manifest: dict, levels: tuple[int, ...]) -> dict:
         view = copy.deepcopy(manifest)
         base = view["base"]
-        on_merged = bool(self.options.get("unmerged_on_merged", False))  # r = 0 on the merged graph, not base.onnx
+        on_merged = self.options.get("unmerged") == "merged"  # r = 0 on the merged graph, not base.onnx
         for b, ratio in zip(view["buckets"], self.values(levels).values()):
             meta = b["method_meta"]  # the merged graph's ToMe metadata (tokens, num_src, bands, counts, sites)
             r = merged_count(ratio, int(meta["tokens"]), int(meta["num_src"])) // int(meta["bands"]) * int(meta["bands"])
@@ -158,6 +158,8 @@ class ToMeSpace(Space):
                 continue
             meta["r"], meta["ratio"] = r, ratio
             b.update(r=r, kept_tokens=int(meta["tokens"]) - r, counts=count_values(meta) or {TOME_R: r})
+        if not on_merged:  # the build had no unmerged bucket to branch to: r = 0 buckets run base.onnx
+            view["method"]["params"]["unmerged"] = "base"
         view["schedule"]["buckets"] = ",".join(f"{b['t_hi']}-{b['t_lo']}:{b['ratio']:g}" for b in view["buckets"])
         return view
 

@@ -160,7 +160,7 @@ def test_tome_schedules_share_the_one_graph_and_differ_only_in_counts(tmp_path):
     record = json.loads((tmp_path / "w" / SEARCH_FILE).read_text())
     # one latency per r on that one graph (plus base.onnx), and every schedule's quality differs
     assert {k for k in record["latency_s"] if k.startswith(graph)} == {
-        f"{graph}|ditmerge_count_tome_r={r}" for r in (51, 102)}
+        f"{graph}|ditmerge_count_tome_r={r}|main" for r in (51, 102)}
     psnrs = [e["quality"]["psnr_db"]["mean"] for e in record["evaluations"].values()]
     assert len(psnrs) >= 2 and len(set(psnrs)) == len(psnrs)
     space = ToMeSpace(bucket_ranges(2, 1000), {}, {"ratio": (0.0, 0.2, 0.4)})
