@@ -31,6 +31,13 @@ def _ratios(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"ratios must be numbers like 0.3,0.5, got {text!r}") from None
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,3,7, got {text!r}") from None
+
+
 def _option(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -71,6 +78,23 @@ def parser() -> argparse.ArgumentParser:
                    help="TensorRT engine precision (default: fp16)")
     p.add_argument("--sweep", type=_ratios, default=(), help="uniform ratios to compare for quality against speed, e.g. 0.3,0.5 "
                                                "(adds a table and quality_speed.png to the report)")
+    t = p.add_argument_group("tuning to a quality budget", "with a target, the schedule (cache intervals and warm-up, "
+                             "ToMe ratios per bucket) is searched on seeded calibration generations and the fastest "
+                             "plan meeting every target is written (docs/tuner.md)")
+    t.add_argument("--target-psnr", type=float, default=None, metavar="DB",
+                   help="minimum mean PSNR (dB) of the images against the unmerged plan's, same seeds (e.g. 30)")
+    t.add_argument("--target-ssim", type=float, default=None, help="minimum mean SSIM against the unmerged plan's images")
+    t.add_argument("--target-fid-increase", type=float, default=None, metavar="REL",
+                   help="maximum relative classifier-FID increase over the unmerged plan (0.05: +5 %%; bundled model)")
+    t.add_argument("--tune-buckets", default="3", help="timestep buckets the tuner sets knobs for: a count or a "
+                                                       "range spec '999-500:0,499-0:0' (default: 3)")
+    t.add_argument("--tune-samples", type=int, default=12,
+                   help="calibration generations, and as many held-out ones (default: 12)")
+    t.add_argument("--tune-steps", type=int, default=20, help="DDIM steps of those generations (default: 20)")
+    t.add_argument("--classes", type=_ints, default=None, help="class labels to generate, e.g. 0,3,7 (default: all)")
+    t.add_argument("--tune-work", default=None,
+                   help="keep the built graphs and the search record here; a later search resumes from it "
+                        "(default: OUT/.tuning, removed after success)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.add_argument("--print-python", action="store_true", help="print the equivalent library call and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                   quality_samples=args.quality_samples, quality_steps=args.quality_steps,
                   backend=args.backend, precision=args.precision,
                   sweep=args.sweep, progress=args.progress)
+    tune = any(v is not None for v in (args.target_psnr, args.target_ssim, args.target_fid_increase))
+    if tune:
+        return _tune(args, kwargs)
     if args.print_python:
         print("from export import build_plan\n\nbuild_plan(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
         return 0
@@ -129,6 +156,45 @@ def main(argv: list[str] | None = None) -> int:
         if "sweep" in rep:
             print()
             print(sweep_table(rep["sweep"]))
+
+    return run_cli(run, args.verbose)
+
+
+def _tune(args: argparse.Namespace, build: dict) -> int:
+    """``--target-*``: the tuner (export.tune.tune_plan) instead of one build."""
+    buckets = int(args.tune_buckets) if args.tune_buckets.strip().isdigit() else args.tune_buckets
+    kwargs = dict(model=build["model"], method=build["method"], out=build["out"], target_psnr=args.target_psnr,
+                  target_ssim=args.target_ssim, target_fid_increase=args.target_fid_increase, buckets=buckets,
+                  options=build["options"], locations=build["locations"], grid=build["grid"],
+                  text_len=build["text_len"], num_train_timesteps=build["num_train_timesteps"],
+                  samples=args.tune_samples, steps=args.tune_steps, classes=args.classes, repeats=args.repeats,
+                  work_dir=args.tune_work, keep_work=args.tune_work is not None, progress=build["progress"])
+    if args.print_python:
+        print("from export.tune import tune_plan\n\ntune_plan(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
+        return 0
+
+    def run() -> None:
+        if not args.verbose:
+            quiet_third_party()
+        from export.build import bucket_table
+        from export.tune import tune_plan
+
+        ignored = [flag for flag, on in (("--buckets", args.buckets is not None), ("--sweep", bool(args.sweep)),
+                                         ("--backend", args.backend != "onnxruntime"), ("--no-measure", not args.measure))
+                   if on]
+        if ignored:
+            raise DitmergeError(f"{', '.join(ignored)} cannot be combined with a --target-*: the tuner chooses the "
+                                "schedule (--tune-buckets sets its buckets) and measures on onnxruntime")
+        manifest = tune_plan(**kwargs)
+        t = manifest["report"]["tune"]
+        print(f"plan written to {args.out}/ (method {manifest['method']['name']}, tuned: "
+              f"{' '.join(f'{k}={v}' for k, v in t['schedule'].items())})")
+        print(bucket_table(manifest))
+        held = t["heldout"]
+        print(f"\n{t['evaluations']} schedules tried; predicted {t['predicted_speedup']:.2f}x, measured "
+              f"{t['measured_speedup']:.2f}x end to end; held-out PSNR {held['psnr_db']['mean']:.2f} dB, SSIM "
+              f"{held['ssim']['mean']:.4f}: {'meets the target' if held['meets_target'] else 'MISSES: ' + '; '.join(held['misses'])}"
+              f"\nsearch table and frontier: {args.out}/report.md, {args.out}/tune_frontier.png")
 
     return run_cli(run, args.verbose)
 
