@@ -69,8 +69,7 @@ class Evaluator:
 
     def _use(self, plan: Plan) -> None:
         """Point the shared transformer at another schedule: same files, same sessions."""
-        self.tf.plan = plan
-        self.tf.policy = policy_for(plan)
+        self.tf.use_plan(plan)
 
     def generate(self, plan: Plan, jobs: list) -> tuple[np.ndarray, list[tuple[int, str]]]:
         """Images of ``jobs`` through ``plan`` and the (bucket, variant) of each call of one loop."""

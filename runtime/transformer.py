@@ -255,6 +255,14 @@ class PlanTransformer(torch.nn.Module):
         state.steps += 1
         return _output(sample) if return_dict else (sample,)
 
+    def use_plan(self, plan: Plan) -> None:
+        """Run another schedule of the same files (the tuner's candidates): its buckets, counts and policy,
+        the sessions kept. The per-bucket caches go: they hold the previous plan's buckets."""
+        self.plan, self.policy = plan, policy_for(plan, self.deterministic)
+        self._last_bucket = None
+        self._count_feeds.clear()
+        self._gen = _Generation()
+
     def _bucket_for(self, t: float):
         """The bucket of training-scale timestep ``t``; the previous call's when it still covers ``t``."""
         bucket = self._last_bucket
@@ -264,7 +272,7 @@ class PlanTransformer(torch.nn.Module):
 
     def _count_feed(self, bucket, graph: str) -> dict[str, np.ndarray]:
         """The count inputs (``passes.counts``) of ``bucket`` that ``graph`` takes, made once per bucket and graph."""
-        key = (bucket.index, graph)
+        key = (bucket.index, graph, tuple(sorted(bucket.counts.items())))
         feed = self._count_feeds.get(key)
         if feed is None:
             feed = self._count_feeds[key] = {k: v for k, v in count_feed(bucket.counts).items()

@@ -19,26 +19,13 @@ BUCKETS = "999-600:0.5,599-300:0.3,299-0:0"
 
 @pytest.fixture(scope="module")
 def one_graph_plan(tmp_path_factory):
-    """Merged and unmerged buckets, the default: the unmerged one runs the plain branch of the one graph."""
+    """Merged and unmerged buckets, the default: the unmerged one runs the plain branch of the one graph.
+
+    The other layouts (``unmerged=base``, ``merged``) run through whole plans in tests/trt/test_profiles.py."""
     out = tmp_path_factory.mktemp("tome_one_graph") / "plan"
     build_plan("builtin:tiny-dit", method="tome", buckets=BUCKETS, out=out, measure=True, repeats=2,
                quality_samples=0, progress=False)
     return out
-
-
-@pytest.mark.parametrize("unmerged,graphs,ifs", [("base", {"bucket_0.onnx", "base.onnx"}, 0),
-                                                 ("merged", {"bucket_0.onnx"}, 0)])
-def test_the_other_layouts_of_unmerged_buckets(tmp_path, unmerged, graphs, ifs):
-    import onnx
-
-    out = tmp_path / "plan"
-    manifest = build_plan("builtin:tiny-dit", method="tome", buckets=BUCKETS, options={"unmerged": unmerged}, out=out,
-                          measure=False, progress=False)
-    assert {b["graph"] for b in manifest["buckets"]} == graphs
-    model = onnx.load(out / "bucket_0.onnx", load_external_data=False)
-    assert sum(n.op_type == "If" for n in model.graph.node) == ifs
-    assert manifest["buckets"][0]["flops_rel"] < manifest["buckets"][1]["flops_rel"] < manifest["buckets"][2][
-        "flops_rel"] == 1.0
 
 
 def test_every_bucket_runs_one_graph_at_its_own_count(one_graph_plan):

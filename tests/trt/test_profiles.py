@@ -223,7 +223,7 @@ def test_plan_transformer_makes_one_trt_runner_per_engine_file(tmp_path, monkeyp
     assert runners[0].engine_path.name == "g1.engine" and runners[0].expected_profiles == [{"r": 2}, {"r": 5}]
 
 
-@pytest.mark.parametrize("unmerged", ["base", "merged", "branch"])
+@pytest.mark.parametrize("unmerged", ["base", "branch"])  # "merged": one graph too, as "branch" without the If
 def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monkeypatch, unmerged):
     """export -> engines -> ``runtime.load(backend="trt")`` -> forward, on the fake whose engines are their graphs
     run by onnxruntime: every bucket's step equals the onnxruntime backend's, through one runner per engine
