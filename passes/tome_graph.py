@@ -61,7 +61,7 @@ class MatchState:
 class MatchIndices:
     """The outcome of one matching as batch-local int64 index tensors: all a merge needs, nothing of ``x``.
 
-    CA-ToMe caches these across steps (graph outputs of its match variant, inputs of its apply variant).
+    Their shapes follow r; CA-ToMe caches what they are derived from instead (``build_order``'s outputs).
     """
 
     unm: gs.Variable  # [B, Na-r] token positions of the src tokens that stay unmerged
@@ -69,19 +69,6 @@ class MatchIndices:
     mrg_dst: gs.Variable  # [B, K, r/K] which dst of its band each merged src goes to
     dst: gs.Variable  # [K, Nb/K] token positions of the dst tokens
     row: gs.Variable  # [B, N] row of the (per-sample) merged tensor that each position reads on unmerge
-
-    def as_dict(self) -> dict[str, gs.Variable]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-INDEX_NAMES = tuple(f.name for f in dataclasses.fields(MatchIndices))
-
-
-def index_shapes(geo: Geometry) -> dict[str, list[int | str]]:
-    """Shapes of :class:`MatchIndices`; ``"B"`` is the batch axis."""
-    k = geo.bands
-    return {"unm": ["B", geo.num_src - geo.r], "mrg": ["B", k, geo.r // k], "mrg_dst": ["B", k, geo.r // k],
-            "dst": [k, geo.num_dst // k], "row": ["B", geo.tokens]}
 
 
 def band_r(em: Emitter, geo: Geometry, r_count: gs.Variable | None) -> gs.Variable:

@@ -223,6 +223,18 @@ def test_plan_transformer_makes_one_trt_runner_per_engine_file(tmp_path, monkeyp
     assert runners[0].engine_path.name == "g1.engine" and runners[0].expected_profiles == [{"r": 2}, {"r": 5}]
 
 
+def _fake_gpu(monkeypatch) -> None:
+    """Let the build and the runtime take the fake tensorrt module for TensorRT on a GPU (engines on the CPU)."""
+    import export.trt_build as tb
+    import runtime.trt_runner as rt
+
+    for mod in (tb, rt):
+        monkeypatch.setattr(mod, "gpu_name", lambda: "FAKE GPU")
+    monkeypatch.setattr(tb, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(rt, "tensorrt_status", lambda: (True, ""))
+    monkeypatch.setattr(rt, "DEFAULT_DEVICE", "cpu")
+
+
 @pytest.mark.parametrize("unmerged", ["base", "branch"])  # "merged": one graph too, as "branch" without the If
 def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monkeypatch, unmerged):
     """export -> engines -> ``runtime.load(backend="trt")`` -> forward, on the fake whose engines are their graphs
@@ -232,14 +244,9 @@ def test_a_whole_plan_runs_through_one_engine_per_graph(tmp_path, fake_trt, monk
     one_graph = unmerged != "base"
     import export.trt_build as tb
     import runtime
-    import runtime.trt_runner as rt
     from export.build import build_plan
 
-    for mod in (tb, rt):
-        monkeypatch.setattr(mod, "gpu_name", lambda: "FAKE GPU")
-    monkeypatch.setattr(tb, "require_tensorrt", lambda: None)
-    monkeypatch.setattr(rt, "tensorrt_status", lambda: (True, ""))
-    monkeypatch.setattr(rt, "DEFAULT_DEVICE", "cpu")
+    _fake_gpu(monkeypatch)
     plan = tmp_path / "p"
     manifest = build_plan("builtin:tiny-dit", buckets="999-700:0.5,699-400:0.3,399-0:0", out=plan, measure=False,
                           progress=False, quality_samples=0, options={"unmerged": unmerged})
@@ -285,14 +292,9 @@ def test_a_cache_plan_runs_its_two_variants_in_one_engine(tmp_path, fake_trt, mo
     """The cache method's full and cached steps are branches of one graph: one engine, one profile per variant."""
     import export.trt_build as tb
     import runtime
-    import runtime.trt_runner as rt
     from export.build import build_plan
 
-    for mod in (tb, rt):
-        monkeypatch.setattr(mod, "gpu_name", lambda: "FAKE GPU")
-    monkeypatch.setattr(tb, "require_tensorrt", lambda: None)
-    monkeypatch.setattr(rt, "tensorrt_status", lambda: (True, ""))
-    monkeypatch.setattr(rt, "DEFAULT_DEVICE", "cpu")
+    _fake_gpu(monkeypatch)
     plan = tmp_path / "p"
     manifest = build_plan("builtin:tiny-dit", method="cache", options={"interval": (2,), "full_above": -1}, out=plan,
                           measure=False, progress=False, quality_samples=0)
