@@ -116,7 +116,7 @@ def main() -> None:
     print(f"DiT-XL/2 width, {args.layers} blocks, blocks {start}-{end - 1} cached, batch 2, 256 tokens; "
           f"unmerged {ms['base']:.1f} ms, full {ms['full']:.1f} ms, cached {ms['cached']:.1f} ms "
           f"(medians of {args.repeats} interleaved rounds)\n")
-    print("| schedule | full / cached steps of %d | mean ms per step | per-step speed-up |\n|---|---|---|---|" % args.steps)
+    print(f"| schedule | full / cached steps of {args.steps} | mean ms per step | per-step speed-up |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['schedule']} | {r['full_steps']} / {r['cached_steps']} | {r['per_step_ms']:.1f} | {r['speedup']:.2f}x |")
 

@@ -39,7 +39,8 @@ from pathlib import Path
 from passes.counts import count_key, is_count_input
 from passes.errors import DitmergeError
 from passes.graphbuild import PIN_FP32
-from passes.trt_check import assert_tensorrt_ready, count_inputs
+from passes.trt_check import assert_tensorrt_ready
+from passes.trt_profiles import count_inputs
 from runtime.trt_runner import engine_memory, gpu_name, tensorrt_status
 
 logger = logging.getLogger(__name__)
@@ -207,10 +208,11 @@ def graph_profiles(plan_dir: Path, manifest: dict) -> dict[str, list[dict[str, i
 def check_plan_profiles(plan_dir: Path, manifest: dict) -> dict[str, list[str]]:
     """The per-engine static check of a plan, on CPU: graph file -> what TensorRT would refuse in its engine
     (:func:`passes.trt_check.check_tensorrt` and, per profile of :func:`graph_profiles`,
-    :func:`passes.trt_check.check_count_profiles`); an empty list where the engine would build."""
+    :func:`passes.trt_profiles.check_count_profiles`); an empty list where the engine would build."""
     import onnx
 
-    from passes.trt_check import check_count_profiles, check_tensorrt
+    from passes.trt_check import check_tensorrt
+    from passes.trt_profiles import check_count_profiles
 
     out = {}
     for graph, profiles in graph_profiles(plan_dir, manifest).items():

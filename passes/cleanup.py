@@ -9,23 +9,9 @@ import onnx
 from onnx import numpy_helper
 
 from passes.infra import GraphPass, PassResult
-from passes.locate import tensor_shapes
-from passes.onnxutil import infer_shapes
+from passes.onnxutil import constant_value, infer_shapes, tensor_shapes
 
 logger = logging.getLogger(__name__)
-
-
-def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    """The value of a small inline initializer or Constant node output; None otherwise."""
-    for init in model.graph.initializer:
-        if init.name == name:
-            return None if init.data_location == onnx.TensorProto.EXTERNAL else numpy_helper.to_array(init)
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-    return None
 
 
 class FreeTokenAxisPass(GraphPass):

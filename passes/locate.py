@@ -15,6 +15,8 @@ import re
 
 import onnx
 
+from passes.onnxutil import constant_value, tensor_shapes  # tensor_shapes: re-exported for the passes that take it from here
+
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 CLASSES_KEY = "pkg.torch.onnx.class_hierarchy"
 
@@ -72,21 +74,6 @@ def _kind(attr: str, block_class: str) -> str:
     if "Single" in block_class:
         return "single"
     return "joint"
-
-
-def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | str]]]:
-    """Map tensor name -> (elem_type, dims) from inputs, outputs, value_info and initializers."""
-    out: dict[str, tuple[int, list[int | str]]] = {}
-    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            out[vi.name] = (tt.elem_type, [])
-            continue
-        dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
-        out[vi.name] = (tt.elem_type, dims)
-    for init in model.graph.initializer:
-        out[init.name] = (init.data_type, list(init.dims))
-    return out
 
 
 @dataclasses.dataclass
@@ -177,8 +164,6 @@ def find_sites(model: onnx.ModelProto, num_tokens: int) -> list[Site]:
 
 def _baked_token_count(model: onnx.ModelProto, nodes: list[onnx.NodeProto], num_tokens: int) -> str | None:
     """Name a Reshape / Slice / Split inside the module whose constant shape holds the token count."""
-    from passes.cleanup import constant_value
-
     positions = {"Reshape": (1,), "Slice": (1, 2), "Split": (1,), "Expand": (1,)}
     for n in nodes:
         for i in positions.get(n.op_type, ()):

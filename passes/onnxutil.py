@@ -1,11 +1,14 @@
-"""ONNX helpers every pass shares: metadata-preserving graphsurgeon round trips and shape inference."""
+"""ONNX helpers every pass shares: metadata-preserving graphsurgeon round trips, shape inference, and reading
+declared shapes and small constants."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 PROVENANCE_KEY = "ditmerge.provenance"
 MODEL_META_PREFIX = "ditmerge."
@@ -92,3 +95,31 @@ def save_checked(model: onnx.ModelProto, path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | str]]]:
+    """Map tensor name -> (elem_type, dims) from inputs, outputs, value_info and initializers."""
+    out: dict[str, tuple[int, list[int | str]]] = {}
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            out[vi.name] = (tt.elem_type, [])
+            continue
+        dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        out[vi.name] = (tt.elem_type, dims)
+    for init in model.graph.initializer:
+        out[init.name] = (init.data_type, list(init.dims))
+    return out
+
+
+def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The value of a small inline initializer or Constant node output; None otherwise."""
+    for init in model.graph.initializer:
+        if init.name == name:
+            return None if init.data_location == onnx.TensorProto.EXTERNAL else numpy_helper.to_array(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+    return None

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from passes.trt_limits import TOPK_MAX_K
+
 
 def num_dst(grid: tuple[int, int], stride: tuple[int, int] = (2, 2)) -> int:
     return (grid[0] // stride[0]) * (grid[1] // stride[1])
@@ -52,7 +54,7 @@ def layout(grid: tuple[int, int], dst_pos: np.ndarray, bands: int = 1) -> tuple[
     return partition, inverse
 
 
-def plan_bands(grid: tuple[int, int], stride: tuple[int, int] = (2, 2), max_src: int = 3840) -> int:
+def plan_bands(grid: tuple[int, int], stride: tuple[int, int] = (2, 2), max_src: int = TOPK_MAX_K) -> int:
     """The fewest equal bands (whole cell rows each) whose src count fits ``max_src``; 0 if none does.
 
     One band (no banding) works for any grid, odd sizes included: leftover rows and columns are src.

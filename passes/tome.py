@@ -25,6 +25,7 @@ from passes.locate import Site, Topology, _node_scopes, find_sites, tensor_shape
 from passes.onnxutil import export_graph, get_model_meta, import_graph, infer_shapes, provenance, set_model_meta
 from passes.partition import num_dst, plan_bands
 from passes.tome_graph import Geometry, MatchState, build_match, build_merge, build_unmerge
+from passes.trt_limits import TOPK_MAX_K as TOPK_LIMIT  # re-exported: the other methods' passes import it from here
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ LOCATIONS = ("attn", "xattn", "joint", "mlp")
 # Attention only by default, as tomesd: on the bundled model merging the MLP as well dropped sample class
 # accuracy from 0.75 to 0.30 at ratio 0.3 (attention only: 0.70); see the README's quality table.
 DEFAULT_LOCATIONS = ("attn", "joint")
-TOPK_LIMIT = 3840  # TensorRT's largest TopK K
 METRICS = ("sublayer", "block")
 # Block input, as tomesd: on the bundled model at ratio 0.3 (attention, 20 seeds, 25 DDIM steps) it gave
 # PSNR 20.7 / 14.5 dB (mean / worst), FID 525, class accuracy 0.75 against the sublayer input's

@@ -16,7 +16,8 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from passes.counts import count_input_name, is_count_input
-from passes.trt_check import check_count_profiles, check_tensorrt
+from passes.trt_check import check_tensorrt
+from passes.trt_profiles import check_count_profiles
 
 _MAX_FOLD = 1 << 20  # elements: index bookkeeping is small, activations are never count-only
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import runtime
 from export.build import build_plan
 from runtime.plan import Plan
 from tests.helpers import EXPORT_ATOL, METHOD_ATOL

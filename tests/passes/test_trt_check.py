@@ -288,7 +288,7 @@ def _k_from_count(offset: int) -> onnx.ModelProto:
 
 
 def test_topk_k_is_evaluated_per_profile():
-    from passes.trt_check import check_count_profiles
+    from passes.trt_profiles import check_count_profiles
 
     m = _k_from_count(3800)
     assert _reasons(m) == []  # K is a shape tensor: fine without profiles
@@ -305,7 +305,7 @@ def test_topk_k_is_evaluated_per_profile():
 
 def test_topk_k_from_intermediate_shapes_is_evaluated():
     """K = Shape(x)[1] - r: the evaluator reads x's static dim and the profile's count (Gather, Sub, Unsqueeze)."""
-    from passes.trt_check import check_count_profiles
+    from passes.trt_profiles import check_count_profiles
 
     m = _count_model([helper.make_node("Shape", [COUNT], ["r"], name="count_of"),
                       helper.make_node("Shape", ["x"], ["sx"], name="sx"),
@@ -320,7 +320,7 @@ def test_topk_k_from_intermediate_shapes_is_evaluated():
 
 
 def test_topk_k_from_data_or_open_dims_is_refused():
-    from passes.trt_check import check_count_profiles
+    from passes.trt_profiles import check_count_profiles
 
     data = _count_model([helper.make_node("ReduceMax", ["kin", "ax"], ["k"], name="kmax", keepdims=1),
                          helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")], [_ints("ax", [0])],
@@ -338,7 +338,7 @@ def test_topk_k_from_data_or_open_dims_is_refused():
 
 def test_a_count_read_as_data_is_refused():
     """Rule 10: any consumer of a count input other than Shape reads its (unset) values."""
-    from passes.trt_check import check_count_profiles
+    from passes.trt_profiles import check_count_profiles
 
     as_data = _count_model([helper.make_node("ReduceSum", [COUNT, "ax"], ["k"], name="sum", keepdims=1),
                             helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")], [_ints("ax", [0])])
@@ -360,7 +360,7 @@ def test_a_count_read_as_data_is_refused():
 
 def test_topk_k_inside_an_if_branch_is_evaluated_per_profile():
     """passes/branch.py puts the merged nodes in an If branch: a K there reads outer-scope shapes."""
-    from passes.trt_check import check_count_profiles
+    from passes.trt_profiles import check_count_profiles
 
     def branch(name, offset):
         nodes = [helper.make_node("Shape", [COUNT], [f"{name}/r"], name=f"{name}/count_of"),
