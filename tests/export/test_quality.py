@@ -29,13 +29,29 @@ def test_ssim_is_one_for_identical_and_falls_with_noise():
     assert 1 > s_small > s_big > 0
 
 
-def test_ssim_agrees_with_scikit_image():
-    from skimage.metrics import structural_similarity
+def _ssim_by_hand(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> np.ndarray:
+    """SSIM written out from Wang et al. (2004): Gaussian local means, population variances and covariance,
+    C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = 2, averaged where the truncated window fits (scikit-image's crop)."""
+    from scipy.ndimage import gaussian_filter
 
-    x, y = _images(3, 1), _images(4, 1) * 0.5 + _images(3, 1) * 0.5
-    ref = structural_similarity(x[0], y[0], channel_axis=0, data_range=2.0, gaussian_weights=True, sigma=1.5,
-                                use_sample_covariance=False)
-    assert abs(ssim(x, y)[0] - ref) < 2e-3
+    c1, c2 = (0.01 * 2.0) ** 2, (0.03 * 2.0) ** 2
+    def blur(x):
+        return gaussian_filter(x, sigma=(0, 0, sigma, sigma), mode="reflect", truncate=3.5)
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    pad = int(3.5 * sigma + 0.5)
+    return s[..., pad:-pad, pad:-pad].reshape(len(a), -1).mean(1)
+
+
+def test_ssim_and_psnr_agree_with_the_formulas_written_out():
+    """export.quality takes both from scikit-image; they must still be the paper's measures on our NCHW
+    batches in [-1, 1] (per image, channels averaged, the [-1, 1] range), not, say, the sample-covariance SSIM."""
+    x, y = _images(3, 3), _images(4, 3) * 0.5 + _images(3, 3) * 0.5
+    np.testing.assert_allclose(ssim(x, y), _ssim_by_hand(x, y), atol=1e-6)
+    mse = ((x - y) ** 2).reshape(3, -1).mean(1)
+    np.testing.assert_allclose(psnr(x, y), 10 * np.log10(4 / mse), atol=1e-9)
+    assert not np.allclose(ssim(x, y), _ssim_by_hand(x, y[::-1]), atol=1e-3)  # per image, in order
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_of_a_shift_is_the_squared_shift():
