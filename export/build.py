@@ -1,4 +1,4 @@
-"""Model -> plan: export, passes per bucket, measurements, manifest and report (DESIGN.md §1, §5)."""
+"""Model -> plan: export, passes per bucket, measurements, manifest and report (docs/design.md, 'The plan')."""
 
 from __future__ import annotations
 

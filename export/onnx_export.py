@@ -14,7 +14,7 @@ from passes.onnxutil import set_model_meta
 
 logger = logging.getLogger(__name__)
 
-OPSET = 23  # attention becomes one Attention node and reshapes use -1 (DESIGN.md §2)
+OPSET = 23  # attention becomes one Attention node and reshapes use -1 (docs/design.md, 'Graph rules')
 WEIGHTS_FILE = "weights.bin"
 TEXT_AXIS = "text"  # the name of the prompt-length dim in exported graphs
 MAX_TEXT_LEN = 4096

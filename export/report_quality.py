@@ -1,4 +1,4 @@
-"""Quality and end-to-end speed of a merged plan against the unmerged plan (DESIGN.md §6).
+"""Quality and end-to-end speed of a merged plan against the unmerged plan (docs/design.md, 'The plan').
 
 Seeded generations run through both plans with the same noise: PSNR/SSIM per image, and for the
 bundled model the classifier's accuracy by conditioning class and the classifier-FID against held-out

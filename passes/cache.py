@@ -1,4 +1,4 @@
-"""The step-cache pass: a span of blocks whose residual a later step reuses (DESIGN.md §8, methods.md §7).
+"""The step-cache pass: a span of blocks whose residual a later step reuses (docs/design.md, 'Step caching').
 
 A *span* is the blocks ``start..end-1`` of the model's block list (``transformer_blocks`` then
 ``single_transformer_blocks``). Its *streams* are the token tensors that flow through it: the image

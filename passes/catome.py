@@ -1,4 +1,4 @@
-"""CA-ToMe's two graph variants (methods.md §4), built on the ToMe pass.
+"""CA-ToMe's two graph variants (docs/design.md, 'The other methods' graphs'), built on the ToMe pass.
 
 CA-ToMe caches each block's matching across denoising steps. A static graph cannot keep state, so the
 cache moves to the runtime and the graph comes in two variants with the same merges:

@@ -1,4 +1,4 @@
-"""The SDTM pass: one bucket's graph of Structure-then-Detail Token Merging (methods.md §1).
+"""The SDTM pass: one bucket's graph of Structure-then-Detail Token Merging (docs/design.md, SDTM).
 
 Variants of a bucket:
 

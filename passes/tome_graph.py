@@ -1,4 +1,4 @@
-"""ToMe merge/unmerge as ONNX subgraphs (DESIGN.md §3), with no knowledge of DiTs or node names.
+"""ToMe merge/unmerge as ONNX subgraphs (docs/design.md, 'The merge subgraph'), with no knowledge of DiTs or node names.
 
 Everything here is what TensorRT parses and builds: TopK with K = src tokens per band (<= 3840),
 Gather / GatherElements, MatMul, Equal, ScatterElements without a reduction (the int64 inverse

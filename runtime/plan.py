@@ -1,4 +1,4 @@
-"""Read and validate a plan directory (DESIGN.md §5)."""
+"""Read and validate a plan directory (docs/design.md, 'The plan')."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-EXPORT_ATOL = 1e-4  # unmerged graph vs eager diffusers model, fp32 (DESIGN.md §6)
+EXPORT_ATOL = 1e-4  # unmerged graph vs eager diffusers model, fp32 (docs/design.md, 'The plan')
 METHOD_ATOL = 1e-4  # merged graph vs its eager twin with the same partition, fp32
 
 

@@ -14,7 +14,7 @@ DSAP (denoising-steps-aware pruning) makes the noisiest ``dsap_buckets`` buckets
 pruning point moves ``dsap_shift`` blocks deeper and the ratio is scaled by ``dsap_scale``. Source of the
 default (shift one block, same ratio, first bucket): AT-EDM's DSAP keeps the first attention block of
 each down stage and the last of each up stage unpruned in the early steps and prunes the other blocks
-as in the later steps (methods.md §2, [ATEDM-sum]; project-page overview figure: "prune less" for the
+as in the later steps (docs/design.md, AT-EDM, [ATEDM-sum]; project-page overview figure: "prune less" for the
 first tau steps). A DiT has one stage, so "leave a block unpruned" becomes "prune one block later".
 The paper's tau is not stated in the sources; the first bucket (a third of the timesteps with the
 default three buckets) stands in for it.

@@ -1,4 +1,4 @@
-"""Step caching (DeepCache / Delta-DiT / DBCache family, DESIGN.md §8) as a plan method, composable with ToMe.
+"""Step caching (DeepCache / Delta-DiT / DBCache family, docs/design.md, 'Step caching') as a plan method, composable with ToMe.
 
 Each bucket has two graphs (:mod:`passes.cache`): ``main``, a *full* step that runs every block and also
 outputs the residual of the cached span (the token streams after the span minus before it), and ``cached``,
@@ -24,8 +24,9 @@ Options:
     locations, stride: ToMe's, for full steps of buckets with a ratio above 0.
     merge_cached: merge the front/back blocks of cached steps too.
 
-Not yet the one-graph-per-plan mechanism of DESIGN.md §0 (it does not exist): variants are separate
-graphs sharing the plan's weights file. A skipped span could become a span of zero tokens there.
+One graph per span (``Method.one_graph``): the full and cached variants are branches of one graph behind an
+``If`` on the variant count (docs/design.md, 'A bucket is a shape'). A skipped span is a branch, not a span of
+zero tokens: the cached step drops the span's nodes outright.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CA-ToMe (cached adaptive token merging, methods.md §4) as a plan method.
+"""CA-ToMe (cached adaptive token merging, docs/design.md, 'The other methods' graphs') as a plan method.
 
 Per bucket two graphs (:mod:`passes.catome`): ``match`` (ToMe, plus each block's matching as outputs)
 and ``main``, the *apply* variant (merges with cached indices fed as inputs; no similarity). The runtime
@@ -8,7 +8,7 @@ Buckets: ``--buckets`` gives only the timestep ranges (``"0,0,0"`` or the defaul
 spans); its ratios are ignored. Each bucket's ``r`` comes from threshold calibration in :meth:`prepare`
 (:mod:`export.catome_calib`): the eager model denoises ``calib_samples`` seeded samples in
 ``calib_steps`` DDIM steps, each step counts per merge point the src tokens whose best match reaches
-``threshold``, and ``r`` is ``statistic`` (default: the mean, as methods.md's fixed-bucket recipe) of
+``threshold``, and ``r`` is ``statistic`` (default: the mean, as the paper's fixed-bucket recipe) of
 the bucket's counts. The calibrated ratio ``r / N`` replaces the spec's ratio in the plan.
 
 ``r_per_block=True`` calibrates one r per block and bucket from that block's counts alone (closer to the

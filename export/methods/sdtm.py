@@ -1,4 +1,4 @@
-"""SDTM (Structure-then-Detail Token Merging, Fang et al., CVPR 2025) as a plan method (methods.md §1).
+"""SDTM (Structure-then-Detail Token Merging, Fang et al., CVPR 2025) as a plan method (docs/design.md, SDTM).
 
 Stages as buckets. The method is defined over a reference schedule of ``steps`` denoising steps
 (default 50): steps ``s < switch_step`` form the *structure* stage, the rest the *detail* stage

@@ -65,7 +65,7 @@ def _bands(side: int, limit: int) -> int:
 
 
 def _expected(c: dict) -> tuple[str, str, int]:
-    """What the pass must do with ``c``: (outcome, the refusal's words, bands), by the rules of README/DESIGN §3."""
+    """What the pass must do with ``c``: (outcome, the refusal's words, bands), by the rules of README and docs/design.md ('The merge subgraph')."""
     side = c["grid"]
     n, num_src = side * side, side * side - (side // 2) ** 2
     if not 0 <= c["ratio"] <= num_src / n:

@@ -1,4 +1,4 @@
-"""AT-EDM's G-WPR pruning and refill (methods.md §2), as hooks on a diffusers DiT.
+"""AT-EDM's G-WPR pruning and refill (docs/design.md, AT-EDM), as hooks on a diffusers DiT.
 
 - Importance: the pruning block's self-attention map ``A = mean_h softmax(q k^T * scale)`` ``[B, N, N]``
   is the weighted adjacency of the token graph; weighted PageRank from ``s = 1/N``,

@@ -1,4 +1,4 @@
-"""DiffRatio-MoD's token routing (DiffCR, methods.md §3), as patched block forwards of a diffusers DiT.
+"""DiffRatio-MoD's token routing (DiffCR, docs/design.md, MoD), as patched block forwards of a diffusers DiT.
 
 Per block a router ``s = sigmoid(x w + b)`` scores every token; the ``k`` best run the whole block, the
 others bypass it (identity) and are scattered back. Routed tokens take ``x + s * (block(x_r) - x_r)``:

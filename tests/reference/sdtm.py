@@ -1,4 +1,4 @@
-"""SDTM's two merges as the released code defines them (``ICTMCG/SDTM`` ``TR_SDTM.py``; methods.md §1.2).
+"""SDTM's two merges as the released code defines them (``ICTMCG/SDTM`` ``TR_SDTM.py``; docs/design.md, SDTM).
 
 - Structure stage, SSM: score each 2x2 window by the mean of its 16 pairwise cosine similarities (self
   pairs included) plus ``a_s`` times the window mean of ``c / (mean(c) + 1e-6)`` (the staleness counter);

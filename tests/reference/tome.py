@@ -1,4 +1,4 @@
-"""ToMe as tomesd defines it (``tomesd/merge.py``, ``bipartite_soft_matching_random2d``; methods.md §0).
+"""ToMe as tomesd defines it (``tomesd/merge.py``, ``bipartite_soft_matching_random2d``; docs/design.md, 'The merge subgraph').
 
 Written from tomesd's semantics: dst is one token per ``sy x sx`` cell (``rand_idx`` picks which), the
 src tokens are the rest; cosine similarity of src to dst, each src keeps its best dst, the ``r`` src with
