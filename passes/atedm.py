@@ -26,9 +26,9 @@ from passes.cleanup import FreeTokenAxisPass
 from passes.counts import count_input_name
 from passes.errors import DitmergeError
 from passes.graphbuild import Emitter, count_input
-from passes.infra import GraphPass, PassResult
+from passes.infra import PassResult, StampedPass
 from passes.locate import Topology, _node_scopes, find_sites, tensor_shapes
-from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
+from passes.onnxutil import export_graph, import_graph, infer_shapes, set_model_meta
 from passes.tome import TOPK_LIMIT, graph_grid
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def count_blocks(model: onnx.ModelProto) -> int:
     return len({m.group(2) for n in model.graph.node for s in _node_scopes(n)[0] if (m := _BLOCK_RE.search(s))})
 
 
-class ATEDMPass(GraphPass):
+class ATEDMPass(StampedPass):
     """Insert AT-EDM pruning after block ``config.prune_layer``; ratio 0 inserts nothing; a second run is a no-op."""
 
     name = "atedm"
@@ -124,17 +124,15 @@ class ATEDMPass(GraphPass):
         return {"pass": self.name, "method": "atedm", "kept": "count", "prune_layer": c.prune_layer,
                 "stride": c.stride, "iterations": c.iterations, "importance": c.importance, "refill": c.refill}
 
+    carries, apply_to = "an AT-EDM pruning", "the unpruned graph"
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        self.config.validate(graph_grid(model))
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         cfg = self.config
         grid = graph_grid(model)
         n = grid[0] * grid[1]
-        cfg.validate(grid)
-        stamps = [s for s in provenance(model) if s.get("pass") == self.name]
-        if stamps:
-            if all(s == self.stamp() for s in stamps):
-                return PassResult(model, False)
-            raise DitmergeError(f"the graph already carries an AT-EDM pruning ({stamps[0]}); apply passes to the "
-                                "unpruned graph")
         if cfg.ratio == 0:
             return PassResult(model, False)
         geo = PruneGeometry(grid=grid, kept=kept_count(cfg.ratio, n), stride=cfg.stride, iterations=cfg.iterations)

@@ -33,9 +33,9 @@ import onnx_graphsurgeon as gs
 
 from passes.errors import DitmergeError
 from passes.graphbuild import Emitter
-from passes.infra import GraphPass, PassResult
+from passes.infra import PassResult, StampedPass
 from passes.locate import FLOAT_TYPES, Topology, _node_scopes
-from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
+from passes.onnxutil import export_graph, import_graph, infer_shapes, set_model_meta
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class CacheConfig:
                                 "or later")
 
 
-class CachePass(GraphPass):
+class CachePass(StampedPass):
     """Insert one cache variant (see the module docstring); a second run with the same stamp is a no-op.
 
     ``locate_on``: the unmerged graph to find the span in, when the input graph is already merged.
@@ -244,16 +244,15 @@ class CachePass(GraphPass):
         return json.loads(json.dumps({"pass": self.name, "method": "cache", "bucket": self.bucket,
                                       **dataclasses.asdict(self.config)}))
 
+    carries, apply_to = "a step cache", "an uncached graph"
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        self.config.validate()
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         from passes.tome import graph_grid
 
         cfg = self.config
-        cfg.validate()
-        stamps = [s for s in provenance(model) if s.get("pass") == self.name]
-        if stamps:
-            if all(s == self.stamp() for s in stamps):
-                return PassResult(model, False)
-            raise DitmergeError(f"the graph already carries a step cache ({stamps[0]}); apply it to an uncached graph")
         grid = graph_grid(model)
         n = grid[0] * grid[1]
         span = locate_span(infer_shapes(self.locate_on if self.locate_on is not None else model), n, cfg.start, cfg.end)

@@ -11,6 +11,9 @@ import logging
 
 import onnx
 
+from passes.errors import DitmergeError
+from passes.onnxutil import provenance
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,6 +43,40 @@ class GraphPass:
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         self.requires(model)
+        result = self.call(model)
+        self.ensures(result.model)
+        return result
+
+
+class StampedPass(GraphPass):
+    """A pass that inserts a subgraph and stamps every node it inserts with :meth:`stamp` (provenance).
+
+    The contract, once for every method's pass: :meth:`requires` validates the configuration against the
+    graph; a graph that already carries this pass's stamp is returned unchanged (running a pass twice is a
+    no-op), and one stamped by this pass with other settings is refused, since merging an already merged
+    graph would compound the two.
+    """
+
+    carries: str = "this pass"  # what a stamped graph carries, for the refusal: "a ToMe merge"
+    apply_to: str = "the unmerged graph"
+
+    def stamp(self) -> dict:
+        """What the inserted nodes depend on (and nothing per bucket that the graph does not hold)."""
+        raise NotImplementedError
+
+    def stamped_by(self) -> frozenset[str]:
+        """The pass names whose stamps count as this pass's (ToMe's merges share one namespace)."""
+        return frozenset({self.name})
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        self.requires(model)
+        names = self.stamped_by()
+        stamps = [s for s in provenance(model) if s.get("pass") in names]
+        if stamps:
+            if all(s == self.stamp() for s in stamps):
+                return PassResult(model, False)
+            raise DitmergeError(f"the graph already carries {self.carries} ({stamps[0]}); apply passes to "
+                                f"{self.apply_to}")
         result = self.call(model)
         self.ensures(result.model)
         return result

@@ -19,10 +19,10 @@ import onnx
 from passes.cleanup import FreeTokenAxisPass
 from passes.errors import DitmergeError
 from passes.graphbuild import Emitter, count_input
-from passes.infra import GraphPass, PassResult
+from passes.infra import PassResult, StampedPass
 from passes.locate import Topology, _node_scopes, tensor_shapes
 from passes.mod_graph import build_combine, build_route
-from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
+from passes.onnxutil import export_graph, import_graph, infer_shapes, set_model_meta
 from passes.tome import TOPK_LIMIT, graph_grid
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class ModConfig:
                                     f"use a grid of at most {TOPK_LIMIT} tokens or a higher compression")
 
 
-class ModPass(GraphPass):
+class ModPass(StampedPass):
     """Insert MoD routing around every transformer block; a second run with the same config is a no-op."""
 
     name = "mod"
@@ -114,16 +114,16 @@ class ModPass(GraphPass):
         return {"pass": self.name, "method": "mod",
                 "capacities": ["count" if i in cfg.dynamic else k for i, k in enumerate(cfg.capacities)]}
 
+    carries, apply_to = "MoD routing", "the unrouted graph"
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        grid = graph_grid(model)
+        self.config.validate(grid[0] * grid[1])
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         cfg = self.config
         grid = graph_grid(model)
         n = grid[0] * grid[1]
-        cfg.validate(n)
-        stamps = [s for s in provenance(model) if s.get("pass") == self.name]
-        if stamps:
-            if all(s == self.stamp() for s in stamps):
-                return PassResult(model, False)
-            raise DitmergeError(f"the graph already carries MoD routing ({stamps[0]}); apply passes to the unrouted graph")
         model = FreeTokenAxisPass(n)(model).model
         shaped = infer_shapes(model)
         blocks = find_blocks(shaped, n)

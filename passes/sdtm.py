@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 from passes.cleanup import FreeTokenAxisPass
 from passes.errors import DitmergeError
 from passes.graphbuild import Emitter, count_input, count_value
-from passes.infra import GraphPass, PassResult
+from passes.infra import GraphPass, PassResult, StampedPass
 from passes.locate import Site, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
 from passes.partition import layout, num_dst, plan_bands
@@ -121,7 +121,7 @@ class SdtmConfig:
             raise DitmergeError(f"SDTM blend weight {self.blend} is outside [0, 1]")
 
 
-class SdtmPass(GraphPass):
+class SdtmPass(StampedPass):
     """Insert one SDTM variant (see the module docstring); a second run is a no-op."""
 
     name = "sdtm"
@@ -140,17 +140,15 @@ class SdtmPass(GraphPass):
         # JSON round trip: the stamp is compared with the one read back from the graph
         return json.loads(json.dumps({"pass": self.name, "method": "sdtm", **cfg}))
 
+    carries = "an SDTM merge"
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        self.config.validate()
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         cfg = self.config
-        cfg.validate()
         grid = graph_grid(model)
         n = grid[0] * grid[1]
-        stamps = [s for s in provenance(model) if s.get("pass") == self.name]
-        if stamps:
-            if all(s == self.stamp() for s in stamps):
-                return PassResult(model, False)
-            raise DitmergeError(f"the graph already carries an SDTM merge ({stamps[0]}); apply passes to the unmerged graph")
-
         model = FreeTokenAxisPass(n)(model).model
         shaped = infer_shapes(model)
         sites = find_sites(shaped, n)

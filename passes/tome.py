@@ -20,9 +20,9 @@ import onnx_graphsurgeon as gs
 from passes.errors import DitmergeError
 from passes.cleanup import FreeTokenAxisPass
 from passes.graphbuild import Emitter, count_input
-from passes.infra import GraphPass, PassResult
+from passes.infra import PassResult, StampedPass
 from passes.locate import Site, Topology, _node_scopes, find_sites, tensor_shapes
-from passes.onnxutil import export_graph, get_model_meta, import_graph, infer_shapes, provenance, set_model_meta
+from passes.onnxutil import export_graph, get_model_meta, import_graph, infer_shapes, set_model_meta
 from passes.partition import num_dst, plan_bands
 from passes.tome_graph import Geometry, MatchState, build_match, build_merge, build_unmerge
 from passes.trt_limits import TOPK_MAX_K as TOPK_LIMIT  # re-exported: the other methods' passes import it from here
@@ -113,7 +113,7 @@ def merge_sites(model: onnx.ModelProto, locations: tuple[str, ...]) -> tuple[lis
     return chosen, skipped, sites, shaped
 
 
-class ToMePass(GraphPass):
+class ToMePass(StampedPass):
     """Insert ToMe at ``config.ratio``; ratio 0 inserts nothing; a second run is a no-op."""
 
     name = "tome"
@@ -132,15 +132,17 @@ class ToMePass(GraphPass):
                 "locations": list(self.config.locations), "metric": self.config.metric,
                 **({"r_blocks": dict(self.config.r_blocks)} if self.config.r_blocks else {})}
 
+    carries = "a ToMe merge"
+
+    def stamped_by(self) -> frozenset[str]:
+        return frozenset(self.MERGE_PASSES)
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        self.config.validate(graph_grid(model))
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         cfg = self.config
         grid = graph_grid(model)
-        cfg.validate(grid)
-        stamps = [s for s in provenance(model) if s.get("pass") in self.MERGE_PASSES]
-        if stamps:
-            if all(s == self.stamp() for s in stamps):
-                return PassResult(model, False)
-            raise DitmergeError(f"the graph already carries a ToMe merge ({stamps[0]}); apply passes to the unmerged graph")
         n = grid[0] * grid[1]
         na = n - num_dst(grid, cfg.stride)
         bands = plan_bands(grid, cfg.stride, cfg.max_src_per_band)
