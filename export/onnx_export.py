@@ -34,7 +34,22 @@ def export_onnx(model: torch.nn.Module, out_path: Path, grid: tuple[int, int], t
     """Export ``model`` to ``out_path`` (+ ``weights.bin`` beside it); returns the weightless ModelProto.
 
     ``text_len`` is the prompt length of the example inputs only: the graph takes any length.
+    With ``DITMERGE_EXPORT_CACHE`` set, an export of the same model, grid and code is copied from the cache
+    (:mod:`export.export_cache`) instead of being redone.
     """
+    from export import export_cache
+
+    weights = out_path.parent / WEIGHTS_FILE
+    key = export_cache.export_key(model, grid, text_len, {"opset": OPSET}) if export_cache.cache_dir() else None
+    if key and export_cache.restore(key, {"base.onnx": out_path, WEIGHTS_FILE: weights}):
+        return onnx.load(out_path, load_external_data=False)
+    proto = _export(model, out_path, grid, text_len)
+    if key:
+        export_cache.store(key, {"base.onnx": out_path, WEIGHTS_FILE: weights})
+    return proto
+
+
+def _export(model: torch.nn.Module, out_path: Path, grid: tuple[int, int], text_len: int) -> onnx.ModelProto:
     family = family_of(model)
     inputs = example_inputs(model, 2, grid, text_len)
     names = list(inputs)

@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Exports of the same model, grid and export code are reused across the session (export/export_cache.py):
+# most tests build plans of the same few tiny models, and the export is most of a build's time. Set here, so the
+# `python -m export` subprocesses of the CLI tests share it; tests/export/test_export_cache.py tests the cache.
+if not os.environ.get("DITMERGE_EXPORT_CACHE"):
+    _cache = tempfile.mkdtemp(prefix="ditmerge-export-cache-")
+    os.environ["DITMERGE_EXPORT_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
