@@ -26,7 +26,7 @@ requests with equal steps and guidance share one denoising loop (``generate.samp
 still gets exactly its own images. For an unmerged (ratio 0) plan the two definitions coincide.
 
 That needs a method whose graphs and runtime policy treat each batch row on its own (apart from the
-shared partition): ToMe, CA-ToMe and AT-EDM do (tests/serve checks each). SDTM does not: its partition
+shared partition; the policy's ``rows_independent``): ToMe, CA-ToMe and AT-EDM do (tests/serve checks each). SDTM does not: its partition
 follows staleness counters summed over the batch. Plans of such methods, and of methods not yet checked,
 still batch requests through Serve, but each request runs its own denoising loop.
 """
@@ -56,8 +56,6 @@ FIELDS = ("class_label", "prompt", "seed", "steps", "guidance", "num_images")
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0
 MAX_SEED = 2**63 - 1
-# methods whose requests may share a denoising loop and still get exactly their own images (see above)
-LOOP_SHARING_METHODS = ("tome", "catome", "atedm")
 
 
 class RequestError(DitmergeError):
@@ -232,7 +230,7 @@ class PlanService:
         self.num_classes = int(self.transformer.config.num_embeds_ada_norm)
         self.scheduler_config = self.plan.model.get("scheduler")
         self.method = self.plan.method.get("name", "tome")
-        self.shares_loops = self.method in LOOP_SHARING_METHODS
+        self.shares_loops = self.transformer.policy.rows_independent
         if not self.shares_loops:
             logger.info("method %s: each request runs its own denoising loop (batch rows are not independent "
                         "or not checked to be)", self.method)

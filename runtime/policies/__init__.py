@@ -33,6 +33,11 @@ class GenState:
 class StepPolicy:
     """Base policy: every step runs the bucket's main graph with no extra inputs."""
 
+    # each batch row's result depends only on that row (and the shared partition): requests served together
+    # may share one denoising loop and still get exactly their own images (runtime/service.py; tests/serve
+    # checks every method that says so)
+    rows_independent = False
+
     def __init__(self, plan, deterministic: bool = False) -> None:
         self.plan = plan
         self.deterministic = deterministic  # fixed partitions / no random draws, for reproducible checks

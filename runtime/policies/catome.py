@@ -33,6 +33,8 @@ PAPER_SCHEDULE = (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49)  # as export
 
 
 class CaToMePolicy(StepPolicy):
+    rows_independent = True  # the cached matching is per row ([B, K, Na])
+
     def __init__(self, plan, deterministic: bool = False) -> None:
         super().__init__(plan, deterministic)
         self.stride = tuple(self.params.get("stride", (2, 2)))

@@ -53,6 +53,7 @@ class PartitionDraws:
 
 
 class ToMePolicy(StepPolicy):
+    rows_independent = True
     AHEAD = 16  # steps whose partitions are drawn at once
 
     def __init__(self, plan, deterministic: bool = False) -> None:
