@@ -10,14 +10,17 @@ graph variant is also checked against its twin per forward when the plan is buil
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import runtime
 from export.build import build_plan
-from tests.helpers import METHOD_ATOL, assert_close
+from tests.helpers import EXPORT_ATOL, METHOD_ATOL, assert_close
 from tests.pipelines.components import RECIPES, pipeline
 from tests.pipelines.test_pipelines import PIPELINE_TWIN_ATOL, _eager, _run
 from tests.pipelines.twins import TWINS
@@ -65,3 +68,47 @@ def test_method_plan_equals_twin_pipeline(method, name, pipeline_plans, tmp_path
     steps = Counter(v for _, _, v in twin.log)
     print(f"{method} in {name}: plan vs twin pipeline max abs {err:.2e} (twin vs unmerged {moved:.2e}); per-forward "
           f"{max(b['fidelity_max_abs'] for b in manifest['buckets']):.2e}; steps {dict(steps)}, graphs {sorted(ran)}")
+
+
+def _with_interval(plan: Path, interval: int, out: Path) -> Path:
+    """A copy of a cache plan whose schedule runs a full step every ``interval`` steps: the graphs do not depend
+    on it (it is the runtime's), so the copy is what ``-o interval=N`` builds, without a second export."""
+    shutil.copytree(plan, out, copy_function=os.link)
+    manifest = json.loads((plan / "plan.json").read_text())
+    manifest["method"]["params"]["interval"] = [interval]
+    for b in manifest["buckets"]:
+        b["method_meta"]["interval"] = interval
+    (out / "plan.json").unlink()  # a hard link to the original's
+    (out / "plan.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.parametrize("name", ["pixart-alpha", "sd3"])
+def test_cache_plan_in_pipeline(name, pipeline_plans, tmp_path):
+    """Step caching with its default options (one bucket, span: every block but the first, a full step every 3,
+    every step above t = 900 full) equals the eager twin pipeline (CacheTwin per step); with interval 1
+    (every step full) the plan equals the eager pipeline."""
+    model_dir, _ = pipeline_plans(name, "unmerged")
+    out = tmp_path / "plan"
+    build_plan(str(model_dir), method="cache", out=out, measure=True, repeats=1, progress=False)
+    manifest = json.loads((out / "plan.json").read_text())
+    for b in manifest["buckets"]:
+        assert b["fidelity_max_abs"] <= METHOD_ATOL, (b["index"], b["fidelity"])
+    pipe = pipeline(RECIPES[name], _eager(name, model_dir))
+    tf = runtime.load(out, pipeline=pipe)
+    images = _run(pipe, name, output_type="np")
+    twin = TWINS["cache"](_eager(name, model_dir), manifest, seed=tf.seed)
+    expected = _run(pipeline(RECIPES[name], twin), name, output_type="np")
+    assert Counter(v for _, _, v in twin.log)["cached"] >= len(twin.log) // 3, twin.log
+    assert tf._gen.state.data["log"] == twin.log, "the runtime's step decisions differ from the cache schedule"
+    err = assert_close(images, expected, PIPELINE_TWIN_ATOL, f"cache in {name}: plan vs eager twin pipeline")
+
+    tf = runtime.load(_with_interval(out, 1, tmp_path / "every"), pipeline=pipe)
+    got = _run(pipe, name, output_type="np")
+    assert {v for _, _, v in tf._gen.state.data["log"]} == {"main"}
+    eager = _run(pipeline(RECIPES[name], _eager(name, model_dir)), name, output_type="np")
+    err0 = assert_close(got, eager, EXPORT_ATOL, f"cache interval 1 in {name} vs eager pipeline")
+    moved = float(np.abs(expected - eager).max())
+    assert moved > PIPELINE_TWIN_ATOL, f"the cached steps left the images within tolerance of eager ({moved:.1e})"
+    print(f"cache in {name}: interval 1 vs eager max abs {err0:.2e}; default schedule vs twin pipeline {err:.2e} "
+          f"(twin vs eager {moved:.2e}); steps {dict(Counter(v for _, _, v in twin.log))}")
