@@ -35,6 +35,22 @@ METHODS = {
 VARIANTS = {"sdtm": {"main", "full"}, "catome": {"main", "match"}, "atedm": {"main"}}
 
 
+# the pipelines each plan runs in: PixArt-Sigma's runs the PixArt-alpha plan (the same transformer; 300-token prompts)
+PIPELINES = {"dit": ("dit",), "pixart-alpha": ("pixart-alpha", "pixart-sigma"), "sd3": ("sd3",)}
+
+
+def _plan_and_twin(method: str, pipe_name: str, model_dir, plan, manifest: dict):
+    """One default generation with the plan as ``pipe.transformer`` and one with the eager twin pipeline:
+    (plan images, twin images, the runtime's step log, the twin's, the pipeline with the plan, its transformer)."""
+    pipe = pipeline(RECIPES[pipe_name], _eager(pipe_name, model_dir))
+    tf = runtime.load(plan, pipeline=pipe)
+    images = _run(pipe, pipe_name, output_type="np")
+    policy_log = list(tf._gen.state.data.get("log", []))
+    twin = TWINS[method](_eager(pipe_name, model_dir), manifest, seed=tf.seed)
+    expected = _run(pipeline(RECIPES[pipe_name], twin), pipe_name, output_type="np")
+    return images, expected, policy_log, twin.log, pipe, tf
+
+
 @pytest.mark.parametrize("name", ["dit", "pixart-alpha"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_plan_equals_twin_pipeline(method, name, pipeline_plans, tmp_path):
@@ -47,27 +63,23 @@ def test_method_plan_equals_twin_pipeline(method, name, pipeline_plans, tmp_path
     manifest = json.loads((out / "plan.json").read_text())
     for b in manifest["buckets"]:
         assert b["fidelity_max_abs"] <= METHOD_ATOL, (b["index"], b["fidelity"])
-    pipe = pipeline(RECIPES[name], _eager(name, model_dir))
-    tf = runtime.load(out, pipeline=pipe)
-    images = _run(pipe, name, output_type="np")
-    policy_log = list(tf._gen.state.data.get("log", []))
-    twin = TWINS[method](_eager(name, model_dir), manifest, seed=tf.seed)
-    expected = _run(pipeline(RECIPES[name], twin), name, output_type="np")
-    runtime.load(unmerged, pipeline=pipe)
-    plain = _run(pipe, name, output_type="np")
+    for pipe_name in PIPELINES[name]:
+        images, expected, policy_log, log, pipe, tf = _plan_and_twin(method, pipe_name, model_dir, out, manifest)
+        runtime.load(unmerged, pipeline=pipe)
+        plain = _run(pipe, pipe_name, output_type="np")
 
-    ran = {rn.graph_path.name for rn in tf._runners.values()}
-    assert ran - {"base.onnx"}, f"only the unmerged graph ran: {ran}"
-    assert {v for _, _, v in twin.log} >= VARIANTS[method], twin.log
-    assert len({bi for _, bi, _ in twin.log}) == len(manifest["buckets"]), "the generation missed a bucket"
-    if policy_log:  # the runtime's own record of its decisions (SDTM, CA-ToMe)
-        assert policy_log == twin.log, "the runtime's step decisions differ from the method's schedule"
-    err = assert_close(images, expected, PIPELINE_TWIN_ATOL, f"{method} in {name}: plan vs eager twin pipeline")
-    moved = float(np.abs(expected - plain).max())
-    assert moved > PIPELINE_TWIN_ATOL, f"the method's twin is within tolerance of the unmerged images ({moved:.1e})"
-    steps = Counter(v for _, _, v in twin.log)
-    print(f"{method} in {name}: plan vs twin pipeline max abs {err:.2e} (twin vs unmerged {moved:.2e}); per-forward "
-          f"{max(b['fidelity_max_abs'] for b in manifest['buckets']):.2e}; steps {dict(steps)}, graphs {sorted(ran)}")
+        ran = {rn.graph_path.name for rn in tf._runners.values()}
+        assert ran - {"base.onnx"}, f"only the unmerged graph ran: {ran}"
+        assert {v for _, _, v in log} >= VARIANTS[method], log
+        assert len({bi for _, bi, _ in log}) == len(manifest["buckets"]), "the generation missed a bucket"
+        if policy_log:  # the runtime's own record of its decisions (SDTM, CA-ToMe)
+            assert policy_log == log, "the runtime's step decisions differ from the method's schedule"
+        err = assert_close(images, expected, PIPELINE_TWIN_ATOL, f"{method} in {pipe_name}: plan vs eager twin pipeline")
+        moved = float(np.abs(expected - plain).max())
+        assert moved > PIPELINE_TWIN_ATOL, f"the method's twin is within tolerance of the unmerged images ({moved:.1e})"
+        print(f"{method} in {pipe_name}: plan vs twin pipeline max abs {err:.2e} (twin vs unmerged {moved:.2e}); "
+              f"per-forward {max(b['fidelity_max_abs'] for b in manifest['buckets']):.2e}; "
+              f"steps {dict(Counter(v for _, _, v in log))}, graphs {sorted(ran)}")
 
 
 def _with_interval(plan: Path, interval: int, out: Path) -> Path:
@@ -94,21 +106,19 @@ def test_cache_plan_in_pipeline(name, pipeline_plans, tmp_path):
     manifest = json.loads((out / "plan.json").read_text())
     for b in manifest["buckets"]:
         assert b["fidelity_max_abs"] <= METHOD_ATOL, (b["index"], b["fidelity"])
-    pipe = pipeline(RECIPES[name], _eager(name, model_dir))
-    tf = runtime.load(out, pipeline=pipe)
-    images = _run(pipe, name, output_type="np")
-    twin = TWINS["cache"](_eager(name, model_dir), manifest, seed=tf.seed)
-    expected = _run(pipeline(RECIPES[name], twin), name, output_type="np")
-    assert Counter(v for _, _, v in twin.log)["cached"] >= len(twin.log) // 3, twin.log
-    assert tf._gen.state.data["log"] == twin.log, "the runtime's step decisions differ from the cache schedule"
-    err = assert_close(images, expected, PIPELINE_TWIN_ATOL, f"cache in {name}: plan vs eager twin pipeline")
+    every = _with_interval(out, 1, tmp_path / "every")
+    for pipe_name in PIPELINES[name]:
+        images, expected, policy_log, log, pipe, _ = _plan_and_twin("cache", pipe_name, model_dir, out, manifest)
+        assert Counter(v for _, _, v in log)["cached"] >= len(log) // 3, log
+        assert policy_log == log, "the runtime's step decisions differ from the cache schedule"
+        err = assert_close(images, expected, PIPELINE_TWIN_ATOL, f"cache in {pipe_name}: plan vs eager twin pipeline")
 
-    tf = runtime.load(_with_interval(out, 1, tmp_path / "every"), pipeline=pipe)
-    got = _run(pipe, name, output_type="np")
-    assert {v for _, _, v in tf._gen.state.data["log"]} == {"main"}
-    eager = _run(pipeline(RECIPES[name], _eager(name, model_dir)), name, output_type="np")
-    err0 = assert_close(got, eager, EXPORT_ATOL, f"cache interval 1 in {name} vs eager pipeline")
-    moved = float(np.abs(expected - eager).max())
-    assert moved > PIPELINE_TWIN_ATOL, f"the cached steps left the images within tolerance of eager ({moved:.1e})"
-    print(f"cache in {name}: interval 1 vs eager max abs {err0:.2e}; default schedule vs twin pipeline {err:.2e} "
-          f"(twin vs eager {moved:.2e}); steps {dict(Counter(v for _, _, v in twin.log))}")
+        tf = runtime.load(every, pipeline=pipe)
+        got = _run(pipe, pipe_name, output_type="np")
+        assert {v for _, _, v in tf._gen.state.data["log"]} == {"main"}
+        eager = _run(pipeline(RECIPES[pipe_name], _eager(pipe_name, model_dir)), pipe_name, output_type="np")
+        err0 = assert_close(got, eager, EXPORT_ATOL, f"cache interval 1 in {pipe_name} vs eager pipeline")
+        moved = float(np.abs(expected - eager).max())
+        assert moved > PIPELINE_TWIN_ATOL, f"the cached steps left the images within tolerance of eager ({moved:.1e})"
+        print(f"cache in {pipe_name}: interval 1 vs eager max abs {err0:.2e}; default schedule vs twin pipeline "
+              f"{err:.2e} (twin vs eager {moved:.2e}); steps {dict(Counter(v for _, _, v in log))}")
