@@ -95,7 +95,7 @@ def _with_interval(plan: Path, interval: int, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["pixart-alpha", "sd3"])
+@pytest.mark.parametrize("name", ["dit", "pixart-alpha", "sd3"])
 def test_cache_plan_in_pipeline(name, pipeline_plans, tmp_path):
     """Step caching with its default options (one bucket, span: every block but the first, a full step every 3,
     every step above t = 900 full) equals the eager twin pipeline (CacheTwin per step); with interval 1
