@@ -74,7 +74,7 @@ def test_method_plan_equals_twin_pipeline(method, name, pipeline_plans, tmp_path
         assert len({bi for _, bi, _ in log}) == len(manifest["buckets"]), "the generation missed a bucket"
         if policy_log:  # the runtime's own record of its decisions (SDTM, CA-ToMe)
             assert policy_log == log, "the runtime's step decisions differ from the method's schedule"
-        err = assert_close(images, expected, PIPELINE_TWIN_ATOL, f"{method} in {pipe_name}: plan vs eager twin pipeline")
+        err = assert_close(images, expected, PIPELINE_TWIN_ATOL, f"{method} in {pipe_name}: plan vs twin pipeline")
         moved = float(np.abs(expected - plain).max())
         assert moved > PIPELINE_TWIN_ATOL, f"the method's twin is within tolerance of the unmerged images ({moved:.1e})"
         print(f"{method} in {pipe_name}: plan vs twin pipeline max abs {err:.2e} (twin vs unmerged {moved:.2e}); "

@@ -5,7 +5,8 @@ Each twin stands in for ``pipe.transformer`` as the plan does. Per call it finds
 timestep from the manifest's spans, decides which variant the method runs at this step from the plan's
 parameters (re-implemented here from the method's description, not taken from ``runtime.policies``),
 draws what the step needs from its own seeded stream (the stream ``runtime.load(seed=...)`` starts each
-generation with), runs the eager twin of that variant (``passes/*_twin.py``) and carries the step's state
+generation with; through the same pure draw functions, ``passes.partition.draw_partition`` and
+``passes.sdtm.partition_from_counter``), runs the eager twin of that variant (``passes/*_twin.py``) and carries the step's state
 (counters, caches, matchings, residuals) to the next call. ``log`` records (call, bucket, variant).
 
 A twin serves one generation: make a new one per pipeline call.
@@ -98,7 +99,8 @@ class SdtmTwinTransformer(TwinTransformer):
         has_full = "full" in bucket.get("graphs", {})
         stale = any(p not in self.cache or self.cache[p].shape[0] != batch for p in meta.get("cache_inputs", {}))
         if has_full and (stale or (self.protect_every and self.step % self.protect_every == 0)):
-            self.twin = SdtmTwin(self.model, {"variant": "full", "cache_sites": meta["cache_sites"]}, meta.get("prompt"))
+            full = {"variant": "full", "cache_sites": meta["cache_sites"]}
+            self.twin = SdtmTwin(self.model, full, meta.get("prompt"))
             return "full", self.twin.installed()
         if not meta.get("removed"):
             self.twin = None
@@ -135,7 +137,7 @@ class CaToMeTwinTransformer(TwinTransformer):
         self.pending = sorted((float(c) for c in self.params["checkpoint_timesteps"]), reverse=True)
         self.use_cache = bool(self.params.get("cache", True))
         self.cached: tuple[int, int, dict] | None = None  # (bucket, batch, matching)
-        self.twin = None
+        self.twin, self.batch = None, 0
 
     def step_twin(self, t, bucket, batch):
         from passes.catome_twin import CaToMeTwin
@@ -189,7 +191,7 @@ class CacheTwinTransformer(TwinTransformer):
         super().__init__(model, manifest, seed)
         self.residuals: tuple[list, int, dict] | None = None  # (span, batch, stream -> residual)
         self.since = 0
-        self.twin = None
+        self.twin, self.batch = None, 0
 
     def step_twin(self, t, bucket, batch):
         from passes.cache_twin import CacheTwin
