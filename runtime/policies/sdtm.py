@@ -36,10 +36,15 @@ class SdtmPolicy(StepPolicy):
         self.tokens = self.grid[0] * self.grid[1]
 
     def start(self, state: GenState) -> None:
-        state.data["counter"] = None
-        state.data["cache"] = {}
+        state.data.update(counter=None, cache={}, log=[])
 
     def select(self, state: GenState, bucket, batch: int) -> tuple[str, dict[str, np.ndarray]]:
+        variant, feed = self._select(state, bucket, batch)
+        # (call, bucket, variant): which graphs ran, for reports and tests
+        state.data.setdefault("log", []).append((state.steps, bucket.index, variant))
+        return variant, feed
+
+    def _select(self, state: GenState, bucket, batch: int) -> tuple[str, dict[str, np.ndarray]]:
         meta = bucket.meta
         cache = state.data.setdefault("cache", {})
         needs = list(meta.get("cache_inputs", {}))
