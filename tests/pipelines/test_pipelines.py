@@ -196,3 +196,26 @@ def test_mismatches_are_refused(pipeline_plans):
     # arguments the graph cannot honour are refused, not dropped
     with pytest.raises(DitmergeError, match="joint_attention_kwargs"):
         _run(sd3, "sd3", joint_attention_kwargs={"scale": 0.5}, num_inference_steps=2)
+
+
+@pytest.mark.parametrize("kind", ["unmerged", "tome"])
+def test_flux_true_cfg(kind, pipeline_plans):
+    """FluxPipeline's true classifier-free guidance (``true_cfg_scale`` with negative prompt embeddings) calls
+    the transformer twice per step, under ``cache_context("cond")`` and ``("uncond")``: the plan gives the eager
+    pipeline's (ratio 0) or the eager twin's (ToMe) images."""
+    model_dir, plan = pipeline_plans("flux", kind)
+    g = torch.Generator().manual_seed(7)
+    kw = dict(true_cfg_scale=2.0, negative_prompt_embeds=torch.randn(1, 512, 32, generator=g),
+              negative_pooled_prompt_embeds=torch.randn(1, 16, generator=g), num_inference_steps=6, output_type="np")
+    manifest = json.loads((plan / "plan.json").read_text())
+    reference = TwinTransformer(_eager("flux", model_dir), manifest)
+    expected = _run(pipeline(RECIPES["flux"], reference), "flux", **kw)
+    through = pipeline(RECIPES["flux"], _eager("flux", model_dir))
+    runtime.load(plan, deterministic=True, pipeline=through)
+    got = _run(through, "flux", **kw)
+    assert len(reference.calls) == 2 * 6, "true CFG makes two transformer calls per step"
+    plain = _run(through, "flux", num_inference_steps=6, output_type="np")
+    assert float(np.abs(got - plain).max()) > 1e-3, "the negative prompt changed nothing: true CFG did not run"
+    atol = EXPORT_ATOL if kind == "unmerged" else PIPELINE_TWIN_ATOL
+    err = assert_close(got, expected, atol, f"flux true CFG, {kind} plan vs eager")
+    print(f"flux true CFG ({kind}): max abs {err:.2e}")
