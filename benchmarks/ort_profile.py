@@ -32,15 +32,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import DIT_XL_2  # noqa: E402
+from bench import DIT_XL_2, interleaved
 
-from export.measure import feed_of  # noqa: E402
-from export.onnx_export import example_inputs  # noqa: E402
-from passes.counts import count_feed  # noqa: E402
-from passes.partition import draw_partition  # noqa: E402
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT  # noqa: E402
-from runtime.ort_optimize import optimized_copy  # noqa: E402
-from runtime.runners import OrtRunner, SharedWeights  # noqa: E402
+from export.measure import feed_of
+from export.onnx_export import example_inputs
+from passes.counts import count_feed
+from passes.partition import draw_partition
+from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+from runtime.ort_optimize import disabled_optimizers, optimized_copy
+from runtime.runners import OrtRunner, SharedWeights
 
 logger = logging.getLogger("ort_profile")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,20 +68,26 @@ def build(work: Path, layers: int, px: int) -> tuple[Path, dict, tuple[int, int]
     return plan_dir, json.loads((plan_dir / "plan.json").read_text()), grid
 
 
-def profile(runner: OrtRunner, feed: dict, forwards: int = 3) -> dict:
-    """onnxruntime's node profile of ``forwards`` forwards (after one warm-up): ms per forward by op type, the
-    ToMe nodes' ms by op type, and how many nodes of each fused op type one forward runs."""
+def session(path: Path, weights: SharedWeights, disabled: list[str], profiling: bool = False):
+    """A CPU session over ``path`` as OrtRunner makes one, with onnxruntime's ``disabled`` fusions left out."""
+    import onnx
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.enable_profiling = True
+    opts.enable_profiling = profiling
     opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "ditmerge_ort_profile")
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    keep = runner.weights.initializers(__import__("onnx").load(runner.session_path, load_external_data=False))
-    for name, value in keep.items():
+    for name, value in weights.initializers(onnx.load(path, load_external_data=False)).items():
         opts.add_initializer(name, value)
-    sess = ort.InferenceSession(str(runner.session_path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
+def profile(runner: OrtRunner, feed: dict, forwards: int = 3) -> dict:
+    """onnxruntime's node profile of ``forwards`` forwards (after one warm-up), its fusions as the runner
+    has them: ms per forward by op type, the ToMe nodes' ms by op type, and how many nodes of each fused op
+    type one forward runs."""
+    sess = session(runner.session_path, runner.weights, disabled_optimizers(runner.providers), profiling=True)
     sess.run(None, feed)
     for _ in range(forwards):
         sess.run(None, feed)
@@ -107,22 +113,41 @@ def profile(runner: OrtRunner, feed: dict, forwards: int = 3) -> dict:
             "fused_ops": {k: round(count[k]) for k in FUSED_OPS if count[k]}}
 
 
+def skip_layernorm_kernel(shape: tuple[int, int, int], rounds: int) -> dict:
+    """onnxruntime CPU's SkipLayerNormalization (sum kept, as a residual needs it) against the Add and
+    LayerNormalization it replaces, on one ``[B, N, C]`` tensor pair: per-call latency."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    c = shape[-1]
+    io = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(shape)) for n in ("a", "b")]
+    outs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("y", "s")]
+    gamma = onnx.numpy_helper.from_array(np.ones(c, np.float32), "g")
+    pair = [helper.make_node("Add", ["a", "b"], ["s"]),
+            helper.make_node("LayerNormalization", ["s", "g"], ["y"], axis=-1, epsilon=1e-6)]
+    fused = [helper.make_node("SkipLayerNormalization", ["a", "b", "g"], ["y", "", "", "s"], domain="com.microsoft",
+                              epsilon=1e-6)]
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {name: ort.InferenceSession(helper.make_model(helper.make_graph(nodes, name, io, outs, [gamma]),
+                                                             opset_imports=opsets, ir_version=10).SerializeToString(),
+                                           opts, providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=["SkipLayerNormFusion"])
+                for name, nodes in (("Add + LayerNormalization", pair), ("SkipLayerNormalization", fused))}
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.standard_normal(shape).astype(np.float32), "b": rng.standard_normal(shape).astype(np.float32)}
+    return latency({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, rounds)
+
+
 def max_abs(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
 
 
-def interleaved(calls: dict, rounds: int) -> dict:
-    """Per call: median and min wall ms, median CPU ms (all threads of the process) per forward."""
-    for fn in calls.values():
-        fn()
-    wall = {k: [] for k in calls}
-    cpu = {k: [] for k in calls}
-    for _ in range(rounds):
-        for k, fn in calls.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[k].append(time.perf_counter() - w0)
-            cpu[k].append(time.process_time() - c0)
+def latency(calls: dict, rounds: int) -> dict:
+    """Per call: median and min wall ms, median CPU ms (every thread of the process) per forward."""
+    wall, cpu = interleaved(calls, rounds)
     return {k: {"median_ms": float(np.median(wall[k])) * 1e3, "min_ms": float(np.min(wall[k])) * 1e3,
                 "cpu_median_ms": float(np.median(cpu[k])) * 1e3} for k in calls}
 
@@ -172,19 +197,24 @@ def main(argv: list[str] | None = None) -> dict:
     calls = {k: (lambda rn=rn, f=f: rn.infer(f)) for k, (rn, f) in cases.items()}
     half = next(b for b in manifest["buckets"] if b["ratio"] == 0.5)
     half_feed = {**data, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv, **count_feed(half["counts"])}
+    # onnxruntime's own SkipLayerNormFusion, which OrtRunner leaves out on CPU (it fuses base.onnx's last pair)
+    fusing = session(plan_dir / manifest["base"]["graph"], weights, [])
+    calls["base.onnx, onnxruntime's SkipLayerNormFusion on"] = lambda: fusing.run(None, data)
     if not args.no_threads:
         for label, kw in (("spinning on", {"spinning": True}), ("1 thread", {"threads": 1})):
-            rn = runner(graph, True, **kw)
-            calls[f"plan r={half['r']} (0.5) (ort copy), {label}"] = lambda rn=rn: rn.infer(half_feed)
+            rn = runner(graph, False, **kw)
+            calls[f"plan r={half['r']} (0.5), {label}"] = lambda rn=rn: rn.infer(half_feed)
     logger.info("timing %d variants, %d interleaved rounds", len(calls), args.rounds)
-    lat = interleaved(calls, args.rounds)
+    lat = latency(calls, args.rounds)
+    kernel = skip_layernorm_kernel((2, grid[0] * grid[1], DIT_XL_2["num_attention_heads"] * DIT_XL_2["attention_head_dim"]),
+                                   max(50, args.rounds))
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"load {os.getloadavg()[0]:.1f}",
               "date": time.strftime("%Y-%m-%d"),
               "model": f"DiT-XL/2 architecture, {args.layers} of 28 blocks, {args.px}px ({grid[0] * grid[1]} tokens), "
                        "batch 2, random weights, onnxruntime CPU fp32",
               "command": "python benchmarks/ort_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "exactness_max_abs": exact, "profile": profiles, "latency": lat,
+              "exactness_max_abs": exact, "profile": profiles, "latency": lat, "skip_layernorm_kernel": kernel,
               "copy_speedup": {k.removesuffix(" (ort copy)"): _ratio(lat, k.removesuffix(" (ort copy)"), k)
                                for k in exact}}
     RESULTS.mkdir(exist_ok=True)
@@ -209,6 +239,9 @@ def table(result: dict) -> str:
     rows += ["", "| forward | median ms | min ms | CPU ms (median) |", "|---|---|---|---|"]
     rows += [f"| {k} | {v['median_ms']:.1f} | {v['min_ms']:.1f} | {v['cpu_median_ms']:.1f} |"
              for k, v in result["latency"].items()]
+    rows += ["", "| one residual Add + LayerNorm, [2, N, 1152] | median ms | min ms | CPU ms |", "|---|---|---|---|"]
+    rows += [f"| {k} | {v['median_ms']:.2f} | {v['min_ms']:.2f} | {v['cpu_median_ms']:.2f} |"
+             for k, v in result["skip_layernorm_kernel"].items()]
     rows += ["", "| ort copy vs plain | speed-up (median) | min | CPU | max abs |", "|---|---|---|---|---|"]
     rows += [f"| {k} | {v['median']:.3f}x | {v['min']:.3f}x | {v['cpu_median']:.3f}x | "
              f"{result['exactness_max_abs'][k + ' (ort copy)']:.1e} |" for k, v in result["copy_speedup"].items()]

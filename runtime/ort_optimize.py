@@ -25,7 +25,6 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-
 logger = logging.getLogger(__name__)
 
 COPY_SUFFIX = ".ort.onnx"
@@ -63,8 +62,8 @@ def optimized_copy(graph_path: Path) -> Path | None:
             meta = _copy_meta(onnx.load(out, load_external_data=False))
             if meta.get("source_sha256") == sha and meta.get("version") == VERSION:
                 return out
-        except Exception:  # a truncated or foreign file: made again
-            pass
+        except (OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
+            logger.debug("remaking the onnxruntime copy of %s: %s", graph_path.name, e)  # truncated or foreign
     model = onnx.load_from_string(data)
     fused = fuse_skip_layernorm(model)
     if not fused:
@@ -174,7 +173,7 @@ def _infer(model: onnx.ModelProto, probe: int) -> dict[tuple, dict[str, tuple]]:
         lifted = helper.make_model(flat, opset_imports=list(model.opset_import), ir_version=model.ir_version)
         try:
             done = onnx.shape_inference.infer_shapes(lifted, data_prop=True)
-        except Exception as e:  # shapes unknown here: nothing in this graph fuses
+        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:  # nothing here fuses
             logger.debug("shape inference failed on a lifted subgraph: %s", e)
             done = lifted
         known = out[path] = {}
