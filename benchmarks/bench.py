@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     lat_cpu: dict[str, float] = {}
     pair_base: dict[str, float] = {}  # the unmerged graph's median in the same group (its copy for a copy)
     pair_min: dict[str, float] = {}
+    pair_cpu: dict[str, float] = {}
     shares: dict[str, float] = {}
     prepack_cost = None  # unmerged latency with prepacking off / on, same group
     results = Path(args.results)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue  # torch.compile or tomesd failed or missing: logged by the child
             lat[k], lat_min[k], lat_cpu[k] = got["latency"][k], got["min"][k], got["cpu"][k]
             ref = "base no-prepack" if k.endswith("no-prepack") else f"base {COPY}" if k.endswith(COPY) else "base"
-            pair_base[k], pair_min[k] = got["latency"][ref], got["min"][ref]
+            pair_base[k], pair_min[k], pair_cpu[k] = got["latency"][ref], got["min"][ref], got["cpu"][ref]
         shares.update(got["matching_share"])
         if "base no-prepack" in got["latency"]:
             prepack_cost = got["latency"]["base no-prepack"] / got["latency"]["base"]
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "latency_min_ms": lat_min[k] * 1e3,
                      "cpu_ms": lat_cpu[k] * 1e3, "unmerged_ms": pair_base[k] * 1e3,
                      "speedup_vs_unmerged": speed, "speedup_vs_unmerged_min": pair_min[k] / lat_min[k],
+                     "speedup_vs_unmerged_cpu": pair_cpu[k] / lat_cpu[k],
                      "flops_rel": flops[g] / flops["base"], "flop_ideal_speedup": ideal,
                      "share_of_flop_ideal": speed / ideal, "r": metas.get(g, {}).get("r", 0)})
         if k in shares:  # profiled with prepacking on
@@ -266,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "latency_min_ms": lat_min[k] * 1e3,
                          "cpu_ms": lat_cpu[k] * 1e3, "unmerged_ms": pair_base[k] * 1e3,
                          "speedup_vs_unmerged": pair_base[k] / lat[k],
-                         "speedup_vs_unmerged_min": pair_min[k] / lat_min[k]})
+                         "speedup_vs_unmerged_min": pair_min[k] / lat_min[k],
+                         "speedup_vs_unmerged_cpu": pair_cpu[k] / lat_cpu[k]})
 
     weights = SharedWeights(work / WEIGHTS_FILE)
     runners = {k: OrtRunner(graphs[k], ["CPUExecutionProvider"], weights) for k in ("base", f"tome {best}")}
@@ -406,14 +409,15 @@ def table(result: dict) -> str:
     head = (f"{result['arch']}{blocks} at {result['px']} px ({result['tokens']} tokens), batch {result['batch']}, "
             f"{result['machine']}, {result.get('date', '')}")
     columns = ("| variant | latency ms (median / min / CPU) | unmerged ms (same group) | speed-up vs unmerged "
-               "(median / min) | vs eager | vs tomesd (median / min) | vs torch.compile (median / min) | FLOPs vs full "
+               "(median / min / CPU) | vs eager | vs tomesd (median / min) | vs torch.compile (median / min) | FLOPs vs full "
                "| FLOP-ideal | share of ideal | matching share |")
     lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         f = lambda key, fmt, r=r: format(r[key], fmt) if key in r else "-"
         pair = lambda key, r=r: f"{r[key]:.2f}x / {r[key + '_min']:.2f}x" if key in r else "-"
+        cpu = f" / {r['speedup_vs_unmerged_cpu']:.2f}x" if "speedup_vs_unmerged_cpu" in r else ""
         lines.append(f"| {r['variant']} | {r['latency_ms']:.1f} / {f('latency_min_ms', '.1f')} / {f('cpu_ms', '.1f')} | "
-                     f"{f('unmerged_ms', '.1f')} | {pair('speedup_vs_unmerged')} | {f('speedup_vs_eager', '.2f')} | "
+                     f"{f('unmerged_ms', '.1f')} | {pair('speedup_vs_unmerged')}{cpu} | {f('speedup_vs_eager', '.2f')} | "
                      f"{pair('speedup_vs_tomesd')} | {pair('speedup_vs_torch.compile')} | {f('flops_rel', '.3f')} | "
                      f"{f('flop_ideal_speedup', '.2f')} | {f('share_of_flop_ideal', '.0%')} | {f('matching_share', '.1%')} |")
     m = result["memory"]

@@ -42,7 +42,7 @@ def session_graph(graph_path: Path, providers: list[str], optimize: bool) -> Pat
 
 def disabled_optimizers(providers: list[str]) -> list[str]:
     """onnxruntime fusions a session leaves out: on CPU its SkipLayerNormalization kernel is slower than the
-    Add and LayerNormalization it replaces (3-5x at DiT-XL/2 width, onnxruntime 1.31;
+    Add and LayerNormalization it replaces (3.5x the CPU time at DiT-XL/2 width, onnxruntime 1.31;
     benchmarks/ort_profile.py)."""
     return ["SkipLayerNormFusion"] if list(providers) == ["CPUExecutionProvider"] else []
 

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from passes.errors import DitmergeError
+from runtime.ort_optimize import disabled_optimizers, session_graph
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,8 @@ class OrtRunner(Runner):
     """One onnxruntime session over one graph file, created on first use.
 
     ``spinning`` lets idle intra-op threads spin for work instead of sleeping: faster where one session runs
-    at a time, but the spinning threads of idle sessions steal the cores of a busy one. ``optimize``: a CPU
-    session runs the graph's onnxruntime-only copy (:mod:`runtime.ort_optimize`; never another provider).
+    at a time, but the spinning threads of idle sessions steal the cores of a busy one. ``optimize``: CPU
+    sessions run the graph's onnxruntime-only copy (:mod:`runtime.ort_optimize`), other providers never.
     """
 
     name = "onnxruntime"
@@ -146,8 +147,8 @@ class OrtRunner(Runner):
                  threads: int = 0, prepack: bool = True, spinning: bool = False, optimize: bool = False) -> None:
         super().__init__()
         self.graph_path, self.providers, self.weights, self.threads = graph_path, providers, weights, threads
-        self.prepack, self.spinning, self.optimize = prepack, spinning, optimize
-        self.session_path = graph_path  # the file the session runs: the graph, or its onnxruntime copy
+        # session_path: the file the session runs, the graph or its onnxruntime copy
+        self.prepack, self.spinning, self.optimize, self.session_path = prepack, spinning, optimize, graph_path
         self.session = None
         self._lock = threading.Lock()
 
@@ -163,8 +164,6 @@ class OrtRunner(Runner):
             # Prepacked MatMul weights are a private copy per session: a plan of N bucket sessions would hold
             # the weights N + 1 times. Without prepacking every session reads the one shared weights file.
             opts.add_session_config_entry("session.disable_prepacking", "1")
-        from runtime.ort_optimize import disabled_optimizers, session_graph
-
         self.session_path = session_graph(self.graph_path, self.providers, self.optimize)
         self._keep = {}
         if self.weights is not None:
@@ -176,7 +175,7 @@ class OrtRunner(Runner):
                                             disabled_optimizers=disabled_optimizers(self.providers))
         self.input_meta = {i.name: i for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
-        logger.debug("created %s session for %s (spinning %s)", self.providers[0], self.graph_path.name,
+        logger.debug("created %s session for %s (spinning %s)", self.providers[0], self.session_path.name,
                      "on" if self.spinning else "off")
 
     def activate(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -104,8 +106,7 @@ def test_other_providers_get_the_plain_graph(plan):
     assert not check_tensorrt(onnx.load(graph, load_external_data=False))
 
 
-def _add_ln(shape_a, shape_b) -> onnx.ModelProto:
-    c = shape_a[-1]
+def _add_ln(shape_a, shape_b, c: int = 8) -> onnx.ModelProto:
     nodes = [helper.make_node("Add", ["a", "b"], ["s"]),
              helper.make_node("LayerNormalization", ["s", "g"], ["y"], axis=-1, epsilon=1e-6),
              helper.make_node("Add", ["s", "y"], ["z"])]  # the sum read again, as a residual is
@@ -131,3 +132,35 @@ def test_broadcasting_add_is_left_alone():
     for shapes in ((["batch", 5, 8], [1, 5, 8]), ([1, 5, 8], ["batch", 5, 8]), (["batch", 5, 8], ["batch", 1, 8]),
                    (["batch", "n", 8], ["batch", "m", 8]), ([2, 3, 5, 8], [2, 3, 5, 8])):
         assert fuse_skip_layernorm(_add_ln(*shapes)) == 0, shapes
+
+
+def test_runner_falls_back_when_the_copy_refuses(tmp_path, caplog):
+    """A copy whose fused node refuses the fed shapes (forced here: rank 4, which SkipLayerNormalization does
+    not take) makes the runner log it and answer from the plain graph."""
+    import hashlib
+
+    from runtime.ort_optimize import META_KEY, VERSION
+
+    plain = _add_ln(None, None)  # shapes unknown: the rewrite itself would not fuse it
+    path = tmp_path / "g.onnx"
+    onnx.save(plain, path)
+    forced = _add_ln(None, None)
+    ln = next(n for n in forced.graph.node if n.op_type == "LayerNormalization")
+    fused = helper.make_node("SkipLayerNormalization", ["a", "b", "g"], ["y", "", "", "s"], domain="com.microsoft",
+                             epsilon=1e-6)
+    nodes = [fused] + [n for n in forced.graph.node if n.op_type == "Add" and n.output[0] == "z"]
+    del forced.graph.node[:]
+    forced.graph.node.extend(nodes)
+    forced.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    forced.metadata_props.append(onnx.StringStringEntryProto(
+        key=META_KEY, value=json.dumps({"source_sha256": sha, "version": VERSION, "fused": 1})))
+    onnx.save(forced, copy_path(path))
+    assert ln.op_type == "LayerNormalization"
+    a, b = np.random.default_rng(0).standard_normal((2, 2, 3, 5, 8)).astype(np.float32)
+    runner = OrtRunner(path, CPU, optimize=True)
+    runner.activate()
+    assert runner.session_path == copy_path(path)
+    got = runner.infer({"a": a, "b": b})["z"]
+    assert runner.session_path == path and "plain graph" in caplog.text
+    assert_close(got, OrtRunner(path, CPU).infer({"a": a, "b": b})["z"], METHOD_ATOL, "fallback")
