@@ -138,7 +138,7 @@ class OrtRunner(Runner):
 
     ``spinning`` lets idle intra-op threads spin for work instead of sleeping: faster where one session runs
     at a time, but the spinning threads of idle sessions steal the cores of a busy one. ``optimize``: CPU
-    sessions run the graph's onnxruntime-only copy (:mod:`runtime.ort_optimize`), other providers never.
+    sessions run the graph's onnxruntime-only copy, ``session_path`` (:mod:`runtime.ort_optimize`).
     """
 
     name = "onnxruntime"
@@ -147,7 +147,6 @@ class OrtRunner(Runner):
                  threads: int = 0, prepack: bool = True, spinning: bool = False, optimize: bool = False) -> None:
         super().__init__()
         self.graph_path, self.providers, self.weights, self.threads = graph_path, providers, weights, threads
-        # session_path: the file the session runs, the graph or its onnxruntime copy
         self.prepack, self.spinning, self.optimize, self.session_path = prepack, spinning, optimize, graph_path
         self.session = None
         self._lock = threading.Lock()
@@ -167,16 +166,14 @@ class OrtRunner(Runner):
         self.session_path = session_graph(self.graph_path, self.providers, self.optimize)
         self._keep = {}
         if self.weights is not None:
-            proto = onnx.load(self.session_path, load_external_data=False)
-            self._keep = self.weights.initializers(proto)
+            self._keep = self.weights.initializers(onnx.load(self.session_path, load_external_data=False))
             for name, value in self._keep.items():
                 opts.add_initializer(name, value)
         self.session = ort.InferenceSession(str(self.session_path), opts, providers=self.providers,
                                             disabled_optimizers=disabled_optimizers(self.providers))
         self.input_meta = {i.name: i for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
-        logger.debug("created %s session for %s (spinning %s)", self.providers[0], self.session_path.name,
-                     "on" if self.spinning else "off")
+        logger.debug("created %s session for %s (spinning %s)", self.providers[0], self.session_path.name, self.spinning)
 
     def activate(self) -> None:
         if self.is_active:  # set only once the session exists
