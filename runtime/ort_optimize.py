@@ -12,7 +12,9 @@ values each time, and inside ``If`` branches on the branch lifted into a standal
 The copy lives beside the graph (``<stem>.ort.onnx``), keyed by the source graph's sha256: its
 initializers are the source's, unchanged, external in the plan's one weights file (no second copy on
 disk; the runner's :class:`~runtime.runners.SharedWeights` serves both). Contrib ops make it unfit for
-TensorRT: only CPU onnxruntime sessions ever load it (:func:`runtime.runners.OrtRunner`).
+TensorRT: only CPU onnxruntime sessions ever load it (:func:`runtime.runners.OrtRunner`). It is opt-in
+(``OrtRunner(optimize=True)``): on onnxruntime 1.31 CPU the fused kernel is slower than the pair it
+replaces, and forwards through the copy ran at 0.91-0.97x (benchmarks/ort_profile.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import helper
 
 logger = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ def optimized_copy(graph_path: Path) -> Path | None:
             meta = _copy_meta(onnx.load(out, load_external_data=False))
             if meta.get("source_sha256") == sha and meta.get("version") == VERSION:
                 return out
-        except (OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
+        except (OSError, ValueError, DecodeError, onnx.checker.ValidationError) as e:
             logger.debug("remaking the onnxruntime copy of %s: %s", graph_path.name, e)  # truncated or foreign
     model = onnx.load_from_string(data)
     fused = fuse_skip_layernorm(model)
