@@ -38,19 +38,21 @@ from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePa
 from runtime.runners import OrtRunner, SharedWeights
 
 logger = logging.getLogger("bench")
+COPY = "(ort copy)"  # suffix of a variant run through the graph's onnxruntime-only copy
 
 # the public facebook/DiT-XL-2-256 transformer config (no download: random weights)
 DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                 patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
 
 
-def make_model(arch: str, px: int) -> tuple[torch.nn.Module, tuple[int, int]]:
+def make_model(arch: str, px: int, layers: int = 0) -> tuple[torch.nn.Module, tuple[int, int]]:
+    """The model benchmarked; ``layers``: the first blocks of DiT-XL/2 only (its width and token count)."""
     from diffusers import DiTTransformer2DModel
 
     if arch == "dit-xl-2":
         torch.manual_seed(0)
         latent = px // 8
-        model = DiTTransformer2DModel(sample_size=latent, **DIT_XL_2).eval()
+        model = DiTTransformer2DModel(sample_size=latent, **{**DIT_XL_2, **({"num_layers": layers} if layers else {})}).eval()
         return model, (latent // 2, latent // 2)
     if arch == "builtin":
         from export.load import BUILTIN_TINY, load_transformer
@@ -128,10 +130,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--px", type=int, default=256, help="image size of dit-xl-2: 256 -> 256 tokens, 512 -> 1024")
     p.add_argument("--ratios", default="0.5", help="ToMe ratios to benchmark, comma-separated")
     p.add_argument("--locations", default="attn,mlp")
+    p.add_argument("--layers", type=int, default=0, help="dit-xl-2: time only its first N blocks (0: all 28)")
     p.add_argument("--batch", type=int, default=2, help="2 = one image with classifier-free guidance")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--e2e-steps", type=int, default=10, help="denoising steps of the end-to-end comparison (0: skip)")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the eager model")
+    p.add_argument("--tomesd", action="store_true",
+                   help="also time tomesd (if installed) at the largest ratio, same locations, on the eager model")
+    p.add_argument("--ort-copy", action="store_true",
+                   help="also time every graph through its onnxruntime-only copy (runtime/ort_optimize.py)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--no-prepack", action="store_true",
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     ratios = [float(r) for r in args.ratios.split(",")]
-    model, grid = make_model(args.arch, args.px)
+    model, grid = make_model(args.arch, args.px, args.layers)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ditmerge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -188,37 +195,48 @@ def main(argv: list[str] | None = None) -> dict:
     best = max(ratios)
     feeds = work / "feeds.npz"
     np.savez(feeds, **{f"base/{k}": v for k, v in feed.items()}, **{f"merged/{k}": v for k, v in merged_feed.items()})
-    variants = {k: (str(g), True) for k, g in graphs.items()}
+    variants = {k: (str(g), True, False) for k, g in graphs.items()}
+    if args.ort_copy:
+        variants.update({f"{k} {COPY}": (str(g), True, True) for k, g in graphs.items()})
     if args.no_prepack:
-        variants.update({f"{k} no-prepack": (str(graphs[k]), False) for k in ("base", f"tome {best}")})
+        variants.update({f"{k} no-prepack": (str(graphs[k]), False, False) for k in ("base", f"tome {best}")})
     # Every group is timed interleaved against the unmerged graph in a fresh child process: onnxruntime
     # sessions that have run keep memory in the heap after they close, and a seven-ratio DiT-XL/2 sweep in
     # one process was OOM-killed at 24 GB. Each speed-up is still a ratio of two medians from one process.
-    groups = [[f"tome {r}"] for r in ratios if r != best]
-    groups.append([f"tome {best}", "eager torch"] + (["torch.compile"] if args.torch_compile else []))
+    copies = lambda k: [f"{k} {COPY}"] if args.ort_copy else []
+    groups = [[f"tome {r}", *copies(f"tome {r}")] for r in ratios if r != best]
+    groups.append([f"tome {best}", *copies(f"tome {best}"), "eager torch"] + (["tomesd"] if args.tomesd else [])
+                  + (["torch.compile"] if args.torch_compile else []))
     if args.no_prepack:
         groups.append(["base no-prepack", f"tome {best} no-prepack"])
     lat: dict[str, float] = {}
-    pair_base: dict[str, float] = {}
+    lat_min: dict[str, float] = {}
+    lat_cpu: dict[str, float] = {}
+    pair_base: dict[str, float] = {}  # the unmerged graph's median in the same group (its copy for a copy)
+    pair_min: dict[str, float] = {}
+    pair_cpu: dict[str, float] = {}
     shares: dict[str, float] = {}
     prepack_cost = None  # unmerged latency with prepacking off / on, same group
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"{args.arch}-{args.px}{args.tag}"
+    stem = results / f"{args.arch}-{args.px}{f'-{args.layers}blocks' if args.layers else ''}{args.tag}"
     partial = stem.with_suffix(".partial.json")
     for group in groups:
         logger.info("timing %s against the unmerged graph, %d interleaved repeats", ", ".join(group), args.repeats)
-        keys = list(dict.fromkeys(["base", *group] + (["base no-prepack"] if f"tome {best} no-prepack" in group else [])))
+        keys = list(dict.fromkeys(["base", *copies("base"), *group]
+                                  + (["base no-prepack"] if f"tome {best} no-prepack" in group else [])))
         spec = {"variants": {k: variants[k] for k in keys if k in variants}, "weights": str(work / WEIGHTS_FILE),
                 "feeds": str(feeds), "repeats": args.repeats, "order": keys,
-                "eager": [args.arch, args.px, args.batch] if "eager torch" in group else None,
-                "compile": "torch.compile" in group, "profile": [k for k in group if k in metas]}
+                "eager": [args.arch, args.px, args.batch, args.layers] if "eager torch" in group else None,
+                "compile": "torch.compile" in group, "profile": [k for k in group if k in metas],
+                "tomesd": [best, args.locations] if "tomesd" in group else None}
         got = in_child(_time_group, spec)
         for k in keys:
             if k not in got["latency"]:
-                continue  # torch.compile failed: logged by the child
-            lat[k] = got["latency"][k]
-            pair_base[k] = got["latency"]["base no-prepack" if k.endswith("no-prepack") else "base"]
+                continue  # torch.compile or tomesd failed or missing: logged by the child
+            lat[k], lat_min[k], lat_cpu[k] = got["latency"][k], got["min"][k], got["cpu"][k]
+            ref = "base no-prepack" if k.endswith("no-prepack") else f"base {COPY}" if k.endswith(COPY) else "base"
+            pair_base[k], pair_min[k], pair_cpu[k] = got["latency"][ref], got["min"][ref], got["cpu"][ref]
         shares.update(got["matching_share"])
         if "base no-prepack" in got["latency"]:
             prepack_cost = got["latency"]["base no-prepack"] / got["latency"]["base"]
@@ -227,11 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = []
     for k in ["base", *(k for k in variants if k != "base")]:
-        g = k.removesuffix(" no-prepack")
+        g = k.removesuffix(" no-prepack").removesuffix(f" {COPY}")
         ideal = flops["base"] / flops[g]
         speed = pair_base[k] / lat[k]
-        rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "unmerged_ms": pair_base[k] * 1e3,
-                     "speedup_vs_unmerged": speed,
+        rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "latency_min_ms": lat_min[k] * 1e3,
+                     "cpu_ms": lat_cpu[k] * 1e3, "unmerged_ms": pair_base[k] * 1e3,
+                     "speedup_vs_unmerged": speed, "speedup_vs_unmerged_min": pair_min[k] / lat_min[k],
+                     "speedup_vs_unmerged_cpu": pair_cpu[k] / lat_cpu[k],
                      "flops_rel": flops[g] / flops["base"], "flop_ideal_speedup": ideal,
                      "share_of_flop_ideal": speed / ideal, "r": metas.get(g, {}).get("r", 0)})
         if k in shares:  # profiled with prepacking on
@@ -239,10 +259,17 @@ def main(argv: list[str] | None = None) -> dict:
         if k == f"tome {best}":  # timed in the eager group
             rows[-1]["speedup_vs_eager"] = lat["eager torch"] / lat[k]
             rows[0]["speedup_vs_eager"] = lat["eager torch"] / pair_base[k]
-    for k in ("eager torch", "torch.compile"):
+            for peer in ("tomesd", "torch.compile"):
+                if peer in lat:
+                    rows[-1][f"speedup_vs_{peer}"] = lat[peer] / lat[k]
+                    rows[-1][f"speedup_vs_{peer}_min"] = lat_min[peer] / lat_min[k]
+    for k in ("eager torch", "tomesd", "torch.compile"):
         if k in lat:
-            rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "unmerged_ms": pair_base[k] * 1e3,
-                         "speedup_vs_unmerged": pair_base[k] / lat[k]})
+            rows.append({"variant": k, "latency_ms": lat[k] * 1e3, "latency_min_ms": lat_min[k] * 1e3,
+                         "cpu_ms": lat_cpu[k] * 1e3, "unmerged_ms": pair_base[k] * 1e3,
+                         "speedup_vs_unmerged": pair_base[k] / lat[k],
+                         "speedup_vs_unmerged_min": pair_min[k] / lat_min[k],
+                         "speedup_vs_unmerged_cpu": pair_cpu[k] / lat_cpu[k]})
 
     weights = SharedWeights(work / WEIGHTS_FILE)
     runners = {k: OrtRunner(graphs[k], ["CPUExecutionProvider"], weights) for k in ("base", f"tome {best}")}
@@ -251,8 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
         e2e = end_to_end(model, runners, f"tome {best}", feed, merged_feed, args.e2e_steps, args.repeats)
 
     result = {"arch": args.arch, "px": args.px, "tokens": grid[0] * grid[1], "batch": args.batch,
+              "layers": args.layers or None, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                         f"onnxruntime CPU fp32",
+                         f"load {os.getloadavg()[0]:.1f}, onnxruntime CPU fp32",
               "rows": rows, "memory": mem, "end_to_end": e2e, "repeats": args.repeats,
               "unmerged_prepack_off_slowdown": prepack_cost}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
@@ -280,15 +309,17 @@ def _time_group(spec: dict) -> dict:
         kind, _, key = name.partition("/")
         feeds[kind][key] = data[name]
     weights = SharedWeights(Path(spec["weights"]))
-    runners = {k: OrtRunner(Path(g), ["CPUExecutionProvider"], weights, prepack=pre)
-               for k, (g, pre) in spec["variants"].items()}
+    runners = {k: OrtRunner(Path(g), ["CPUExecutionProvider"], weights, prepack=pre, optimize=opt)
+               for k, (g, pre, opt) in spec["variants"].items()}
     calls = {k: (lambda rn=rn, k=k: rn.infer(feeds["base" if k.startswith("base") else "merged"]))
              for k, rn in runners.items()}
     if spec["eager"]:
-        arch, px, batch = spec["eager"]
-        model, grid = make_model(arch, px)
+        arch, px, batch, layers = spec["eager"]
+        model, grid = make_model(arch, px, layers)
         inputs = example_inputs(model, batch, grid, seed=0)
         calls["eager torch"] = lambda: eager_forward(model, inputs)
+        if spec["tomesd"]:
+            calls.update(_tomesd_call(arch, px, layers, inputs, *spec["tomesd"]))
         if spec["compile"]:
             try:
                 compiled = torch.compile(model)
@@ -300,12 +331,46 @@ def _time_group(spec: dict) -> dict:
             except Exception as e:  # recorded, not fatal: "where it works on this machine"
                 logger.warning("torch.compile failed: %s", str(e).splitlines()[0])
     with torch.no_grad():
-        got = interleaved_latency({k: calls[k] for k in spec["order"] if k in calls}, repeats=spec["repeats"],
-                                  warmup=1)
+        wall, cpu = interleaved({k: calls[k] for k in spec["order"] + ["eager torch", "tomesd", "torch.compile"]
+                                 if k in calls}, spec["repeats"])
     for rn in runners.values():
         rn.deactivate()
     shares = {k: matching_share(Path(spec["variants"][k][0]), feeds["merged"], weights) for k in spec["profile"]}
-    return {"latency": got, "matching_share": shares}  # key -> (share, ms per forward by op type)
+    return {"latency": {k: float(np.median(v)) for k, v in wall.items()},
+            "min": {k: float(np.min(v)) for k, v in wall.items()},
+            "cpu": {k: float(np.median(v)) for k, v in cpu.items()},
+            "matching_share": shares}  # key -> (share, ms per forward by op type)
+
+
+def interleaved(calls: dict, rounds: int, warmup: int = 1) -> tuple[dict, dict]:
+    """Per call, the wall and the CPU seconds (every thread of the process) of each round, calls round-robin."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in calls}
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, fn in calls.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[k].append(time.perf_counter() - w0)
+            cpu[k].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def _tomesd_call(arch: str, px: int, layers: int, inputs: dict, ratio: float, locations: str) -> dict:
+    """tomesd's patch (same ratio; merge_attn / merge_mlp as ``locations``) on a fresh eager model, when tomesd
+    is installed; nothing otherwise (logged)."""
+    try:
+        import tomesd
+    except ImportError:
+        logger.warning("tomesd is not installed: no tomesd timing")
+        return {}
+    model, _ = make_model(arch, px, layers)
+    locs = locations.split(",")
+    tomesd.apply_patch(model, ratio=ratio, max_downsample=1, merge_attn="attn" in locs, merge_crossattn=False,
+                       merge_mlp="mlp" in locs)
+    return {"tomesd": lambda: eager_forward(model, inputs)}
 
 
 def end_to_end(model, runners, merged_key: str, feed: dict, merged_feed: dict, steps: int, repeats: int) -> dict:
@@ -340,15 +405,21 @@ def end_to_end(model, runners, merged_key: str, feed: dict, merged_feed: dict, s
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['arch']} at {result['px']} px ({result['tokens']} tokens), batch {result['batch']}, "
-             f"{result['machine']}", "",
-             "| variant | latency ms | unmerged ms (same group) | speed-up vs unmerged | vs eager | FLOPs vs full "
-             "| FLOP-ideal | share of ideal | matching share |", "|---|---|---|---|---|---|---|---|---|"]
+    blocks = f", first {result['layers']} blocks" if result.get("layers") else ""
+    head = (f"{result['arch']}{blocks} at {result['px']} px ({result['tokens']} tokens), batch {result['batch']}, "
+            f"{result['machine']}, {result.get('date', '')}")
+    columns = ("| variant | latency ms (median / min / CPU) | unmerged ms (same group) | speed-up vs unmerged "
+               "(median / min / CPU) | vs eager | vs tomesd (median / min) | vs torch.compile (median / min) | FLOPs vs full "
+               "| FLOP-ideal | share of ideal | matching share |")
+    lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        f = lambda key, fmt: format(r[key], fmt) if key in r else "-"
-        lines.append(f"| {r['variant']} | {r['latency_ms']:.1f} | {f('unmerged_ms', '.1f')} | {r['speedup_vs_unmerged']:.2f}x | "
-                     f"{f('speedup_vs_eager', '.2f')} | {f('flops_rel', '.3f')} | {f('flop_ideal_speedup', '.2f')} | "
-                     f"{f('share_of_flop_ideal', '.0%')} | {f('matching_share', '.1%')} |")
+        f = lambda key, fmt, r=r: format(r[key], fmt) if key in r else "-"
+        pair = lambda key, r=r: f"{r[key]:.2f}x / {r[key + '_min']:.2f}x" if key in r else "-"
+        cpu = f" / {r['speedup_vs_unmerged_cpu']:.2f}x" if "speedup_vs_unmerged_cpu" in r else ""
+        lines.append(f"| {r['variant']} | {r['latency_ms']:.1f} / {f('latency_min_ms', '.1f')} / {f('cpu_ms', '.1f')} | "
+                     f"{f('unmerged_ms', '.1f')} | {pair('speedup_vs_unmerged')}{cpu} | {f('speedup_vs_eager', '.2f')} | "
+                     f"{pair('speedup_vs_tomesd')} | {pair('speedup_vs_torch.compile')} | {f('flops_rel', '.3f')} | "
+                     f"{f('flop_ideal_speedup', '.2f')} | {f('share_of_flop_ideal', '.0%')} | {f('matching_share', '.1%')} |")
     m = result["memory"]
     lines += [] if not m else ["", f"memory (resident growth after imports): unmerged model {m['unmerged_mb']:.0f} MB; plan of {m['plan_graphs']} graphs "
                   f"{m['plan_mb']:.0f} MB ({m['ratio']:.2f}x)" + (

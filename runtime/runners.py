@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from passes.errors import DitmergeError
+from runtime.ort_optimize import disabled_optimizers, session_graph
 
 logger = logging.getLogger(__name__)
 
@@ -136,16 +137,17 @@ class OrtRunner(Runner):
     """One onnxruntime session over one graph file, created on first use.
 
     ``spinning`` lets idle intra-op threads spin for work instead of sleeping: faster where one session runs
-    at a time, but the spinning threads of idle sessions steal the cores of a busy one.
+    at a time, but the spinning threads of idle sessions steal the cores of a busy one. ``optimize``: CPU
+    sessions run the graph's onnxruntime-only copy, ``session_path`` (:mod:`runtime.ort_optimize`).
     """
 
     name = "onnxruntime"
 
     def __init__(self, graph_path: Path, providers: list[str], weights: SharedWeights | None = None,
-                 threads: int = 0, prepack: bool = True, spinning: bool = False) -> None:
+                 threads: int = 0, prepack: bool = True, spinning: bool = False, optimize: bool = False) -> None:
         super().__init__()
         self.graph_path, self.providers, self.weights, self.threads = graph_path, providers, weights, threads
-        self.prepack, self.spinning = prepack, spinning
+        self.prepack, self.spinning, self.optimize, self.session_path = prepack, spinning, optimize, graph_path
         self.session = None
         self._lock = threading.Lock()
 
@@ -161,17 +163,17 @@ class OrtRunner(Runner):
             # Prepacked MatMul weights are a private copy per session: a plan of N bucket sessions would hold
             # the weights N + 1 times. Without prepacking every session reads the one shared weights file.
             opts.add_session_config_entry("session.disable_prepacking", "1")
+        self.session_path = session_graph(self.graph_path, self.providers, self.optimize)
         self._keep = {}
         if self.weights is not None:
-            proto = onnx.load(self.graph_path, load_external_data=False)
-            self._keep = self.weights.initializers(proto)
+            self._keep = self.weights.initializers(onnx.load(self.session_path, load_external_data=False))
             for name, value in self._keep.items():
                 opts.add_initializer(name, value)
-        self.session = ort.InferenceSession(str(self.graph_path), opts, providers=self.providers)
+        self.session = ort.InferenceSession(str(self.session_path), opts, providers=self.providers,
+                                            disabled_optimizers=disabled_optimizers(self.providers))
         self.input_meta = {i.name: i for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
-        logger.debug("created %s session for %s (spinning %s)", self.providers[0], self.graph_path.name,
-                     "on" if self.spinning else "off")
+        logger.debug("created %s session for %s (spinning %s)", self.providers[0], self.session_path.name, self.spinning)
 
     def activate(self) -> None:
         if self.is_active:  # set only once the session exists
@@ -184,7 +186,16 @@ class OrtRunner(Runner):
         self._keep = {}
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._output_names, self.session.run(self._output_names, feed)))
+        try:
+            return dict(zip(self._output_names, self.session.run(self._output_names, feed)))
+        except Exception as e:  # the copy's fused node refused shapes its probes did not foresee: plain graph
+            if self.session_path == self.graph_path:
+                raise
+            logger.warning("onnxruntime copy of %s failed (%s): plain graph", self.graph_path.name, e)
+            with self._lock:
+                self.optimize = False
+                self.activate_impl()
+            return self.infer_impl(feed)
 
 
 def to_numpy(x) -> np.ndarray:
