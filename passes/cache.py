@@ -102,6 +102,11 @@ def locate_span(model: onnx.ModelProto, num_tokens: int, start: int, end: int) -
     """
     axis, model = _static_prompt(model, num_tokens)
     span = _locate_span(model, num_tokens, start, end)
+    if not span.ok and axis is not None:
+        # Flux computes its joint split sizes from the prompt length through shape arithmetic ONNX's data
+        # propagation does not follow; with the lengths fixed, folding that arithmetic gives every stream a shape
+        folded = _locate_span(_folded_shapes(model), num_tokens, start, end)
+        span = folded if folded.ok else span
     if axis is not None:
         for s in span.streams:
             if s.name == "text":
@@ -125,6 +130,26 @@ def _static_prompt(model: onnx.ModelProto, num_tokens: int) -> tuple[str | None,
             elif d.dim_param == "batch":
                 d.dim_value = 2  # static too, so computed reshapes (Flux's joint split) infer
     return axis, infer_shapes(fixed)
+
+
+def _folded_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (static dims) with its shape arithmetic constant-folded (onnxscript's folder), shapes
+    re-inferred. For locating only: weights stay unread (external initializers become inputs of their shape),
+    and the tensors the span is cut at keep their names."""
+    import onnx_ir
+    import onnxscript.optimizer
+
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    inline = [i for i in light.graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL]
+    for init in light.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(inline)
+    ir_model = onnx_ir.from_proto(light)
+    onnxscript.optimizer.fold_constants(ir_model)
+    return infer_shapes(onnx_ir.to_proto(ir_model))
 
 
 def _locate_span(model: onnx.ModelProto, num_tokens: int, start: int, end: int) -> Span:
@@ -315,8 +340,10 @@ def _relative_l1(em: Emitter, x: gs.Variable, ref: gs.Variable) -> gs.Variable:
 
 
 def _kept_span_nodes(model: onnx.ModelProto, span: Span) -> int:
-    names = set(span.nodes)
-    return sum(n.name in names for n in model.graph.node)
+    """Nodes of the span's blocks (by module scope) still in ``model``: conditioning or shape arithmetic that
+    later blocks read, never token work."""
+    counts = span_counts(model)
+    return sum(counts[b] for b in span.blocks)
 
 
 def _named_identity(em: Emitter, x: gs.Variable, name: str, shape: list) -> gs.Variable:

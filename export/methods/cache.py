@@ -95,12 +95,6 @@ class StepCache(Method):
     name = "cache"
     one_graph = True  # the variants are branches of one graph (passes/branch.py): the weights once
     default_buckets = DEFAULT_BUCKETS
-    #: with the prompt axis dynamic, Flux's joint split sizes are computed at run time, so shape inference cannot
-    #: give the span's streams their shapes (the span locator checks them by shape)
-    unsupported: ClassVar[dict[str, str]] = {
-        "flux": "its joint split sizes follow the dynamic prompt length at run time, so the cached span's token "
-                "streams have no static shape to check",
-    }
     defaults: ClassVar[dict[str, object]] = {
         "span": ("auto",),
         "interval": (3,),

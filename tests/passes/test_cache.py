@@ -40,16 +40,24 @@ CASES = [
     ("pixart", (4, 4), 1, 2, {"image"}),  # the caption enters every block but is no stream
     ("sd3", (4, 4), 0, 1, {"image", "text"}),  # joint block: both streams
     ("sd3", (4, 4), 1, 2, {"image"}),  # the last block drops the text stream (context_pre_only)
+    ("flux", (4, 4), 0, 1, {"image", "text"}),  # the joint block: both streams, split sizes from the prompt length
+    ("flux", (4, 4), 1, 2, {"image"}),  # the single block: its text output is dropped after the last block
+    ("flux", (4, 6), 0, 2, {"image"}),  # joint and single blocks in one span
 ]
 
 
-@pytest.mark.parametrize("start,end", [(0, 1), (1, 2), (0, 2)])
-def test_flux_spans_are_refused_with_a_reason(exported, start, end):
-    """Flux's joint split sizes are computed at run time once the prompt axis is dynamic, so the span's
-    image stream has no inferable shape: the pass must refuse (the cache method refuses Flux at build time)."""
+def test_flux_spans_need_the_folded_shape_arithmetic(exported):
+    """Flux computes its joint split sizes from the prompt length at run time; ONNX shape inference alone gives
+    the span's streams no shape, so the locator folds that arithmetic (with the lengths fixed) to find them."""
+    from passes.cache import _locate_span, _static_prompt, locate_span
+    from passes.onnxutil import infer_shapes
+
     _, base, _ = exported("flux", (4, 4))
-    with pytest.raises(DitmergeError, match="image stream"):
-        CachePass(CacheConfig("full", start, end), bucket="t")(base)
+    shaped = infer_shapes(base)
+    _, fixed = _static_prompt(shaped, 16)
+    assert not _locate_span(fixed, 16, 0, 1).ok  # what the locator had before the fold
+    span = locate_span(shaped, 16, 0, 1)
+    assert span.ok and {s.name: s.tokens for s in span.streams} == {"image": 16, "text": "text"}
 
 
 def _save(d, model, name):

@@ -17,7 +17,6 @@ REFUSED = {
     ("sdtm", "sd3"): "flow-matching", ("sdtm", "flux"): "flow-matching",
     ("catome", "sd3"): "flow-matching", ("catome", "flux"): "flow-matching",
     ("atedm", "sd3"): "joint attention", ("atedm", "flux"): "one sequence",
-    ("cache", "flux"): "dynamic prompt length",
 }
 
 

@@ -36,7 +36,7 @@ VARIANTS = {"sdtm": {"main", "full"}, "catome": {"main", "match"}, "atedm": {"ma
 
 
 # the pipelines each plan runs in: PixArt-Sigma's runs the PixArt-alpha plan (the same transformer; 300-token prompts)
-PIPELINES = {"dit": ("dit",), "pixart-alpha": ("pixart-alpha", "pixart-sigma"), "sd3": ("sd3",)}
+PIPELINES = {"dit": ("dit",), "pixart-alpha": ("pixart-alpha", "pixart-sigma"), "sd3": ("sd3",), "flux": ("flux",)}
 
 
 def _plan_and_twin(method: str, pipe_name: str, model_dir, plan, manifest: dict):
@@ -95,7 +95,7 @@ def _with_interval(plan: Path, interval: int, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["dit", "pixart-alpha", "sd3"])
+@pytest.mark.parametrize("name", ["dit", "pixart-alpha", "sd3", "flux"])
 def test_cache_plan_in_pipeline(name, pipeline_plans, tmp_path):
     """Step caching with its default options (one bucket, span: every block but the first, a full step every 3,
     every step above t = 900 full) equals the eager twin pipeline (CacheTwin per step); with interval 1
