@@ -22,7 +22,7 @@ import torch
 from export.buckets import DEFAULT_BUCKETS, BucketSpec, parse_buckets
 from passes.errors import DitmergeError
 
-MAIN = "main"  # the variant a bucket runs on an ordinary step
+from runtime.policies import MAIN  # noqa: F401 - the variant a bucket runs on an ordinary step; one name for both halves
 
 
 @dataclasses.dataclass

@@ -60,10 +60,10 @@ from passes.onnxutil import get_model_meta, infer_shapes
 from passes.partition import draw_partition, plan_bands
 from passes.tome import DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
 from passes.twin import ToMeTwin
+from runtime.policies.cache import CACHED  # the variant names: one definition, the run-time half's
 
 logger = logging.getLogger(__name__)
 
-CACHED = "cached"
 DEFAULT_BUCKETS = "0"  # one bucket, no merging: full steps run the unmerged graph
 
 

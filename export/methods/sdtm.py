@@ -52,10 +52,10 @@ from passes.sdtm import (
 from passes.counts import count_feed
 from passes.sdtm_twin import SdtmTwin
 from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, TOPK_LIMIT
+from runtime.policies.sdtm import FULL  # the variant names: one definition, the run-time half's
 
 logger = logging.getLogger(__name__)
 
-FULL = "full"
 STAGES = ("structure", "detail")
 
 
