@@ -151,8 +151,24 @@ def available_methods() -> list[str]:
 
 
 def get_method(name: str, options: dict[str, object] | None = None) -> Method:
-    """The method called ``name``, configured with ``options``."""
+    """The method called ``name``, configured with ``options``.
+
+    A built-in name (``export/methods/<name>.py``), or the dotted path of any importable module that defines
+    ``METHOD`` (and, for its run-time half, ``POLICY``: :func:`runtime.policies.policy_for` imports the same
+    path): a method of one's own plugs in without editing this package.
+    """
+    if "." in name:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            raise DitmergeError(f"method module {name!r} cannot be imported: {e}") from e
+        if not isinstance(getattr(module, "METHOD", None), type) or not issubclass(module.METHOD, Method):
+            raise DitmergeError(f"method module {name!r} defines no METHOD (a export.methods.Method subclass)")
+        method = module.METHOD(options)
+        method.name = name  # the plan records the path, so the runtime finds the policy beside it
+        return method
     if name not in available_methods():
-        raise DitmergeError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+        raise DitmergeError(f"unknown method {name!r}; available: {', '.join(available_methods())} "
+                            "(or the dotted path of a module defining METHOD)")
     module = importlib.import_module(f"{__name__}.{name}")
     return module.METHOD(options)

@@ -56,12 +56,20 @@ class StepPolicy:
 
 
 def policy_for(plan, deterministic: bool = False) -> StepPolicy:
+    """The policy of the plan's method: ``runtime/policies/<name>.py``, or for a plug-in method (a dotted
+    module path, :func:`export.methods.get_method`) that module's ``POLICY``; the base policy where there is none."""
     name = plan.method.get("name", "")
+    path = name if "." in name else f"{__name__}.{name}"
     try:
-        module = importlib.import_module(f"{__name__}.{name}")
+        module = importlib.import_module(path)
     except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{name}":
+        if e.name != path:
             raise
+        if "." in name:
+            raise DitmergeError(f"the plan's method module {name!r} is not importable here; install it where the "
+                                "plan runs") from e
+        return StepPolicy(plan, deterministic)
+    if "." in name and not hasattr(module, "POLICY"):
         return StepPolicy(plan, deterministic)
     if not hasattr(module, "POLICY"):
         raise DitmergeError(f"runtime policy module for method {name!r} defines no POLICY")
