@@ -128,7 +128,15 @@ class ToMeSpace(Space):
         self.knobs = [Knob(f"ratio[{i}]", ratios) for i in range(len(specs))]
 
     def build_args(self) -> dict:
-        return {"method": "tome", "buckets": spec_string(self.specs, self.knobs[0].values[-1]), "options": self.options}
+        """One build at the largest ratio, its last bucket unmerged: a mixed plan has the layout every tuned
+        plan needs (``unmerged=branch``, the default: the one graph with ``If(r == 0)``, so a schedule's r = 0
+        buckets stay on it; ``merged``: the merged graph at r = 0; ``base``: base.onnx beside it)."""
+        top = self.knobs[0].values[-1]
+        ratios = [top] * len(self.specs)
+        if len(ratios) > 1:
+            ratios[-1] = 0.0
+        spec = ",".join(f"{s.t_hi}-{s.t_lo}:{r:g}" for s, r in zip(self.specs, ratios))
+        return {"method": "tome", "buckets": spec, "options": self.options}
 
     def check_built(self, plan_dir: Path, manifest: dict) -> None:
         from runtime.transformer import graph_inputs
@@ -136,7 +144,7 @@ class ToMeSpace(Space):
         top = max_ratio(tuple(manifest["model"]["grid"]), tuple(self.options.get("stride", (2, 2))))
         if self.knobs[0].values[-1] > top:
             raise DitmergeError(f"ratio level {self.knobs[0].values[-1]:g} is above this grid's maximum {top:.3g}")
-        graphs = {b["graph"] for b in manifest["buckets"]}
+        graphs = {b["graph"] for b in manifest["buckets"]} - {manifest["base"]["graph"]}
         if len(graphs) != 1 or count_input_name(TOME_R) not in graph_inputs(plan_dir / graphs.pop()):
             raise DitmergeError("tuning ToMe needs the one merged graph that takes r as the length of "
                                 f"{count_input_name(TOME_R)!r} (\"a bucket is a shape\"); this build gave a graph "
@@ -144,22 +152,26 @@ class ToMeSpace(Space):
                                 "not implemented; tune the cache method (--method cache) instead")
 
     def apply(self, manifest: dict, levels: tuple[int, ...]) -> dict:
+        """Every bucket on the built plan's one graph with r as its count, as a normal build of the schedule
+        lays it out; r = 0 runs base.onnx only where the build's r = 0 bucket did (``unmerged=base``, or a
+        one-bucket space, whose r = 0 schedule is the unmerged plan)."""
         view = copy.deepcopy(manifest)
         base = view["base"]
-        on_merged = self.options.get("unmerged") == "merged"  # r = 0 on the merged graph, not base.onnx
+        merged = next(b for b in manifest["buckets"] if b["method_meta"].get("sites"))  # the one graph's bucket
+        zero_on_graph = any(b["r"] == 0 and b["graph"] != base["graph"] for b in manifest["buckets"])
         for b, ratio in zip(view["buckets"], self.values(levels).values()):
-            meta = b["method_meta"]  # the merged graph's ToMe metadata (tokens, num_src, bands, counts, sites)
+            meta = copy.deepcopy(merged["method_meta"])  # ToMe metadata (tokens, num_src, bands, counts, sites)
             r = merged_count(ratio, int(meta["tokens"]), int(meta["num_src"])) // int(meta["bands"]) * int(meta["bands"])
             b["ratio"] = ratio
-            if r == 0 and not on_merged:  # the unmerged graph: no count, no partition
+            if r == 0 and not zero_on_graph:  # the unmerged graph: no count, no partition
                 b.update(graph=base["graph"], sha256=base["sha256"], r=0, kept_tokens=int(meta["tokens"]), counts={},
                          graphs={"main": {"file": base["graph"], "sha256": base["sha256"]}},
                          method_meta={"stride": meta.get("stride"), "bands": meta.get("bands")})
                 continue
             meta["r"], meta["ratio"] = r, ratio
-            b.update(r=r, kept_tokens=int(meta["tokens"]) - r, counts=count_values(meta) or {TOME_R: r})
-        if not on_merged:  # the build had no unmerged bucket to branch to: r = 0 buckets run base.onnx
-            view["method"]["params"]["unmerged"] = "base"
+            b.update(graph=merged["graph"], sha256=merged["sha256"], graphs=copy.deepcopy(merged["graphs"]),
+                     method_meta=meta, r=r, kept_tokens=int(meta["tokens"]) - r,
+                     counts=count_values(meta) or {TOME_R: r})
         view["schedule"]["buckets"] = ",".join(f"{b['t_hi']}-{b['t_lo']}:{b['ratio']:g}" for b in view["buckets"])
         return view
 
