@@ -31,6 +31,7 @@ from passes.infra import PassManager
 from passes.onnxutil import save_checked
 from passes.counts import count_feed
 from passes.trt_check import TENSORRT_MIN_VERSION, check_tensorrt
+from runtime.branches import branch_of
 from runtime.plan import FORMAT_VERSION, PLAN_FILE, sha256_file
 from runtime.runners import OrtRunner, SharedWeights
 from runtime.transformer import graph_inputs
@@ -222,16 +223,17 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
             res.fidelity = {}
             for variant, g in files[res.index].items():
                 counts = shape_feed(stage / g, bg.counts)
-                run = variant_runner(runners[g], stage / g, variant, counts)
+                run = variant_runner(runners[g], stage / g, branch_of(bg.meta, variant), counts)
                 res.fidelity[variant] = (report["export_fidelity_max_abs"] if g == BASE_GRAPH else
                                          meth.fidelity(ctx, bg.meta, variant, run, inputs))
                 extra = meth.extra_feed(ctx, bg.meta, variant, 2)
-                calls.setdefault(_call_key(g, counts, variant), lambda run=run, extra=extra: run({**feed, **extra}))
+                calls.setdefault(_call_key(g, counts, branch_of(bg.meta, variant)), lambda run=run, extra=extra: run({**feed, **extra}))
             res.fidelity_max_abs = max(res.fidelity.values())
         lat = interleaved_latency(calls, repeats=repeats)
         report["base_latency_ms"] = lat[BASE_GRAPH] * 1e3
         for res in results:
-            keys = {v: _call_key(g, shape_feed(stage / g, built[res.index].counts), v) for v, g in files[res.index].items()}
+            bg = built[res.index]
+            keys = {v: _call_key(g, shape_feed(stage / g, bg.counts), branch_of(bg.meta, v)) for v, g in files[res.index].items()}
             res.latency_ms = lat[keys[MAIN]] * 1e3
             res.speedup = lat[BASE_GRAPH] / lat[keys[MAIN]]
             res.variant_latency_ms = {v: lat[k] * 1e3 for v, k in keys.items()}
@@ -378,7 +380,8 @@ def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int
     bg = meth.build_bucket(ctx, spec, index)
     if bg.graphs[MAIN] is not None and bg.flops is None:
         bg.flops = count_flops(bg.graphs[MAIN], bg.counts)
-    if meth.one_graph and len(bg.graphs) > 1:  # the variants become branches of one graph (passes/branch.py)
+    if meth.one_graph and len({id(g) for g in bg.graphs.values()}) > 1:  # not joined by the method yet:
+        # the variants become branches of one graph (passes/branch.py)
         joined = branch_variants({v: ctx.base if g is None else g for v, g in bg.graphs.items()})
         bg = dataclasses.replace(bg, graphs={v: joined for v in bg.graphs})
     names = {}

@@ -24,6 +24,7 @@ from export.quality import frechet_distance, psnr, ssim, summarize
 from export.report_quality import _bundled_classifier, unmerged_view
 from passes.counts import count_feed
 from passes.errors import DitmergeError
+from runtime.branches import branch_of
 from runtime.generate import sample_batch, sample_classes
 from runtime.plan import Plan
 from runtime.policies import policy_for
@@ -143,7 +144,8 @@ class Evaluator:
         plan = self.plan(levels)
         if any(float(b.meta.get("adaptive", 0) or 0) > 0 for b in plan.buckets):
             return None
-        from runtime.generate import make_scheduler
+        from runtime.branches import branch_of
+from runtime.generate import make_scheduler
         from runtime.policies import GenState
 
         policy = policy_for(plan, deterministic=True)
@@ -204,7 +206,7 @@ class Evaluator:
     def _key(self, bucket, variant: str) -> tuple[str, dict]:
         graph = bucket.graphs[variant]
         counts = {k: v for k, v in count_feed(bucket.counts).items() if k in self._graph_inputs(graph)}
-        return _call_key(graph, counts, variant), counts
+        return _call_key(graph, counts, branch_of(bucket.meta, variant)), counts
 
     def _latency(self) -> None:
         """Per-forward latency of every (graph, counts) any schedule of the space runs, once, interleaved."""
@@ -229,7 +231,8 @@ class Evaluator:
                 for variant, graph in bucket.graphs.items():
                     key, counts = self._key(bucket, variant)
                     if key not in calls:  # a branched graph (passes/branch.py) runs each variant by its count
-                        run = variant_runner(self.tf.runner(graph), self.plan_dir / graph, variant, counts)
+                        run = variant_runner(self.tf.runner(graph), self.plan_dir / graph,
+                                             branch_of(bucket.meta, variant), counts)
                         extra = meth.extra_feed(ctx, bucket.meta, variant, 2)
                         calls[key] = lambda run=run, x=extra: run({**feed, **x})
         lat = interleaved_latency(calls, repeats=self.repeats)

@@ -37,6 +37,12 @@ def variant_feed(info: dict, variant: str, inputs: dict[str, tuple[np.dtype, lis
     return out
 
 
+def branch_of(meta: dict, variant: str) -> str:
+    """The branch of a branched graph that a bucket's ``variant`` runs: the variant's own, unless the bucket's
+    ``method_meta.branch`` maps it elsewhere (an unmerged CA-ToMe bucket's main step runs the ``plain`` branch)."""
+    return (meta.get("branch") or {}).get(variant, variant)
+
+
 def variant_outputs(info: dict, variant: str, outputs: dict) -> dict:
     """Only the outputs ``variant`` computes (the others are its branch's zeros)."""
     own = info["variants"][variant]["outputs"]

@@ -20,7 +20,7 @@ import torch
 from passes.counts import count_feed
 from passes.errors import DitmergeError
 from passes.branch import VARIANT_COUNT
-from runtime.branches import variant_feed, variant_outputs
+from runtime.branches import branch_of, variant_feed, variant_outputs
 from runtime.plan import Plan
 from runtime.policies import GenState, policy_for
 from runtime.runners import InputCheck, OrtRunner, SharedWeights, ort_providers
@@ -236,12 +236,13 @@ class PlanTransformer(torch.nn.Module):
         values = _family_feed(self.family, hidden_states, timestep if runner.device_io else t_arr, kwargs)
         branched = self._branches.get(graph)
         if branched:  # one graph for every variant: its count picks the branch, other variants' inputs get zeros
-            extra = {**extra, **variant_feed(branched, variant, self._inputs[graph], {**values, **extra})}
+            branch = branch_of(bucket.meta, variant)
+            extra = {**extra, **variant_feed(branched, branch, self._inputs[graph], {**values, **extra})}
         # device runners (TensorRT) take torch tensors where they are; method state stays on the device
         feed = self._checks[graph].feed(values, extra, device_io=runner.device_io)
         outputs = runner.infer(feed)  # the one path for every backend: activates the runner on first use
         if branched:
-            outputs = variant_outputs(branched, variant, outputs)
+            outputs = variant_outputs(branched, branch, outputs)
         sample = outputs["sample"]
         on_host = not isinstance(hidden_states, torch.Tensor) or hidden_states.is_cpu
         if isinstance(sample, np.ndarray):
