@@ -34,7 +34,7 @@ from passes.trt_check import TENSORRT_MIN_VERSION, check_tensorrt
 from runtime.branches import branch_of
 from runtime.plan import FORMAT_VERSION, PLAN_FILE, sha256_file
 from runtime.runners import OrtRunner, SharedWeights
-from runtime.transformer import graph_inputs
+from runtime.graphfile import graph_branches, graph_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -338,16 +338,15 @@ def variant_runner(runner: OrtRunner, path: Path, variant: str, counts: dict):
     """``feed -> outputs`` of one variant of the graph at ``path``: its counts, and for a branched graph its
     variant count, stand-ins for the other variants' inputs and only its own outputs."""
     from runtime.branches import variant_feed, variant_outputs
-    from runtime.transformer import graph_branches
 
     info = graph_branches(path)
     if info is None:
         return lambda f: runner.infer({**f, **counts})
-    inputs = graph_inputs(path)
+    inputs, cache = graph_inputs(path), {}
 
     def run(f: dict) -> dict:
         given = {**f, **counts}
-        return variant_outputs(info, variant, runner.infer({**given, **variant_feed(info, variant, inputs, given)}))
+        return variant_outputs(info, variant, runner.infer({**given, **variant_feed(info, variant, inputs, given, cache)}))
     return run
 
 

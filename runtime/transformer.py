@@ -21,6 +21,7 @@ from passes.counts import count_feed
 from passes.errors import DitmergeError
 from passes.branch import VARIANT_COUNT
 from runtime.branches import branch_of, variant_feed, variant_outputs
+from runtime.graphfile import graph_branches, graph_facts, graph_inputs  # noqa: F401 (graph_*: public here too)
 from runtime.plan import Plan
 from runtime.policies import GenState, policy_for
 from runtime.runners import InputCheck, OrtRunner, SharedWeights, ort_providers
@@ -142,6 +143,7 @@ class PlanTransformer(torch.nn.Module):
         self._count_feeds: dict[tuple[int, str], dict[str, np.ndarray]] = {}
         self._last_bucket = None  # the bucket of the previous call: consecutive steps mostly share one
         self._branches: dict[str, dict | None] = {}
+        self._variant_feeds: dict[str, dict] = {}  # graph -> variant_feed's cache (per shape signature)
         self._runner_lock = threading.Lock()
         self._gen = _Generation()
 
@@ -186,8 +188,8 @@ class PlanTransformer(torch.nn.Module):
                 else:
                     runner = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads,
                                        self.prepack, self.spinning)
-                self._inputs[graph] = graph_inputs(self.plan.dir / graph)
-                self._branches[graph] = graph_branches(self.plan.dir / graph)
+                facts = graph_facts(self.plan.dir / graph)  # one parse of the file for both
+                self._inputs[graph], self._branches[graph] = facts.inputs, facts.branches
                 self._checks[graph] = InputCheck(self._inputs[graph],
                                                  hint=lambda name: _fixed_dim_hint(name, self.plan))
                 self._runners[graph] = runner  # last: a runner seen outside the lock has its checks
@@ -237,7 +239,8 @@ class PlanTransformer(torch.nn.Module):
         branched = self._branches.get(graph)
         if branched:  # one graph for every variant: its count picks the branch, other variants' inputs get zeros
             branch = branch_of(bucket.meta, variant)
-            extra = {**extra, **variant_feed(branched, branch, self._inputs[graph], {**values, **extra})}
+            extra = {**extra, **variant_feed(branched, branch, self._inputs[graph], {**values, **extra},
+                                             cache=self._variant_feeds.setdefault(graph, {}))}
         # device runners (TensorRT) take torch tensors where they are; method state stays on the device
         feed = self._checks[graph].feed(values, extra, device_io=runner.device_io)
         outputs = runner.infer(feed)  # the one path for every backend: activates the runner on first use
@@ -296,23 +299,6 @@ def _fixed_dim_hint(name: str, plan: Plan | None) -> str:
     return ""
 
 
-def graph_inputs(path: Path) -> dict[str, tuple[np.dtype, list]]:
-    """Name -> (numpy dtype, dims with str for dynamic axes) of a graph's inputs, read from the file."""
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    model = onnx.load(path, load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    out = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
-        out[vi.name] = (np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)), dims)
-    return out
-
-
 def spinning_default(plan: Plan) -> bool:
     """Whether ``spinning="auto"`` lets onnxruntime's intra-op threads spin for ``plan``.
 
@@ -323,15 +309,6 @@ def spinning_default(plan: Plan) -> bool:
     base = plan.manifest.get("base", {}).get("graph")
     files = {g for b in plan.buckets for g in b.graphs.values()} - {base}
     return len(files) <= 1
-
-
-def graph_branches(path: Path) -> dict | None:
-    """The variants of a branched graph (:mod:`passes.branch`), or None for a graph of one variant."""
-    import onnx
-
-    from passes.branch import branch_info
-
-    return branch_info(onnx.load(path, load_external_data=False))
 
 
 def _use_tensorrt(plan: Plan, backend: str) -> bool:
