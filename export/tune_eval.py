@@ -142,7 +142,7 @@ class Evaluator:
         one generation serves them all. None where the choice depends on the data (adaptive caching).
         """
         plan = self.plan(levels)
-        if any(float(b.meta.get("adaptive", 0) or 0) > 0 for b in plan.buckets):
+        if not self.space.dry_run or any(float(b.meta.get("adaptive", 0) or 0) > 0 for b in plan.buckets):
             return None
         from runtime.generate import make_scheduler
         from runtime.policies import GenState

@@ -91,8 +91,8 @@ def test_bad_targets_are_refused_before_anything_is_built(tmp_path, targets, mes
 
 
 def test_methods_without_a_schedule_space_are_refused(tmp_path):
-    with pytest.raises(DitmergeError, match="supports the methods cache, tome"):
-        tune_plan(out=tmp_path / "p", work_dir=tmp_path / "w", target_psnr=30, **{**SMALL, "method": "sdtm"})
+    with pytest.raises(DitmergeError, match="supports the methods cache, tome, sdtm"):
+        tune_plan(out=tmp_path / "p", work_dir=tmp_path / "w", target_psnr=30, **{**SMALL, "method": "atedm"})
 
 
 def test_an_interrupted_search_resumes_from_its_record(tuned, tmp_path, monkeypatch):
