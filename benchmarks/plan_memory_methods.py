@@ -94,7 +94,7 @@ def add_routers(folder: Path, model: torch.nn.Module, snapped: list[list[float]]
 def bucket_feeds(plan: Path, manifest: dict, feed: dict, tmp: Path) -> list[tuple[str, str, dict]]:
     """(bucket/variant, graph file, feed) for every bucket and variant of a plan, with its method inputs."""
     from export.methods.sdtm import sdtm_extra_feed
-    from runtime.branches import variant_feed
+    from runtime.branches import branch_of, variant_feed
     from runtime.graphfile import graph_branches, graph_inputs
 
     out = []
@@ -110,7 +110,8 @@ def bucket_feeds(plan: Path, manifest: dict, feed: dict, tmp: Path) -> list[tupl
             info = graph_branches(path)
             if info is not None:  # a branched graph (passes/branch.py): the variant count and stand-ins
                 given = {**feed, **extra, **count_feed(b["counts"])}
-                extra = {**extra, **count_feed(b["counts"]), **variant_feed(info, variant, graph_inputs(path), given)}
+                stand_ins = variant_feed(info, branch_of(meta, variant), graph_inputs(path), given)
+                extra = {**extra, **count_feed(b["counts"]), **stand_ins}
             out.append((f"{b['index']}/{variant}", str(plan / g["file"]), {**feed, **extra}))
     return out
 
