@@ -5,7 +5,8 @@ and ``main``, the *apply* variant (merges with cached indices fed as inputs; no 
 policy (:mod:`runtime.policies.catome`) runs ``match`` at the checkpoint steps and ``main`` in between.
 Both are branches of one graph (:func:`passes.branch.branch_variants`); in a mixed plan (some buckets
 calibrate to r = 0) that graph has a third branch, ``plain`` (the unmerged graph), which the unmerged
-buckets' main step runs (their ``method_meta.branch``): one graph per plan, no ``base.onnx`` session.
+buckets' main step runs (their ``method_meta.branch``): one graph per plan, no ``base.onnx`` session
+(option ``unmerged=base``: those buckets run ``base.onnx`` beside it, faster but the weights twice).
 
 Buckets: ``--buckets`` gives only the timestep ranges (``"0,0,0"`` or the default spec: three equal
 spans); its ratios are ignored. Each bucket's ``r`` comes from threshold calibration in :meth:`prepare`
@@ -81,6 +82,10 @@ class CaToMe(Method):
         # sublayer input's (r 161-188 of 256 on the bundled model) and quality falls (15.8 dB, FID 1069), so
         # the threshold would need recalibrating for it; the sublayer input keeps the paper's T meaningful here.
         "metric": "sublayer",
+        # what buckets calibrated to r = 0 run in a plan that also merges: "branch", the plain branch of the one
+        # graph (the weights once: 1.82 GB against 2.69 GB with base.onnx beside it, DiT-XL/2 8 blocks, but
+        # 1.17x base.onnx's latency on onnxruntime CPU, benchmarks in the docs); "base": base.onnx beside it
+        "unmerged": "branch",
     }
 
     def __init__(self, options: dict[str, object] | None = None) -> None:
@@ -135,6 +140,8 @@ class CaToMe(Method):
         if o["calib_samples"] < 1 or o["calib_steps"] < 1:
             raise DitmergeError(f"calib_samples and calib_steps must be at least 1, got {o['calib_samples']} and "
                                 f"{o['calib_steps']}")
+        if o["unmerged"] not in ("branch", "base"):
+            raise DitmergeError(f"option unmerged={o['unmerged']!r}: choose from branch, base")
         steps = int(o["schedule_steps"])
         sched = [int(s) for s in o["schedule"]]
         if steps < 1 or not sched or any(not 0 <= s < steps for s in sched):
@@ -177,7 +184,7 @@ class CaToMe(Method):
             logger.info("catome: bucket %d [%d, %d]: %s of src tokens with a match >= %g is %.1f -> r = %d of %d",
                         i, spec.t_lo, spec.t_hi, o["statistic"], o["threshold"], value, r, ctx.tokens)
         self._merged = [i for i, c in self.calibration.items() if not self._unmerged(c["r"], c.get("r_blocks"), bands)]
-        self._mixed = 0 < len(self._merged) < len(self.calibration)
+        self._mixed = 0 < len(self._merged) < len(self.calibration) and o["unmerged"] == "branch"
         self._built.clear()
 
     def _r(self, ctx: BuildContext, spec: BucketSpec, index: int | str) -> int:
@@ -215,7 +222,7 @@ class CaToMe(Method):
         its ToMe metadata, counts and FLOPs; in a mixed plan joined with the plain graph behind the variant
         count (the unmerged buckets run that branch: one graph, its weights once)."""
         key = (index, mixed)
-        if key not in self._built:
+        if key not in self._built or not isinstance(index, int):  # a sweep's graphs differ per call (its r)
             if r is None:
                 calib = self.calibration[index]
                 r, r_blocks = calib["r"], calib.get("r_blocks")

@@ -21,24 +21,29 @@ from tests.helpers import EXPORT_ATOL, METHOD_ATOL, tiny_dit
 OPTIONS = {"threshold": 0.5, "statistic": "median", "calib_samples": 2, "calib_steps": 6}
 
 
-@pytest.fixture(scope="module")
-def plan_dir(tmp_path_factory):
+def _mixed_build(d, options: dict, **kwargs) -> None:
     """Calibration that finds no match in the clean bucket (its counts zeroed): bucket 1 has r = 0."""
     from export.methods import catome
 
-    d = tmp_path_factory.mktemp("catome_mixed")
-    tiny_dit(sample_size=8, num_classes=10).save_pretrained(d / "model" / "transformer")
+    if not (d / "model").is_dir():
+        tiny_dit(sample_size=8, num_classes=10).save_pretrained(d / "model" / "transformer")
     real = catome.count_trajectories
 
-    def none_in_the_clean_bucket(*args, **kwargs):
-        counts = real(*args, **kwargs)
+    def none_in_the_clean_bucket(*args, **kw):
+        counts = real(*args, **kw)
         counts[1] = {b: [0] * len(c) for b, c in counts[1].items()}
         return counts
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(catome, "count_trajectories", none_in_the_clean_bucket)
-        build_plan(str(d / "model"), method="catome", buckets="0,0", out=d / "plan", options=OPTIONS, repeats=1,
-                   quality_samples=0, progress=False)
+        build_plan(str(d / "model"), method="catome", buckets="0,0", options=options, repeats=1, quality_samples=0,
+                   progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def plan_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("catome_mixed")
+    _mixed_build(d, OPTIONS, out=d / "plan")
     return d / "plan"
 
 
@@ -79,3 +84,10 @@ def test_the_unmerged_bucket_runs_the_plain_branch_at_the_unmerged_output(plan_d
     assert set(tf._runners) == {graph}
     assert {(b, v) for _, b, v in tf._gen.state.data["log"]} >= {(0, "match"), (0, "main"), (1, "main")}
     assert np.isfinite(sample_classes(tf, [2], steps=4, progress=False)).all()
+
+
+def test_unmerged_base_keeps_base_onnx_beside_the_graph(plan_dir):
+    _mixed_build(plan_dir.parent, {**OPTIONS, "unmerged": "base"}, out=plan_dir.parent / "base_plan", measure=False)
+    merged, plain = Plan.load(plan_dir.parent / "base_plan").manifest["buckets"]
+    assert plain["graph"] == "base.onnx" and plain["counts"] == {} and "branch" not in plain["method_meta"]
+    assert set(merged["graphs"]) == {"main", "match"} and merged["graph"] != "base.onnx"
