@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,9 +40,7 @@ from runtime.runners import OrtRunner, SharedWeights
 logger = logging.getLogger("bench")
 COPY = "(ort copy)"  # suffix of a variant run through the graph's onnxruntime-only copy
 
-# the public facebook/DiT-XL-2-256 transformer config (no download: random weights)
-DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+from probe import DIT_XL_2, run_probe  # noqa: E402 (DIT_XL_2: imported from here by other benchmarks)
 
 
 def make_model(arch: str, px: int, layers: int = 0) -> tuple[torch.nn.Module, tuple[int, int]]:
@@ -94,14 +91,9 @@ def matching_share(graph: Path, feed: dict, weights: SharedWeights) -> tuple[flo
 
 
 PROBE = """
-import sys, onnx, numpy as np
-sys.path.insert(0, {root!r})
+import onnx, numpy as np
 from pathlib import Path
 from runtime.runners import OrtRunner, SharedWeights
-def rss_kb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
 w = SharedWeights(Path({weights!r}))
 before = rss_kb()
 runners = [OrtRunner(Path(g), ["CPUExecutionProvider"], w, prepack={prepack!r}) for g in {graphs!r}]
@@ -118,11 +110,9 @@ def peak_rss_mb(graphs: list[Path], weights: Path, feed: dict, prepack: bool = T
     runs each once (from after the imports, so the interpreter and libraries do not count)."""
     with tempfile.NamedTemporaryFile(suffix=".npz", delete=False) as f:
         np.savez(f, **feed)
-    code = PROBE.format(root=str(Path(__file__).resolve().parents[1]), weights=str(weights),
-                        graphs=[str(g) for g in graphs], feed=f.name, prepack=prepack)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_probe(PROBE.format(weights=str(weights), graphs=[str(g) for g in graphs], feed=f.name, prepack=prepack))
     os.unlink(f.name)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return int(out) / 1024
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import DIT_XL_2, in_child  # noqa: E402
+from bench import in_child  # noqa: E402
+from probe import DIT_XL_2, run_probe  # noqa: E402
 
 from export.build import build_plan  # noqa: E402
 from export.measure import feed_of  # noqa: E402
@@ -47,16 +47,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LOCATIONS = ("attn", "mlp")
 
 PROBE = """
-import json, sys
+import json
 import numpy as np, torch
-sys.path.insert(0, {root!r})
 from pathlib import Path
 from runtime.plan import Plan
 from runtime.transformer import PlanTransformer
-def rss_kb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
 before = rss_kb()
 plan = Plan(Path({plan!r}), json.loads(Path({manifest!r}).read_text()))
 tf = PlanTransformer(plan, backend="cpu", seed=0)
@@ -75,10 +70,9 @@ def resident_mb(plan_dir: Path, manifest: dict, feed_path: Path, timesteps: list
     forward at each of ``timesteps``, measured from after the imports."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(manifest, f)
-    code = PROBE.format(root=str(ROOT), plan=str(plan_dir), manifest=f.name, feed=str(feed_path), timesteps=timesteps)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_probe(PROBE.format(plan=str(plan_dir), manifest=f.name, feed=str(feed_path), timesteps=timesteps))
     Path(f.name).unlink()
-    sessions, kb = out.stdout.strip().splitlines()[-1].split()
+    sessions, kb = out.split()
     return int(sessions), int(kb) / 1024
 
 

@@ -36,22 +36,15 @@ from export.build import BASE_GRAPH, build_plan  # noqa: E402
 from export.measure import feed_of, interleaved_latency  # noqa: E402
 from export.onnx_export import example_inputs  # noqa: E402
 from passes.counts import count_feed  # noqa: E402
+from probe import DIT_XL_2, run_probe  # noqa: E402 (the public DiT-XL/2-256 config; fewer layers here)
 
 logger = logging.getLogger("plan_memory_methods")
 
-# the public facebook/DiT-XL-2-256 transformer config (benchmarks/bench.py), fewer layers
-DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, patch_size=2,
-                num_embeds_ada_norm=1000, norm_type="ada_norm_zero", sample_size=32)
 
 PROBE = """
-import sys, json, numpy as np
-sys.path.insert(0, {root!r})
+import json, numpy as np
 from pathlib import Path
 from runtime.runners import OrtRunner, SharedWeights
-def rss_kb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
 w = SharedWeights(Path({weights!r}))
 runs = json.loads(Path({runs!r}).read_text())  # [[session key, graph file, feed npz], ...]
 before = rss_kb()
@@ -73,7 +66,7 @@ def make_model(folder: Path, layers: int) -> torch.nn.Module:
     from export.train import make_scheduler
 
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_layers=layers, **DIT_XL_2).eval()
+    model = DiTTransformer2DModel(**{**DIT_XL_2, "num_layers": layers, "sample_size": 32}).eval()  # 256 px
     model.save_pretrained(folder)
     make_scheduler().save_pretrained(folder / "scheduler")
     return model
@@ -101,8 +94,8 @@ def add_routers(folder: Path, model: torch.nn.Module, snapped: list[list[float]]
 def bucket_feeds(plan: Path, manifest: dict, feed: dict, tmp: Path) -> list[tuple[str, str, dict]]:
     """(bucket/variant, graph file, feed) for every bucket and variant of a plan, with its method inputs."""
     from export.methods.sdtm import sdtm_extra_feed
-    from runtime.branches import variant_feed
-    from runtime.transformer import graph_branches, graph_inputs
+    from runtime.branches import branch_of, variant_feed
+    from runtime.graphfile import graph_branches, graph_inputs
 
     out = []
     for b in manifest["buckets"]:
@@ -117,7 +110,8 @@ def bucket_feeds(plan: Path, manifest: dict, feed: dict, tmp: Path) -> list[tupl
             info = graph_branches(path)
             if info is not None:  # a branched graph (passes/branch.py): the variant count and stand-ins
                 given = {**feed, **extra, **count_feed(b["counts"])}
-                extra = {**extra, **count_feed(b["counts"]), **variant_feed(info, variant, graph_inputs(path), given)}
+                stand_ins = variant_feed(info, branch_of(meta, variant), graph_inputs(path), given)
+                extra = {**extra, **count_feed(b["counts"]), **stand_ins}
             out.append((f"{b['index']}/{variant}", str(plan / g["file"]), {**feed, **extra}))
     return out
 
@@ -130,11 +124,7 @@ def rss_mb(runs: list[tuple[str, str, dict]], weights: Path, tmp: Path) -> float
         np.savez(path, **feed)
         entries.append([key, graph, str(path)])
     (tmp / "runs.json").write_text(json.dumps(entries))
-    code = PROBE.format(root=str(ROOT), weights=str(weights), runs=str(tmp / "runs.json"))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"memory probe failed: {res.stderr[-2000:]}")
-    return int(res.stdout.strip().splitlines()[-1]) / 1024
+    return int(run_probe(PROBE.format(weights=str(weights), runs=str(tmp / "runs.json")))) / 1024
 
 
 def sdtm_full_probe(plan: Path, manifest: dict, feed: dict, repeats: int) -> dict:

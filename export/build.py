@@ -1,4 +1,8 @@
-"""Model -> plan: export, passes per bucket, measurements, manifest and report (docs/design.md, 'The plan')."""
+"""Model -> plan: export, passes per bucket, measurements, manifest and report (docs/design.md, 'The plan').
+
+The measurements are :mod:`export.build_measure`, the report :mod:`export.build_report`, the staging
+directory and publishing :mod:`export.plan_io`; this module runs the steps in order.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -18,27 +21,26 @@ import torch
 from tqdm.auto import tqdm
 
 from export.buckets import BucketSpec
+from export.build_measure import measure_buckets
+from export.build_report import (bucket_table, plot_quality_speed, quality_table, render_report,  # noqa: F401
+                                 sweep_table)  # public here too (the CLI's tables)
 from export.families import family_of
 from export.load import DEFAULT_MODEL, load_transformer, scheduler_config
-from export.measure import export_fidelity, feed_of, interleaved_latency
 from export.methods import MAIN, BucketGraphs, BuildContext, Method, get_method
-from export.onnx_export import WEIGHTS_FILE, example_inputs, export_onnx
+from export.onnx_export import WEIGHTS_FILE, export_onnx
+from export.plan_io import BASE_GRAPH, StageProgress, fingerprint, publish  # BASE_GRAPH: public here too
 from passes.branch import branch_variants
 from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass
 from passes.errors import DitmergeError
 from passes.flops import count_flops
 from passes.infra import PassManager
 from passes.onnxutil import save_checked
-from passes.counts import count_feed
-from passes.trt_check import TENSORRT_MIN_VERSION, check_tensorrt
+from passes.trt_check import check_tensorrt
 from runtime.plan import FORMAT_VERSION, PLAN_FILE, sha256_file
-from runtime.runners import OrtRunner, SharedWeights
-from runtime.transformer import graph_inputs
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "auto", "trt")
-BASE_GRAPH = "base.onnx"
 
 
 @dataclasses.dataclass
@@ -141,7 +143,7 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str | 
     except BaseException:
         logger.warning("build interrupted; %s keeps the finished steps and the next run resumes from them", stage)
         raise
-    _publish(stage, out)
+    publish(stage, out)
     logger.info("plan written to %s in %.1f s", out, time.perf_counter() - t_start)
     return manifest
 
@@ -210,33 +212,7 @@ def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, gri
     report: dict = {"backend": "onnxruntime-cpu", "batch": 2}
     if measure:
         steps.set_postfix_str("measuring fidelity and latency")
-        weights = SharedWeights(stage / WEIGHTS_FILE)
-        graphs = {BASE_GRAPH} | {g for names in files.values() for g in names.values()}
-        runners = {g: OrtRunner(stage / g, ["CPUExecutionProvider"], weights) for g in graphs}
-        inputs = example_inputs(torch_model, 2, grid, text_len, seed=1)
-        report["export_fidelity_max_abs"] = export_fidelity(torch_model, runners[BASE_GRAPH], inputs)
-        feed = feed_of(inputs)
-        calls = {BASE_GRAPH: lambda: runners[BASE_GRAPH].infer(feed)}
-        for res in results:
-            bg = built[res.index]
-            res.fidelity = {}
-            for variant, g in files[res.index].items():
-                counts = shape_feed(stage / g, bg.counts)
-                run = variant_runner(runners[g], stage / g, variant, counts)
-                res.fidelity[variant] = (report["export_fidelity_max_abs"] if g == BASE_GRAPH else
-                                         meth.fidelity(ctx, bg.meta, variant, run, inputs))
-                extra = meth.extra_feed(ctx, bg.meta, variant, 2)
-                calls.setdefault(_call_key(g, counts, variant), lambda run=run, extra=extra: run({**feed, **extra}))
-            res.fidelity_max_abs = max(res.fidelity.values())
-        lat = interleaved_latency(calls, repeats=repeats)
-        report["base_latency_ms"] = lat[BASE_GRAPH] * 1e3
-        for res in results:
-            keys = {v: _call_key(g, shape_feed(stage / g, built[res.index].counts), v) for v, g in files[res.index].items()}
-            res.latency_ms = lat[keys[MAIN]] * 1e3
-            res.speedup = lat[BASE_GRAPH] / lat[keys[MAIN]]
-            res.variant_latency_ms = {v: lat[k] * 1e3 for v, k in keys.items()}
-        for rn in runners.values():
-            rn.deactivate()
+        report.update(measure_buckets(stage, meth, ctx, results, built, files, repeats))
         steps.update()
 
     manifest = {
@@ -326,35 +302,6 @@ def _sweep(stage: Path, manifest: dict, meth: Method, ctx: BuildContext, ratios:
     return rows
 
 
-def _call_key(graph: str, counts: dict, variant: str) -> str:
-    """One latency measurement per graph, count lengths (buckets sharing a graph differ in counts) and
-    variant (the variants of a branched graph share its file)."""
-    return graph + "".join(f"|{k}={len(v)}" for k, v in sorted(counts.items())) + f"|{variant}"
-
-
-def variant_runner(runner: OrtRunner, path: Path, variant: str, counts: dict):
-    """``feed -> outputs`` of one variant of the graph at ``path``: its counts, and for a branched graph its
-    variant count, stand-ins for the other variants' inputs and only its own outputs."""
-    from runtime.branches import variant_feed, variant_outputs
-    from runtime.transformer import graph_branches
-
-    info = graph_branches(path)
-    if info is None:
-        return lambda f: runner.infer({**f, **counts})
-    inputs = graph_inputs(path)
-
-    def run(f: dict) -> dict:
-        given = {**f, **counts}
-        return variant_outputs(info, variant, runner.infer({**given, **variant_feed(info, variant, inputs, given)}))
-    return run
-
-
-def shape_feed(graph_path: Path, counts: dict[str, int]) -> dict:
-    """The count inputs (:mod:`passes.counts`) of ``counts`` that the graph at ``graph_path`` takes."""
-    names = graph_inputs(graph_path)
-    return {k: v for k, v in count_feed(counts).items() if k in names}
-
-
 def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int, done: StageProgress,
                    staged: dict[str, str]) -> tuple[BucketGraphs, dict[str, str]]:
     """Build (or, when an interrupted build finished it, reload) a bucket's graphs; save them staged.
@@ -378,7 +325,8 @@ def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int
     bg = meth.build_bucket(ctx, spec, index)
     if bg.graphs[MAIN] is not None and bg.flops is None:
         bg.flops = count_flops(bg.graphs[MAIN], bg.counts)
-    if meth.one_graph and len(bg.graphs) > 1:  # the variants become branches of one graph (passes/branch.py)
+    if meth.one_graph and len({id(g) for g in bg.graphs.values()}) > 1:  # not joined by the method yet:
+        # the variants become branches of one graph (passes/branch.py)
         joined = branch_variants({v: ctx.base if g is None else g for v, g in bg.graphs.items()})
         bg = dataclasses.replace(bg, graphs={v: joined for v in bg.graphs})
     names = {}
@@ -398,163 +346,3 @@ def _bucket_graphs(meth: Method, ctx: BuildContext, spec: BucketSpec, index: int
     return bg, names
 
 
-def plot_quality_speed(rows: list[dict], path: Path) -> None:
-    """PSNR against end-to-end speed-up, one point per ratio."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    x = [r["e2e_speedup"] for r in rows]
-    y = [r["psnr_db"]["mean"] for r in rows]
-    ax.plot(x, y, "o-")
-    for r, xi, yi in zip(rows, x, y):
-        ax.annotate(f"r={r['ratio']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("end-to-end speed-up vs unmerged plan")
-    ax.set_ylabel("PSNR vs unmerged images (dB)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def sweep_table(rows: list[dict]) -> str:
-    out = ["| ratio | r | PSNR dB mean / worst | SSIM mean / worst | FID merged (unmerged) | class acc. merged (unmerged) "
-           "| e2e speed-up |", "|---|---|---|---|---|---|---|"]
-    for q in rows:
-        fid = f"{q['fid_merged']:.2f} ({q['fid_unmerged']:.2f})" if "fid_merged" in q else "-"
-        acc = f"{q['class_accuracy_merged']:.3f} ({q['class_accuracy_unmerged']:.3f})" if "fid_merged" in q else "-"
-        out.append(f"| {q['ratio']:g} | {q['r']} | {q['psnr_db']['mean']:.2f} / {q['psnr_db']['worst']:.2f} | "
-                   f"{q['ssim']['mean']:.4f} / {q['ssim']['worst']:.4f} | {fid} | {acc} | {q['e2e_speedup']:.2f}x |")
-    return "\n".join(out)
-
-
-class StageProgress:
-    """What an earlier, interrupted build already finished in the staging directory.
-
-    Keyed by the build's inputs (model and its files, grid, text length): a different key starts over.
-    A step counts as finished only while every file it wrote still has the hash recorded for it.
-    """
-
-    FILE = "progress.json"
-
-    def __init__(self, stage: Path, key: dict) -> None:
-        self.stage, self.path = stage, stage / self.FILE
-        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        if data.get("key") != key:
-            for f in stage.iterdir():
-                shutil.rmtree(f) if f.is_dir() else f.unlink()
-            data = {"key": key, "done": {}}
-        self.data = data
-        self._write()
-
-    def finished(self, step: str, files: list[str]) -> bool:
-        digests = self.data["done"].get(step)
-        return digests is not None and all((self.stage / f).is_file() and sha256_file(self.stage / f) == digests.get(f)
-                                           for f in files)
-
-    def record(self, step: str, files: list[str]) -> None:
-        self.data["done"][step] = {f: sha256_file(self.stage / f) for f in files}
-        self._write()
-
-    def remember(self, step: str, value: dict) -> None:
-        """Keep what a finished step produced besides files (names, metadata), for the resumed build."""
-        self.data["done"][step] = value
-        self._write()
-
-    def _write(self) -> None:
-        tmp = self.path.with_name(self.FILE + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
-
-
-def fingerprint(source: str) -> list:
-    """A cheap identity of the model's files (names, sizes, mtimes); the source itself for hub ids."""
-    from export.load import BUNDLED, BUNDLED_DIR
-
-    folder = BUNDLED_DIR / "tiny-dit" if source == BUNDLED else Path(source)
-    if not folder.is_dir():
-        return [source]
-    return sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
-                  for f in folder.rglob("*") if f.is_file())
-
-
-def _publish(stage: Path, out: Path) -> None:
-    """Move the staged plan into ``out``: invalidate the old plan first, rename plan.json last."""
-    (out / PLAN_FILE).unlink(missing_ok=True)
-    for f in stage.iterdir():
-        if f.name != PLAN_FILE:
-            os.replace(f, out / f.name)
-    keep = {f.name for f in out.iterdir()} - {f.name for f in stage.iterdir()}
-    os.replace(stage / PLAN_FILE, out / PLAN_FILE)
-    stage.rmdir()
-    # graphs of an older plan that this one no longer references
-    manifest = json.loads((out / PLAN_FILE).read_text())
-    current = {PLAN_FILE, "report.md", "samples.png", "quality_speed.png", WEIGHTS_FILE, BASE_GRAPH} | {
-        b["graph"] for b in manifest["buckets"]} | {e["file"] for e in manifest.get("engines", {}).values()} | {
-        v["file"] for b in manifest["buckets"] for v in b.get("graphs", {}).values()}
-    for name in keep:
-        if name.endswith((".onnx", ".engine")) and name not in current:
-            (out / name).unlink()
-
-
-def bucket_table(manifest: dict) -> str:
-    """The per-bucket table, as markdown."""
-    rows = ["| bucket | timesteps | ratio | r | tokens kept | FLOPs vs full | fidelity (max abs) | latency ms | speed-up "
-            "| TensorRT check |", "|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    top = max(b["t_hi"] for b in manifest["buckets"])
-    flow = manifest["model"].get("timesteps") == "flow"  # flow matching: the noisiest bucket also takes t = T
-    for b in manifest["buckets"]:
-        t_hi = b["t_hi"] + 1 if flow and b["t_hi"] == top else b["t_hi"]
-        rows.append(f"| {b['index']} | {t_hi}..{b['t_lo']} | {b['ratio']:g} | {b['r']} | {b['kept_tokens']} | "
-                    f"{b['flops_rel']:.3f} | {fmt(b['fidelity_max_abs'], '.2e')} | {fmt(b['latency_ms'], '.2f')} | "
-                    f"{fmt(b['speedup'], '.2f')}x | {'pass' if not b['tensorrt_check'] else 'FAIL'} |")
-    return "\n".join(rows)
-
-
-def render_report(manifest: dict) -> str:
-    m, rep = manifest["model"], manifest["report"]
-    lines = [f"# ditmerge plan: {m['source']}", "",
-             f"- model: {m['class']} ({m['family']}), grid {m['grid'][0]}x{m['grid'][1]} = {m['tokens']} tokens",
-             f"- method: {manifest['method']['name']} {manifest['method']['params']}",
-             f"- built {manifest['created']} with {', '.join(f'{k} {v}' for k, v in manifest['tool_versions'].items())}"]
-    if "export_fidelity_max_abs" in rep:
-        lines += [f"- export fidelity (unmerged graph vs eager PyTorch, fp32, batch {rep['batch']}): "
-                  f"max abs error {rep['export_fidelity_max_abs']:.2e}",
-                  f"- unmerged graph latency on {rep['backend']}: {rep['base_latency_ms']:.2f} ms per forward "
-                  "(median of interleaved runs); speed-up = unmerged / bucket latency",
-                  "- bucket fidelity: bucket graph vs the eager twin with the same partition",
-                  f"- TensorRT check: static check for TensorRT >= {TENSORRT_MIN_VERSION} (ops, TopK K, scatter "
-                  "reductions, data-dependent and dynamic shapes); failures are listed in plan.json"]
-    lines += ["", bucket_table(manifest), ""]
-    multi = [b for b in manifest["buckets"] if len(b.get("variant_latency_ms") or {}) > 1]
-    if multi:  # methods with several graphs per bucket (cache, SDTM, CA-ToMe): each variant's forward
-        lines += ["Per-variant latency (ms per forward): " + "; ".join(
-            f"bucket {b['index']}: " + ", ".join(f"{v} {ms:.2f}" for v, ms in b["variant_latency_ms"].items())
-            for b in multi), ""]
-    if "quality" in rep:
-        lines += ["## Quality and end-to-end speed: merged plan vs unmerged plan", "", quality_table(rep["quality"]), "",
-                  "![unmerged (top) vs merged (bottom), same seeds](samples.png)", ""]
-    if "sweep" in rep:
-        lines += ["## Quality against speed: uniform ratios vs the unmerged plan", "", sweep_table(rep["sweep"]), "",
-                  "![PSNR against end-to-end speed-up](quality_speed.png)", ""]
-    return "\n".join(lines)
-
-
-def quality_table(q: dict) -> str:
-    """Quality and end-to-end latency of the merged plan against the unmerged plan, as markdown."""
-    rows = [f"{q['samples']} seeded generations, {q['steps']} DDIM steps, guidance {q['guidance']:g}; "
-            "PSNR/SSIM of merged vs unmerged images (same noise)", "",
-            "| measure | unmerged | merged |", "|---|---|---|",
-            f"| PSNR dB (mean / worst) | - | {q['psnr_db']['mean']:.2f} / {q['psnr_db']['worst']:.2f} |",
-            f"| SSIM (mean / worst) | - | {q['ssim']['mean']:.4f} / {q['ssim']['worst']:.4f} |"]
-    if "fid_merged" in q:
-        rows += [f"| classifier-FID vs {q['fid_real_samples']} held-out real crops | {q['fid_unmerged']:.2f} | "
-                 f"{q['fid_merged']:.2f} |",
-                 f"| class accuracy of samples | {q['class_accuracy_unmerged']:.3f} | {q['class_accuracy_merged']:.3f} |"]
-    lat = q["e2e_latency_s"]
-    rows.append(f"| end-to-end latency, 1 image (median) | {lat['unmerged']:.3f} s | {lat['merged']:.3f} s "
-                f"({q['e2e_speedup']:.2f}x) |")
-    return "\n".join(rows)

@@ -183,6 +183,7 @@ def graph_profiles(plan_dir: Path, manifest: dict) -> dict[str, list[dict[str, i
     import onnx
 
     from passes.branch import VARIANT_COUNT, branch_info
+    from runtime.branches import branch_of
 
     takes: dict[str, set[str]] = {}
     branches: dict[str, dict | None] = {}
@@ -196,7 +197,7 @@ def graph_profiles(plan_dir: Path, manifest: dict) -> dict[str, list[dict[str, i
                 branches[g] = branch_info(model)
             counts = dict(b.get("counts") or {})
             if branches[g]:  # a branched graph (passes/branch.py): each variant is a profile of its own
-                counts[VARIANT_COUNT] = branches[g]["variants"][variant]["index"]
+                counts[VARIANT_COUNT] = branches[g]["variants"][branch_of(b.get("method_meta") or {}, variant)]["index"]
             missing = sorted(takes[g] - set(counts))
             if missing:
                 raise DitmergeError(f"bucket {b.get('index')} uses {g}, which takes counts {', '.join(missing)} that "

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from export.load import DEFAULT_MODEL
 from export.tune_space import Space, bucket_ranges, space_for
 from passes.errors import DitmergeError
-from runtime.plan import PLAN_FILE, Plan
+from runtime.plan import PLAN_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,8 @@ def _jsonable(x):
 def _build_once(work: Path, model: str, space: Space, grid, text_len: int, num_train_timesteps: int,
                 measure: bool, progress: bool) -> Path:
     """The space's plan, built into ``work/plan`` unless a build with the same inputs is there."""
-    from export.build import build_plan, fingerprint
+    from export.build import build_plan
+    from export.plan_io import fingerprint
 
     plan_dir = work / "plan"
     args = space.build_args()
@@ -257,7 +258,8 @@ def _build_once(work: Path, model: str, space: Space, grid, text_len: int, num_t
 def _write_plan(out: Path, ev, chosen: tuple, found: dict, held: dict, measured: float, targets: Targets,
                 seconds: float) -> dict:
     """The chosen schedule as a plan directory: its graphs (linked), manifest, report and frontier PNG."""
-    from export.build import _publish, render_report
+    from export.build_report import render_report
+    from export.plan_io import publish
     from export.report_quality import write_grid
     from export.tune_report import plot_frontier, search_rows, tune_section
     from runtime.plan import sha256_file
@@ -292,7 +294,7 @@ def _write_plan(out: Path, ev, chosen: tuple, found: dict, held: dict, measured:
     write_grid(stage / "samples.png", held["reference"][:10], held["images"][:10])
     (stage / "report.md").write_text(render_report(manifest) + "\n" + tune_section(manifest, space))
     (stage / PLAN_FILE).write_text(json.dumps(manifest, indent=2))
-    _publish(stage, out)
+    publish(stage, out)
     return manifest
 
 

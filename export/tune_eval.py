@@ -18,12 +18,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from export.build import _call_key, variant_runner
+from export.build_measure import call_key, variant_runner
 from export.measure import interleaved_latency
 from export.quality import frechet_distance, psnr, ssim, summarize
 from export.report_quality import _bundled_classifier, unmerged_view
 from passes.counts import count_feed
 from passes.errors import DitmergeError
+from runtime.branches import branch_of
 from runtime.generate import sample_batch, sample_classes
 from runtime.plan import Plan
 from runtime.policies import policy_for
@@ -141,7 +142,7 @@ class Evaluator:
         one generation serves them all. None where the choice depends on the data (adaptive caching).
         """
         plan = self.plan(levels)
-        if any(float(b.meta.get("adaptive", 0) or 0) > 0 for b in plan.buckets):
+        if not self.space.dry_run or any(float(b.meta.get("adaptive", 0) or 0) > 0 for b in plan.buckets):
             return None
         from runtime.generate import make_scheduler
         from runtime.policies import GenState
@@ -204,7 +205,7 @@ class Evaluator:
     def _key(self, bucket, variant: str) -> tuple[str, dict]:
         graph = bucket.graphs[variant]
         counts = {k: v for k, v in count_feed(bucket.counts).items() if k in self._graph_inputs(graph)}
-        return _call_key(graph, counts, variant), counts
+        return call_key(graph, counts, branch_of(bucket.meta, variant)), counts
 
     def _latency(self) -> None:
         """Per-forward latency of every (graph, counts) any schedule of the space runs, once, interleaved."""
@@ -221,7 +222,7 @@ class Evaluator:
         meth = get_method(self.space.method, {k: v for k, v in self.space.options.items()})
         feed = feed_of(example_inputs(load_transformer(m["source"]), 2, grid, m["text_len"], seed=1))
         base = self.manifest["base"]["graph"]
-        calls = {_call_key(base, {}, "main"): lambda rn=self.tf.runner(base): rn.infer(feed)}
+        calls = {call_key(base, {}, "main"): lambda rn=self.tf.runner(base): rn.infer(feed)}
         schedules = {tuple(lv if i == k else 0 for i in range(len(self.space.knobs)))
                      for k, knob in enumerate(self.space.knobs) for lv in range(len(knob.values))}
         for levels in sorted(schedules):
@@ -229,7 +230,8 @@ class Evaluator:
                 for variant, graph in bucket.graphs.items():
                     key, counts = self._key(bucket, variant)
                     if key not in calls:  # a branched graph (passes/branch.py) runs each variant by its count
-                        run = variant_runner(self.tf.runner(graph), self.plan_dir / graph, variant, counts)
+                        run = variant_runner(self.tf.runner(graph), self.plan_dir / graph,
+                                             branch_of(bucket.meta, variant), counts)
                         extra = meth.extra_feed(ctx, bucket.meta, variant, 2)
                         calls[key] = lambda run=run, x=extra: run({**feed, **x})
         lat = interleaved_latency(calls, repeats=self.repeats)
@@ -239,7 +241,7 @@ class Evaluator:
                                                                  scheduler_config=self.sched, progress=False)},
                                   repeats=3, warmup=1)["ref"]
         self.data["latency_s"] = lat
-        self.data["base_key"] = _call_key(base, {}, "main")
+        self.data["base_key"] = call_key(base, {}, "main")
         self.data["overhead_s"] = max(0.0, e2e / self.steps - lat[self.data["base_key"]])
         self.data["reference_e2e_s"] = e2e
         self._write()

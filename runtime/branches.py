@@ -11,13 +11,31 @@ from passes.errors import DitmergeError
 _STAND_INS: dict[tuple, np.ndarray] = {}
 
 
-def variant_feed(info: dict, variant: str, inputs: dict[str, tuple[np.dtype, list]], given: dict[str, object]) -> dict:
+FEED_CACHE_SIZE = 64  # shape signatures per graph: a pipeline has a few (batch sizes, prompt lengths)
+
+
+def variant_feed(info: dict, variant: str, inputs: dict[str, tuple[np.dtype, list]], given: dict[str, object],
+                 cache: dict | None = None) -> dict:
     """The extra inputs that run ``variant`` of a branched graph: the variant count, and zeros for every input
     only other variants read (their values never reach this variant's branch).
 
     ``inputs``: the graph's inputs (name -> dtype, dims); ``given``: what the call and the policy feed, whose
-    shapes size the dynamic dims of the stand-ins.
+    shapes size the dynamic dims of the stand-ins. ``cache`` (one dict per graph, the caller's): the feed
+    per shape signature (the variant, and the name and shape of every given input of the graph), so a call
+    whose signature was seen does not walk the graph's inputs again.
     """
+    if cache is not None:
+        key = (variant, tuple((k, tuple(getattr(v, "shape", ()))) for k, v in given.items() if k in inputs))
+        out = cache.get(key)
+        if out is None:
+            if len(cache) >= FEED_CACHE_SIZE:
+                cache.clear()
+            out = cache[key] = _variant_feed(info, variant, inputs, given)
+        return out
+    return _variant_feed(info, variant, inputs, given)
+
+
+def _variant_feed(info: dict, variant: str, inputs: dict[str, tuple[np.dtype, list]], given: dict[str, object]) -> dict:
     spec = info["variants"].get(variant)
     if spec is None:
         raise DitmergeError(f"the graph has no {variant!r} variant (it has {', '.join(info['variants'])}); rebuild the plan")
@@ -35,6 +53,12 @@ def variant_feed(info: dict, variant: str, inputs: dict[str, tuple[np.dtype, lis
             _STAND_INS[key] = arr
         out[name] = _STAND_INS[key]
     return out
+
+
+def branch_of(meta: dict, variant: str) -> str:
+    """The branch of a branched graph that a bucket's ``variant`` runs: the variant's own, unless the bucket's
+    ``method_meta.branch`` maps it elsewhere (an unmerged CA-ToMe bucket's main step runs the ``plain`` branch)."""
+    return (meta.get("branch") or {}).get(variant, variant)
 
 
 def variant_outputs(info: dict, variant: str, outputs: dict) -> dict:

@@ -19,9 +19,11 @@ import torch
 
 from passes.counts import count_feed
 from passes.errors import DitmergeError
-from passes.branch import VARIANT_COUNT
-from runtime.branches import variant_feed, variant_outputs
+from runtime.branches import branch_of, variant_feed, variant_outputs
+from runtime.graphfile import graph_branches, graph_facts, graph_inputs  # noqa: F401 (graph_*: public here too)
 from runtime.plan import Plan
+from runtime.plan_checks import check_scheduler
+from runtime.plan_checks import use_tensorrt as _use_tensorrt  # the name tests patch
 from runtime.policies import GenState, policy_for
 from runtime.runners import InputCheck, OrtRunner, SharedWeights, ort_providers
 from runtime.runners import to_numpy as _np
@@ -142,6 +144,7 @@ class PlanTransformer(torch.nn.Module):
         self._count_feeds: dict[tuple[int, str], dict[str, np.ndarray]] = {}
         self._last_bucket = None  # the bucket of the previous call: consecutive steps mostly share one
         self._branches: dict[str, dict | None] = {}
+        self._variant_feeds: dict[str, dict] = {}  # graph -> variant_feed's cache (per shape signature)
         self._runner_lock = threading.Lock()
         self._gen = _Generation()
 
@@ -186,8 +189,8 @@ class PlanTransformer(torch.nn.Module):
                 else:
                     runner = OrtRunner(self.plan.dir / graph, self.providers, self._weights, self.threads,
                                        self.prepack, self.spinning)
-                self._inputs[graph] = graph_inputs(self.plan.dir / graph)
-                self._branches[graph] = graph_branches(self.plan.dir / graph)
+                facts = graph_facts(self.plan.dir / graph)  # one parse of the file for both
+                self._inputs[graph], self._branches[graph] = facts.inputs, facts.branches
                 self._checks[graph] = InputCheck(self._inputs[graph],
                                                  hint=lambda name: _fixed_dim_hint(name, self.plan))
                 self._runners[graph] = runner  # last: a runner seen outside the lock has its checks
@@ -236,12 +239,14 @@ class PlanTransformer(torch.nn.Module):
         values = _family_feed(self.family, hidden_states, timestep if runner.device_io else t_arr, kwargs)
         branched = self._branches.get(graph)
         if branched:  # one graph for every variant: its count picks the branch, other variants' inputs get zeros
-            extra = {**extra, **variant_feed(branched, variant, self._inputs[graph], {**values, **extra})}
+            branch = branch_of(bucket.meta, variant)
+            extra = {**extra, **variant_feed(branched, branch, self._inputs[graph], {**values, **extra},
+                                             cache=self._variant_feeds.setdefault(graph, {}))}
         # device runners (TensorRT) take torch tensors where they are; method state stays on the device
         feed = self._checks[graph].feed(values, extra, device_io=runner.device_io)
         outputs = runner.infer(feed)  # the one path for every backend: activates the runner on first use
         if branched:
-            outputs = variant_outputs(branched, variant, outputs)
+            outputs = variant_outputs(branched, branch, outputs)
         sample = outputs["sample"]
         on_host = not isinstance(hidden_states, torch.Tensor) or hidden_states.is_cpu
         if isinstance(sample, np.ndarray):
@@ -295,23 +300,6 @@ def _fixed_dim_hint(name: str, plan: Plan | None) -> str:
     return ""
 
 
-def graph_inputs(path: Path) -> dict[str, tuple[np.dtype, list]]:
-    """Name -> (numpy dtype, dims with str for dynamic axes) of a graph's inputs, read from the file."""
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    model = onnx.load(path, load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    out = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
-        out[vi.name] = (np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)), dims)
-    return out
-
-
 def spinning_default(plan: Plan) -> bool:
     """Whether ``spinning="auto"`` lets onnxruntime's intra-op threads spin for ``plan``.
 
@@ -322,101 +310,6 @@ def spinning_default(plan: Plan) -> bool:
     base = plan.manifest.get("base", {}).get("graph")
     files = {g for b in plan.buckets for g in b.graphs.values()} - {base}
     return len(files) <= 1
-
-
-def graph_branches(path: Path) -> dict | None:
-    """The variants of a branched graph (:mod:`passes.branch`), or None for a graph of one variant."""
-    import onnx
-
-    from passes.branch import branch_info
-
-    return branch_info(onnx.load(path, load_external_data=False))
-
-
-def _use_tensorrt(plan: Plan, backend: str) -> bool:
-    """TensorRT for "trt" (or "auto" when the plan has engines and TensorRT runs here); refuse stale engines.
-
-    Stale: built by another TensorRT or on another GPU, recorded without optimization profiles (an older
-    ditmerge, one engine per bucket), or missing a profile for some bucket's counts. "auto" falls back to
-    onnxruntime with a warning where "trt" refuses with the rebuild command.
-    """
-    if backend not in ("trt", "auto"):
-        return False
-    engines = plan.manifest.get("engines", {})
-    has_engines = all(g in engines for b in plan.buckets for g in b.graphs.values())
-    if backend == "auto" and not has_engines:
-        return False
-    if has_engines:
-        why = _stale_profiles(plan, engines)
-        if why:
-            if backend == "auto":
-                logger.warning("%s; using onnxruntime", why)
-                return False
-            raise DitmergeError(why)
-    from runtime.trt_runner import gpu_name, tensorrt_status
-
-    ok, why = tensorrt_status()
-    if not ok:
-        if backend == "auto":
-            return False
-        raise DitmergeError(f"backend 'trt' needs TensorRT on a GPU: {why}")
-    if not has_engines:
-        raise DitmergeError(f"plan {plan.dir} has no TensorRT engines; build them with `python -m export --backend trt`")
-    import tensorrt as trt
-
-    for graph, info in engines.items():
-        if info["tensorrt"] != trt.__version__ or info["gpu"] != gpu_name():
-            if backend == "auto":
-                logger.warning("TensorRT engines of %s were built for %s / %s; using onnxruntime", plan.dir,
-                               info["tensorrt"], info["gpu"])
-                return False
-            raise DitmergeError(f"engine {info['file']} was built with TensorRT {info['tensorrt']} on {info['gpu']}, "
-                                f"this is TensorRT {trt.__version__} on {gpu_name()}: rebuild with --backend trt")
-    return True
-
-
-def _stale_profiles(plan: Plan, engines: dict) -> str:
-    """Why the engines table does not serve every bucket through an optimization profile ('' when it does)."""
-    rebuild = "rebuild them with `python -m export --backend trt` (same arguments)"
-    for graph, info in engines.items():
-        if not isinstance(info.get("profiles"), list) or not info["profiles"]:
-            return (f"engine {info.get('file', graph)} of plan {plan.dir} records no optimization profiles (built "
-                    f"by an older ditmerge, one engine per bucket); {rebuild}")
-    for b in plan.buckets:
-        for graph in sorted(set(b.graphs.values())):
-            profiles = engines[graph]["profiles"]
-            keys = {k for p in profiles for k in p} - {VARIANT_COUNT}  # a branched graph: one profile per variant
-            want = {k: int(v) for k, v in b.counts.items() if k in keys}
-            if want not in [{k: int(v) for k, v in p.items() if k != VARIANT_COUNT} for p in profiles]:
-                return (f"engine {engines[graph]['file']} has no optimization profile for bucket {b.index}'s counts "
-                        f"{want} (its profiles: {profiles}); {rebuild}")
-    return ""
-
-
-def check_scheduler(plan: Plan, scheduler) -> None:
-    """Refuse a pipeline scheduler that disagrees with the plan's model: the kind of schedule (DDPM-trained
-    or flow matching), the number of training timesteps, and the prediction type."""
-    cfg = dict(getattr(scheduler, "config", {}) or {})
-    name = type(scheduler).__name__
-    want_kind = plan.scheduler_kind
-    kind = "flow" if "FlowMatch" in name else "ddpm"
-    if kind != want_kind:
-        raise DitmergeError(f"the pipeline's scheduler {name} is a {_KIND[kind]} scheduler; the plan's {plan.model['class']} "
-                            f"was trained for {_KIND[want_kind]}: use the model's own scheduler")
-    want_t = int(plan.model.get("num_train_timesteps", 1000))
-    got_t = cfg.get("num_train_timesteps")
-    if got_t is not None and int(got_t) != want_t:
-        raise DitmergeError(f"the pipeline's scheduler {name} has num_train_timesteps={got_t}; the plan's buckets "
-                            f"cover the model's {want_t} training timesteps: use a scheduler with "
-                            f"num_train_timesteps={want_t} or rebuild the plan with --num-train-timesteps {got_t}")
-    want_pred = plan.prediction_type
-    got_pred = cfg.get("prediction_type")
-    if kind == "ddpm" and want_pred and got_pred and got_pred != want_pred:
-        raise DitmergeError(f"the pipeline's scheduler {name} has prediction_type={got_pred!r}; the plan's model "
-                            f"predicts {want_pred!r}: set the scheduler's prediction_type to {want_pred!r}")
-
-
-_KIND = {"flow": "flow-matching", "ddpm": "DDPM-style (noise schedule of betas)"}
 
 
 def load(plan_dir: str | Path, backend: str = "auto", seed: int = 0, deterministic: bool = False,

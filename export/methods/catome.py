@@ -3,6 +3,10 @@
 Per bucket two graphs (:mod:`passes.catome`): ``match`` (ToMe, plus each block's matching as outputs)
 and ``main``, the *apply* variant (merges with cached indices fed as inputs; no similarity). The runtime
 policy (:mod:`runtime.policies.catome`) runs ``match`` at the checkpoint steps and ``main`` in between.
+Both are branches of one graph (:func:`passes.branch.branch_variants`); in a mixed plan (some buckets
+calibrate to r = 0) that graph has a third branch, ``plain`` (the unmerged graph), which the unmerged
+buckets' main step runs (their ``method_meta.branch``): one graph per plan, no ``base.onnx`` session
+(option ``unmerged=base``: those buckets run ``base.onnx`` beside it, faster but the weights twice).
 
 Buckets: ``--buckets`` gives only the timestep ranges (``"0,0,0"`` or the default spec: three equal
 spans); its ratios are ignored. Each bucket's ``r`` comes from threshold calibration in :meth:`prepare`
@@ -30,9 +34,11 @@ from export.catome_calib import block_summary, check_statistic, count_trajectori
 from export.measure import feed_of, max_abs
 from export.methods import MAIN, BucketGraphs, BuildContext, Method
 from export.onnx_export import eager_forward, example_inputs
+from passes.branch import branch_variants
 from passes.catome import CACHED_NAMES, PARTITION_NAMES, CaToMePass, as_cache_feed, index_name
 from passes.catome_twin import CaToMeTwin, from_feed, to_feed
 from passes.errors import DitmergeError
+from passes.flops import count_flops
 from passes.onnxutil import get_model_meta
 from passes.partition import draw_partition, num_dst, plan_bands
 from passes.tome import (DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, count_values, merge_sites,
@@ -41,6 +47,7 @@ from passes.tome import (DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT
 logger = logging.getLogger(__name__)
 
 MATCH = "match"
+PLAIN = "plain"  # the unmerged graph, a branch of a mixed plan's one graph (no bucket variant of its own)
 # The paper's best checkpoint schedule (CONFIG_3 of the released code): recompute the matching at these
 # steps of a 50-step run, reuse it in between. The released code passes step i + 1, so its matches
 # actually land one step later (and step 0 matches only because the cache is empty); we use the listed
@@ -75,6 +82,10 @@ class CaToMe(Method):
         # sublayer input's (r 161-188 of 256 on the bundled model) and quality falls (15.8 dB, FID 1069), so
         # the threshold would need recalibrating for it; the sublayer input keeps the paper's T meaningful here.
         "metric": "sublayer",
+        # what buckets calibrated to r = 0 run in a plan that also merges: "branch", the plain branch of the one
+        # graph (the weights once: 1.82 GB against 2.69 GB with base.onnx beside it, DiT-XL/2 8 blocks, but
+        # 1.17x base.onnx's latency on onnxruntime CPU, benchmarks in the docs); "base": base.onnx beside it
+        "unmerged": "branch",
     }
 
     def __init__(self, options: dict[str, object] | None = None) -> None:
@@ -84,6 +95,10 @@ class CaToMe(Method):
         self.calibration: dict[int, dict] = {}
         self.checkpoint_timesteps: list[float] = []
         self._feeds: dict[tuple, dict[str, np.ndarray]] = {}
+        self._mixed = False  # merged and unmerged buckets: the unmerged ones run the one graph's plain branch
+        self._merged: list[int] = []
+        self._built: dict[tuple, tuple] = {}
+        self._blocks: dict[int | str, list[str]] = {}
 
     def config(self, r: int, r_blocks: dict[str, int] | None = None) -> ToMeConfig:
         return ToMeConfig(ratio=0.0, locations=tuple(self.options["locations"]),
@@ -125,6 +140,8 @@ class CaToMe(Method):
         if o["calib_samples"] < 1 or o["calib_steps"] < 1:
             raise DitmergeError(f"calib_samples and calib_steps must be at least 1, got {o['calib_samples']} and "
                                 f"{o['calib_steps']}")
+        if o["unmerged"] not in ("branch", "base"):
+            raise DitmergeError(f"option unmerged={o['unmerged']!r}: choose from branch, base")
         steps = int(o["schedule_steps"])
         sched = [int(s) for s in o["schedule"]]
         if steps < 1 or not sched or any(not 0 <= s < steps for s in sched):
@@ -166,6 +183,9 @@ class CaToMe(Method):
             self.specs[i] = BucketSpec(spec.t_lo, spec.t_hi, r / ctx.tokens)
             logger.info("catome: bucket %d [%d, %d]: %s of src tokens with a match >= %g is %.1f -> r = %d of %d",
                         i, spec.t_lo, spec.t_hi, o["statistic"], o["threshold"], value, r, ctx.tokens)
+        self._merged = [i for i, c in self.calibration.items() if not self._unmerged(c["r"], c.get("r_blocks"), bands)]
+        self._mixed = 0 < len(self._merged) < len(self.calibration) and o["unmerged"] == "branch"
+        self._built.clear()
 
     def _r(self, ctx: BuildContext, spec: BucketSpec, index: int | str) -> int:
         if isinstance(index, int) and index in self.calibration:
@@ -173,25 +193,52 @@ class CaToMe(Method):
         num_src = ctx.tokens - num_dst(ctx.grid, self.config(0).stride)  # a uniform sweep: the spec's ratio
         return min(int(ctx.tokens * spec.ratio), num_src)
 
+    def _unmerged(self, r: int, r_blocks: dict[str, int] | None, bands: int) -> bool:
+        return (r // bands == 0 and not r_blocks) or bool(r_blocks and not any(v // bands for v in r_blocks.values()))
+
     def build_bucket(self, ctx: BuildContext, spec: BucketSpec, index: int) -> BucketGraphs:
         r = self._r(ctx, spec, index)
         calib = self.calibration.get(index) if isinstance(index, int) else None
         r_blocks = (calib or {}).get("r_blocks")
-        cfg = self.config(r, r_blocks)
         bands = self.bands(ctx.grid)
-        if (r // bands == 0 and not r_blocks) or (r_blocks and not any(v // bands for v in r_blocks.values())):
-            meta = {"r": 0, "stride": list(cfg.stride), "bands": bands, "calibration": calib}
-            return BucketGraphs({MAIN: None}, meta, 0, ctx.tokens)
-        match = CaToMePass(cfg, "match", bucket=index)(ctx.base)
-        apply = CaToMePass(cfg, "apply", bucket=index)(ctx.base)
-        tome = _meta(match.model, "tome")
-        blocks = list(_meta(match.model, "catome")["indices"])
-        meta = {**tome, "variants": {MAIN: "apply", MATCH: "match"}, "blocks": blocks,
-                "index_names": [index_name(b, k) for b in blocks for k in CACHED_NAMES] +
+        mixed = isinstance(index, int) and self._mixed
+        if self._unmerged(r, r_blocks, bands):
+            meta = {"r": 0, "stride": list(self.options["stride"]), "bands": bands, "calibration": calib}
+            if not mixed:  # no merged bucket in the plan: the unmerged graph alone
+                return BucketGraphs({MAIN: None}, meta, 0, ctx.tokens)
+            # a mixed plan: the plain branch of the merged buckets' one graph, its counts at 0
+            joined, _, counts, _ = self._variants(ctx, self._merged[0], mixed)
+            return BucketGraphs({MAIN: joined[MAIN]}, {**meta, "branch": {MAIN: PLAIN}}, 0, ctx.tokens,
+                                dict.fromkeys(counts, 0), count_flops(ctx.base))
+        graphs, tome, counts, flops = self._variants(ctx, index, mixed, r, r_blocks)
+        meta = {**tome, "variants": {MAIN: "apply", MATCH: "match"}, "blocks": self._blocks[index],
+                "index_names": [index_name(b, k) for b in self._blocks[index] for k in CACHED_NAMES] +
                                [index_name("", k) for k in PARTITION_NAMES], "calibration": calib}
-        # r from shapes: the graphs are equal for every bucket (one match and one apply graph per plan)
-        graphs = {MAIN: strip_bucket_meta(apply.model), MATCH: strip_bucket_meta(match.model)}
-        return BucketGraphs(graphs, meta, tome["r"], ctx.tokens - tome["r"], count_values(tome))
+        return BucketGraphs(graphs, meta, tome["r"], ctx.tokens - tome["r"], counts, flops)
+
+    def _variants(self, ctx: BuildContext, index: int | str, mixed: bool, r: int | None = None,
+                  r_blocks: dict[str, int] | None = None) -> tuple[dict, dict, dict[str, int], int]:
+        """A merged bucket's match and apply graphs (r from shapes: equal for every bucket, one file per plan),
+        its ToMe metadata, counts and FLOPs; in a mixed plan joined with the plain graph behind the variant
+        count (the unmerged buckets run that branch: one graph, its weights once)."""
+        key = (index, mixed)
+        if key not in self._built or not isinstance(index, int):  # a sweep's graphs differ per call (its r)
+            if r is None:
+                calib = self.calibration[index]
+                r, r_blocks = calib["r"], calib.get("r_blocks")
+            cfg = self.config(r, r_blocks)
+            match = CaToMePass(cfg, "match", bucket=index)(ctx.base)
+            apply = CaToMePass(cfg, "apply", bucket=index)(ctx.base)
+            tome = _meta(match.model, "tome")
+            self._blocks[index] = list(_meta(match.model, "catome")["indices"])
+            graphs = {MAIN: strip_bucket_meta(apply.model), MATCH: strip_bucket_meta(match.model)}
+            counts = count_values(tome)
+            flops = count_flops(graphs[MAIN], counts)
+            if mixed:
+                joined = branch_variants({**graphs, PLAIN: ctx.base})
+                graphs = {MAIN: joined, MATCH: joined}
+            self._built[key] = (graphs, tome, counts, flops)
+        return self._built[key]
 
     def extra_feed(self, ctx: BuildContext, meta: dict, variant: str, batch: int,
                    seed: int | None = None) -> dict[str, np.ndarray]:

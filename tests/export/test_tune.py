@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from export.quality import psnr
 from export.tune import SEARCH_FILE, tune_plan
@@ -90,8 +91,8 @@ def test_bad_targets_are_refused_before_anything_is_built(tmp_path, targets, mes
 
 
 def test_methods_without_a_schedule_space_are_refused(tmp_path):
-    with pytest.raises(DitmergeError, match="supports the methods cache, tome"):
-        tune_plan(out=tmp_path / "p", work_dir=tmp_path / "w", target_psnr=30, **{**SMALL, "method": "sdtm"})
+    with pytest.raises(DitmergeError, match="supports the methods cache, tome, sdtm"):
+        tune_plan(out=tmp_path / "p", work_dir=tmp_path / "w", target_psnr=30, **{**SMALL, "method": "atedm"})
 
 
 def test_an_interrupted_search_resumes_from_its_record(tuned, tmp_path, monkeypatch):
@@ -136,12 +137,13 @@ def test_cli_prints_the_library_call_and_refuses_fixed_schedules(tmp_path, capsy
     assert "--buckets cannot be combined with a --target-*" in capsys.readouterr().err
 
 
-def test_tome_schedules_share_the_one_graph_and_differ_only_in_counts(tmp_path):
+def test_tome_schedules_share_the_one_graph_and_differ_only_in_counts(tmp_path, monkeypatch):
     """ToMe: one build at the largest ratio; each schedule is r per bucket as the count input's length.
 
     On the bundled model (256 tokens) the matching costs about what merging saves, so the search may end in the
     unmerged-plan answer; the record shows what it evaluated either way.
     """
+    from export import tune
     from export.tune_space import ToMeSpace, bucket_ranges
 
     kwargs = {**SMALL, "method": "tome", "levels": {"ratio": (0.0, 0.2, 0.4)}}
@@ -153,17 +155,43 @@ def test_tome_schedules_share_the_one_graph_and_differ_only_in_counts(tmp_path):
         t = m["report"]["tune"]
         assert t["predicted_speedup"] > 1 and t["calibration"]["psnr_db"]["mean"] >= 15
         tuned = Plan.load(tmp_path / "p")
-        assert all(b.counts == ({"tome_r": b.meta["r"]} if b.ratio else {}) for b in tuned.buckets)
+        assert all(b.counts == {"tome_r": b.meta["r"]} for b in tuned.buckets)
     built = Plan.load(tmp_path / "w" / "plan")
     graph = built.buckets[0].graph
-    assert {b.graph for b in built.buckets} == {graph} != {"base.onnx"}  # the one merged graph the build staged
+    # the build is a mixed plan (its last bucket unmerged): every bucket on the one graph with If(r == 0)
+    assert {b.graph for b in built.buckets} == {graph} != {"base.onnx"} and built.buckets[1].counts == {"tome_r": 0}
     record = json.loads((tmp_path / "w" / SEARCH_FILE).read_text())
-    # one latency per r on that one graph (plus base.onnx), and every schedule's quality differs
+    # one latency per r on that one graph (r = 0: its plain branch; plus base.onnx), every schedule's quality differs
     assert {k for k in record["latency_s"] if k.startswith(graph)} == {
-        f"{graph}|ditmerge_count_tome_r={r}|main" for r in (51, 102)}
+        f"{graph}|ditmerge_count_tome_r={r}|main" for r in (0, 51, 102)}
     psnrs = [e["quality"]["psnr_db"]["mean"] for e in record["evaluations"].values()]
     assert len(psnrs) >= 2 and len(set(psnrs)) == len(psnrs)
     space = ToMeSpace(bucket_ranges(2, 1000), {}, {"ratio": (0.0, 0.2, 0.4)})
     view = Plan(built.dir, space.apply(built.manifest, (0, 2)))
-    assert view.buckets[0].graph == "base.onnx" and view.buckets[0].counts == {}
+    assert view.buckets[0].graph == graph and view.buckets[0].counts == {"tome_r": 0}
     assert view.buckets[1].graph == graph and view.buckets[1].counts == {"tome_r": 102} == {"tome_r": view.buckets[1].meta["r"]}
+
+    # a written mixed schedule (the search's choice fixed: the layout is under test) keeps only the one graph
+    def fixed(ev, space, targets, progress=True):
+        ev.quality((2, 0))  # evaluated, as the search would
+        return {"chosen": (2, 0), "passed": [(2, 0)]}
+
+    monkeypatch.setattr(tune, "search", fixed)
+    m = tune_plan(out=tmp_path / "mixed", target_psnr=15, work_dir=tmp_path / "w", **{**kwargs, "heldout_samples": 2})
+    assert m["method"]["params"]["unmerged"] == "branch"
+    assert {f.name for f in (tmp_path / "mixed").glob("*.onnx")} == {"base.onnx", graph}  # base: as every build
+    mixed = Plan.load(tmp_path / "mixed")
+    assert [b.graph for b in mixed.buckets] == [graph, graph] and [b.counts for b in mixed.buckets] == [
+        {"tome_r": 102}, {"tome_r": 0}]
+    # its r = 0 bucket runs the If's plain branch: the unmerged graph's output (fp32 export tolerance)
+    from export.report_quality import unmerged_view
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 100])
+    labels = torch.tensor([1, 2])
+    got = PlanTransformer(mixed, backend="cpu")(x, t, class_labels=labels).sample
+    want = PlanTransformer(unmerged_view(mixed), backend="cpu")(x, t, class_labels=labels).sample
+    assert (got - want).abs().max().item() <= 1e-4
+    merged = PlanTransformer(mixed, backend="cpu")(x, torch.tensor([900, 900]), class_labels=labels).sample
+    plain = PlanTransformer(unmerged_view(mixed), backend="cpu")(x, torch.tensor([900, 900]), class_labels=labels).sample
+    assert (merged - plain).abs().max().item() > 1e-3  # bucket 0 merges (r = 102)
