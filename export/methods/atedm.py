@@ -96,7 +96,7 @@ class ATEDM(Method):
         return BucketGraphs({MAIN: res.model}, meta, ctx.tokens - meta["kept"], meta["kept"], counts)
 
     def fidelity(self, ctx: BuildContext, meta: dict, variant: str, run, inputs: dict[str, torch.Tensor]) -> float:
-        out = run(feed_of(inputs))["sample"]  # ``run`` feeds the bucket's counts (export.build.shape_feed)
+        out = run(feed_of(inputs))["sample"]  # ``run`` feeds the bucket's counts (export.build_measure.shape_feed)
         if "kept" not in meta:
             return max_abs(out, eager_forward(ctx.torch_model, inputs).numpy())
         return max_abs(out, twin_forward(ctx.torch_model, meta, inputs, ctx.grid))

@@ -109,7 +109,7 @@ class MoD(Method):
 
     def fidelity(self, ctx: BuildContext, meta: dict, variant: str, run, inputs: dict[str, torch.Tensor]) -> float:
         """The bucket graph against the eager routed model at the bucket's capacities."""
-        out = run(feed_of(inputs))["sample"]  # ``run`` feeds the bucket's counts (export.build.shape_feed)
+        out = run(feed_of(inputs))["sample"]  # ``run`` feeds the bucket's counts (export.build_measure.shape_feed)
         self.routing.fixed = list(meta["capacities"])
         try:
             with self.routing.installed(ctx.torch_model):
