@@ -44,16 +44,11 @@ from passes.partition import draw_partition, num_dst, plan_bands
 from passes.tome import (DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, count_values, merge_sites,
                          strip_bucket_meta)
 
+from runtime.policies.catome import MATCH, PAPER_SCHEDULE, PAPER_SCHEDULE_STEPS  # one definition, the run-time half's
+
 logger = logging.getLogger(__name__)
 
-MATCH = "match"
 PLAIN = "plain"  # the unmerged graph, a branch of a mixed plan's one graph (no bucket variant of its own)
-# The paper's best checkpoint schedule (CONFIG_3 of the released code): recompute the matching at these
-# steps of a 50-step run, reuse it in between. The released code passes step i + 1, so its matches
-# actually land one step later (and step 0 matches only because the cache is empty); we use the listed
-# steps. Runs with another step count map the schedule by progress through the trajectory (see the policy).
-PAPER_SCHEDULE = (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49)
-PAPER_SCHEDULE_STEPS = 50
 
 
 class CaToMe(Method):
