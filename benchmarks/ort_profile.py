@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import DIT_XL_2, interleaved
+from probe import latency_ratio, latency_rows
 
 from export.measure import feed_of
 from export.onnx_export import example_inputs
@@ -215,18 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
                        "batch 2, random weights, onnxruntime CPU fp32",
               "command": "python benchmarks/ort_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "exactness_max_abs": exact, "profile": profiles, "latency": lat, "skip_layernorm_kernel": kernel,
-              "copy_speedup": {k.removesuffix(" (ort copy)"): _ratio(lat, k.removesuffix(" (ort copy)"), k)
+              "copy_speedup": {k.removesuffix(" (ort copy)"): latency_ratio(lat, k.removesuffix(" (ort copy)"), k)
                                for k in exact}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ort_profile.json").write_text(json.dumps(result, indent=2))
     print(table(result))
     return result
-
-
-def _ratio(lat: dict, a: str, b: str) -> dict:
-    """a's latency over b's: > 1 means b is faster."""
-    return {"median": lat[a]["median_ms"] / lat[b]["median_ms"], "min": lat[a]["min_ms"] / lat[b]["min_ms"],
-            "cpu_median": lat[a]["cpu_median_ms"] / lat[b]["cpu_median_ms"]}
 
 
 def table(result: dict) -> str:
@@ -236,12 +231,8 @@ def table(result: dict) -> str:
         top = ", ".join(f"{op} {ms:.0f}" for op, ms in list(p["ms_by_op"].items())[:5])
         fused = ", ".join(f"{op} {n}" for op, n in p["fused_ops"].items())
         rows.append(f"| {k} | {p['run_ms']:.0f} | {p['tome_ms']:.1f} ms ({p['tome_share']:.1%}) | {top} | {fused} |")
-    rows += ["", "| forward | median ms | min ms | CPU ms (median) |", "|---|---|---|---|"]
-    rows += [f"| {k} | {v['median_ms']:.1f} | {v['min_ms']:.1f} | {v['cpu_median_ms']:.1f} |"
-             for k, v in result["latency"].items()]
-    rows += ["", "| one residual Add + LayerNorm, [2, N, 1152] | median ms | min ms | CPU ms |", "|---|---|---|---|"]
-    rows += [f"| {k} | {v['median_ms']:.2f} | {v['min_ms']:.2f} | {v['cpu_median_ms']:.2f} |"
-             for k, v in result["skip_layernorm_kernel"].items()]
+    rows += ["", *latency_rows(result["latency"])]
+    rows += ["", *latency_rows(result["skip_layernorm_kernel"], "one residual Add + LayerNorm, [2, N, 1152]", 2)]
     rows += ["", "| ort copy vs plain | speed-up (median) | min | CPU | max abs |", "|---|---|---|---|---|"]
     rows += [f"| {k} | {v['median']:.3f}x | {v['min']:.3f}x | {v['cpu_median']:.3f}x | "
              f"{result['exactness_max_abs'][k + ' (ort copy)']:.1e} |" for k, v in result["copy_speedup"].items()]

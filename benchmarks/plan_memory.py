@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import in_child  # noqa: E402
-from probe import DIT_XL_2, run_probe  # noqa: E402
+from probe import DIT_XL_2, latency_ratio, latency_rows, run_probe  # noqa: E402
 
 from export.build import build_plan  # noqa: E402
 from export.measure import feed_of  # noqa: E402
@@ -198,11 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
             calls[f"one graph r={b['r']}"] = ("branch.onnx", b["counts"], True)
     lat = in_child(time_buckets, {"plan": str(plan_dir), "feed": str(feed_path), "grid": list(grid),
                                   "calls": calls, "rounds": args.rounds})
-    ratios = {"one graph r=0 vs base.onnx": _ratio(lat, "one graph r=0", "base.onnx"),
-              "merged graph r=0 vs base.onnx": _ratio(lat, "merged graph r=0", "base.onnx")}
+    ratios = {"one graph r=0 vs base.onnx": latency_ratio(lat, "one graph r=0", "base.onnx"),
+              "merged graph r=0 vs base.onnx": latency_ratio(lat, "merged graph r=0", "base.onnx")}
     for b in manifest["buckets"]:
         if b["r"]:
-            ratios[f"one graph vs baked, r={b['r']}"] = _ratio(lat, f"one graph r={b['r']}", f"baked r={b['r']}")
+            ratios[f"one graph vs baked, r={b['r']}"] = latency_ratio(lat, f"one graph r={b['r']}", f"baked r={b['r']}")
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": _cores()},
               "model": f"DiT-XL/2 architecture, {args.layers} of 28 blocks, {args.px}px ({grid[0] * grid[1]} tokens), "
                        f"batch {args.batch}, random weights, onnxruntime CPU fp32, prepacking on",
@@ -212,12 +212,6 @@ def main(argv: list[str] | None = None) -> dict:
     (RESULTS / "plan_memory.json").write_text(json.dumps(result, indent=2))
     print(table(result))
     return result
-
-
-def _ratio(lat: dict, a: str, b: str) -> dict:
-    """a's latency over b's: > 1 means a is slower."""
-    return {"median": lat[a]["median_ms"] / lat[b]["median_ms"], "min": lat[a]["min_ms"] / lat[b]["min_ms"],
-            "cpu_median": lat[a]["cpu_median_ms"] / lat[b]["cpu_median_ms"]}
 
 
 def _cores() -> int:
@@ -230,9 +224,7 @@ def table(result: dict) -> str:
     rows = [f"{result['model']}", "", "| layout | sessions | resident MB | vs one unmerged model |", "|---|---|---|---|"]
     for name, m in result["memory"].items():
         rows.append(f"| {name} | {m['sessions']} | {m['resident_mb']:.0f} | {m['vs_unmerged_model']:.2f}x |")
-    rows += ["", "| forward | median ms | min ms | CPU ms (median) |", "|---|---|---|---|"]
-    rows += [f"| {k} | {v['median_ms']:.1f} | {v['min_ms']:.1f} | {v['cpu_median_ms']:.1f} |"
-             for k, v in result["latency"].items()]
+    rows += ["", *latency_rows(result["latency"])]
     rows += ["", "| latency ratio | median | min | CPU median |", "|---|---|---|---|"]
     rows += [f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['cpu_median']:.3f} |"
              for k, v in result["latency_ratios"].items()]

@@ -1,4 +1,4 @@
-"""What the memory benchmarks share: the DiT-XL/2 config and a child-process resident-memory probe.
+"""What the benchmarks share: the DiT-XL/2 config, a child-process resident-memory probe, latency ratios.
 
 Resident memory is measured in a fresh interpreter, from after its imports, so neither the caller's heap
 nor the libraries count: the probe's code calls ``rss_kb()`` before and after what it measures and prints
@@ -33,3 +33,16 @@ def run_probe(code: str) -> str:
     if res.returncode:
         raise RuntimeError(f"memory probe failed: {res.stderr[-2000:]}")
     return res.stdout.strip().splitlines()[-1]
+
+
+def latency_ratio(lat: dict, a: str, b: str) -> dict:
+    """a's latency over b's (> 1: a is slower) on medians, minimums and CPU-time medians of interleaved rounds."""
+    return {"median": lat[a]["median_ms"] / lat[b]["median_ms"], "min": lat[a]["min_ms"] / lat[b]["min_ms"],
+            "cpu_median": lat[a]["cpu_median_ms"] / lat[b]["cpu_median_ms"]}
+
+
+def latency_rows(latency: dict, head: str = "forward", digits: int = 1) -> list[str]:
+    """Markdown rows of interleaved latencies (name -> median_ms, min_ms, cpu_median_ms)."""
+    return [f"| {head} | median ms | min ms | CPU ms (median) |", "|---|---|---|---|"] + [
+        f"| {k} | {v['median_ms']:.{digits}f} | {v['min_ms']:.{digits}f} | {v['cpu_median_ms']:.{digits}f} |"
+        for k, v in latency.items()]

@@ -20,6 +20,7 @@ from passes.errors import DitmergeError
 from passes.partition import draw_partition
 from passes.twin import ToMeTwin
 from tests.helpers import EXPORT_ATOL, assert_close
+from tests.pipelines import twins
 from tests.pipelines.components import RECIPES, pipeline
 
 PIPELINE_TWIN_ATOL = 1e-3  # merged plan vs its eager twin, over a whole generation (fp32)
@@ -37,55 +38,27 @@ def _run(pipe, name: str, seed: int = 0, **overrides):
     return pipe(**RECIPES[name].call_kwargs(), generator=torch.Generator().manual_seed(seed), **overrides).images
 
 
-class TwinTransformer(torch.nn.Module):
-    """The eager transformer with ToMe's twin installed per call, in the bucket of the call's timestep.
+class TwinTransformer(twins.TwinTransformer):
+    """The eager transformer with ToMe's twin installed per call, in the bucket of the call's timestep
+    (:class:`tests.pipelines.twins.TwinTransformer` finds it from the plan's spans, independently of the runtime).
 
-    Buckets are looked up here from the plan's spans, independently of the runtime; the partition is
-    tomesd's fixed top-left one, which a plan loaded with ``deterministic=True`` also uses.
+    The partition is tomesd's fixed top-left one, which a plan loaded with ``deterministic=True`` also uses.
+    ``calls`` records (timestep, r) per call.
     """
 
     def __init__(self, model: torch.nn.Module, manifest: dict) -> None:
-        super().__init__()
-        self.model, self.manifest = model, manifest
-        self.grid = tuple(manifest["model"]["grid"])
-        self.scale = manifest["model"]["timestep_scale"]
-        self.calls: list[tuple[float, int]] = []  # (timestep, r)
+        super().__init__(model, manifest)
+        self.calls: list[tuple[float, int]] = []
 
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def dtype(self):
-        return self.model.dtype
-
-    @property
-    def device(self):
-        return self.model.device
-
-    def cache_context(self, name: str):
-        return self.model.cache_context(name)
-
-    def _bucket(self, t: float) -> dict:
-        buckets = sorted(self.manifest["buckets"], key=lambda b: b["t_hi"])
-        for b in buckets:
-            if b["t_lo"] <= t < b["t_hi"] + 1:
-                return b
-        assert t <= self.manifest["model"]["num_train_timesteps"], t  # flow matching: t = T at sigma 1
-        return buckets[-1]
-
-    def forward(self, hidden_states, timestep=None, **kwargs):
-        t = float(torch.as_tensor(timestep).reshape(-1)[0]) / self.scale
-        meta = self._bucket(t)["method_meta"]
+    def step_twin(self, t: float, bucket: dict, batch: int) -> tuple[str, contextlib.AbstractContextManager]:
+        meta = bucket["method_meta"]
         self.calls.append((t, meta.get("r", 0)))
-        ctx = contextlib.nullcontext()
-        if meta.get("r"):
-            twin = ToMeTwin.from_meta(self.model, meta)
-            part, inv = draw_partition(self.grid, tuple(meta["stride"]), None, meta.get("bands", 1))
-            twin.set_partition(torch.from_numpy(part), torch.from_numpy(inv))
-            ctx = twin.installed()
-        with ctx, torch.no_grad():
-            return self.model(hidden_states, timestep=timestep, **kwargs)
+        if not meta.get("r"):
+            return twins.MAIN, contextlib.nullcontext()
+        twin = ToMeTwin.from_meta(self.model, meta)
+        part, inv = draw_partition(self.grid, tuple(meta["stride"]), None, meta.get("bands", 1))
+        twin.set_partition(torch.from_numpy(part), torch.from_numpy(inv))
+        return twins.MAIN, twin.installed()
 
 
 @pytest.mark.parametrize("name", NAMES)
