@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_report import chart, table  # the report half of this script
+from peers import tomesd_call
 from export.measure import feed_of, interleaved_latency
 from export.onnx_export import WEIGHTS_FILE, eager_forward, example_inputs, export_onnx
 from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     prepack_cost = None  # unmerged latency with prepacking off / on, same group
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"{args.arch}-{args.px}{f'-{args.layers}blocks' if args.layers else ''}{args.tag}"
+    stem = results / f"{args.arch}-{args.px}{f'-{args.layers}blocks' if args.layers else ''}{'-' + args.tag if args.tag else ''}"
     partial = stem.with_suffix(".partial.json")
     for group in groups:
         logger.info("timing %s against the unmerged graph, %d interleaved repeats", ", ".join(group), args.repeats)
@@ -310,7 +311,7 @@ def _time_group(spec: dict) -> dict:
         inputs = example_inputs(model, batch, grid, seed=0)
         calls["eager torch"] = lambda: eager_forward(model, inputs)
         if spec["tomesd"]:
-            calls.update(_tomesd_call(arch, px, layers, inputs, *spec["tomesd"]))
+            calls.update(tomesd_call(make_model(arch, px, layers)[0], inputs, *spec["tomesd"]))
         if spec["compile"]:
             try:
                 compiled = torch.compile(model)
@@ -347,21 +348,6 @@ def interleaved(calls: dict, rounds: int, warmup: int = 1) -> tuple[dict, dict]:
             wall[k].append(time.perf_counter() - w0)
             cpu[k].append(time.process_time() - c0)
     return wall, cpu
-
-
-def _tomesd_call(arch: str, px: int, layers: int, inputs: dict, ratio: float, locations: str) -> dict:
-    """tomesd's patch (same ratio; merge_attn / merge_mlp as ``locations``) on a fresh eager model, when tomesd
-    is installed; nothing otherwise (logged)."""
-    try:
-        import tomesd
-    except ImportError:
-        logger.warning("tomesd is not installed: no tomesd timing")
-        return {}
-    model, _ = make_model(arch, px, layers)
-    locs = locations.split(",")
-    tomesd.apply_patch(model, ratio=ratio, max_downsample=1, merge_attn="attn" in locs, merge_crossattn=False,
-                       merge_mlp="mlp" in locs)
-    return {"tomesd": lambda: eager_forward(model, inputs)}
 
 
 def end_to_end(model, runners, merged_key: str, feed: dict, merged_feed: dict, steps: int, repeats: int) -> dict:

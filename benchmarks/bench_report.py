@@ -44,7 +44,7 @@ def chart(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tome = [r for r in result["rows"] if r["variant"].startswith("tome") and "no-prepack" not in r["variant"]]
+    tome = [r for r in result["rows"] if r["variant"].startswith("tome ") and "no-prepack" not in r["variant"]]
     ratios = [float(r["variant"].split()[1]) for r in tome]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ratios, [r["speedup_vs_unmerged"] for r in tome], "o-", label="measured (onnxruntime CPU)")
