@@ -119,7 +119,7 @@ def _join(items: list[tuple[str, onnx.ModelProto]], count: str, meta_from: onnx.
             tag: {"index": i, "inputs": [vi.name for vi in m.graph.input if vi.name not in {x.name for x in m.graph.initializer}],
                   "outputs": [vi.name for vi in m.graph.output]} for i, (tag, m) in enumerate(items)}}
         set_model_meta(out, branch=info)
-    logger.info("branch: one graph for %s behind If on %s", ", ".join(f"{t} ({len(m.graph.node)} nodes)" for t, m in items),
+    logger.debug("branch: one graph for %s behind If on %s", ", ".join(f"{t} ({len(m.graph.node)} nodes)" for t, m in items),
                 count)
     return out
 

@@ -324,7 +324,7 @@ class CachePass(StampedPass):
                                                   if isinstance(s.tokens, int))),
                 "span_nodes": len(span.nodes), "span_nodes_kept": kept}
         set_model_meta(out, cache=info)
-        logger.info("cache: %s variant, blocks %d-%d (%s), streams %s%s", cfg.variant, cfg.start, cfg.end - 1,
+        logger.debug("cache: %s variant, blocks %d-%d (%s), streams %s%s", cfg.variant, cfg.start, cfg.end - 1,
                     ", ".join(span.blocks), ", ".join(s.name for s in span.streams),
                     f"; {kept} of the span's {len(span.nodes)} nodes stay (read after the span)" if cfg.variant ==
                     "cached" and kept else "")

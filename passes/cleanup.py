@@ -54,7 +54,7 @@ class FreeTokenAxisPass(GraphPass):
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         if reshapes or slices:
-            logger.info("free-token-axis: %d reshapes and %d joint-sequence slices follow the token count",
+            logger.debug("free-token-axis: %d reshapes and %d joint-sequence slices follow the token count",
                         reshapes, slices)
         return PassResult(model, bool(reshapes or slices))
 
@@ -204,7 +204,7 @@ class RemoveNoopSqueezePass(GraphPass):
         for node in drop:
             _bypass(model, node)
         if drop:
-            logger.info("remove-noop-squeeze: removed %d squeezes of non-unit axes", len(drop))
+            logger.debug("remove-noop-squeeze: removed %d squeezes of non-unit axes", len(drop))
         return PassResult(model, bool(drop))
 
 

@@ -264,7 +264,7 @@ def _summarize(chosen: list[Site], skipped: list[Site], sites: list[Site], locat
     for s in chosen:
         by_kind[s.kind][0] += 1
     parts = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in by_kind.items())
-    logger.info("tome: merged %s modules (r=%d of %d tokens)%s", parts, r, n,
+    logger.debug("tome: merged %s modules (r=%d of %d tokens)%s", parts, r, n,
                 f"; {len(skipped)} skipped: " + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:4]) if skipped else "")
 
 
