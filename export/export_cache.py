@@ -38,7 +38,8 @@ def export_key(model: torch.nn.Module, grid: tuple[int, int], text_len: int, ext
     import onnxscript
 
     h = hashlib.sha256()
-    config = dict(getattr(model, "config", {}) or {})
+    # not where it was loaded from: the same model saved in another folder exports the same graph
+    config = {k: v for k, v in dict(getattr(model, "config", {}) or {}).items() if k != "_name_or_path"}
     head = {"class": type(model).__qualname__, "config": config, "grid": list(grid), "text_len": text_len,
             "processors": sorted({type(p).__name__ for p in getattr(model, "attn_processors", {}).values()}),
             "versions": [torch.__version__, onnx.__version__, onnxscript.__version__, diffusers.__version__],

@@ -50,3 +50,14 @@ def test_off_without_the_variable(monkeypatch, tmp_path):
     assert export_cache.cache_dir() is None
     export_cache.store("k", {"base.onnx": tmp_path / "missing"})  # a no-op, not an error
     assert not export_cache.restore("k", {"base.onnx": tmp_path / "x"})
+
+
+def test_the_folder_a_model_was_loaded_from_is_not_part_of_the_key(tmp_path):
+    """diffusers records the folder in ``config._name_or_path``: the same weights saved twice share one entry."""
+    from diffusers import DiTTransformer2DModel
+
+    builtin_tiny_dit().save_pretrained(tmp_path / "a")
+    builtin_tiny_dit().save_pretrained(tmp_path / "b")
+    a, b = (DiTTransformer2DModel.from_pretrained(tmp_path / d) for d in "ab")
+    assert a.config["_name_or_path"] != b.config["_name_or_path"]
+    assert export_cache.export_key(a, (16, 16), 8, {}) == export_cache.export_key(b, (16, 16), 8, {})
