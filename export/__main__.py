@@ -90,8 +90,15 @@ def parser() -> argparse.ArgumentParser:
                                                        "range spec '999-500:0,499-0:0' (default: 3)")
     t.add_argument("--tune-samples", type=int, default=12,
                    help="calibration generations, and as many held-out ones (default: 12)")
-    t.add_argument("--tune-steps", type=int, default=20, help="DDIM steps of those generations (default: 20)")
+    t.add_argument("--tune-steps", type=int, default=20,
+                   help="denoising steps of those generations (DDIM; a text model's pipeline scheduler) (default: 20)")
     t.add_argument("--classes", type=_ints, default=None, help="class labels to generate, e.g. 0,3,7 (default: all)")
+    t.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text-to-image models: calibration prompts, one per line (default: a short built-in list), "
+                        "encoded by the pipeline folder's text encoders")
+    t.add_argument("--prompt-embeds", default=None, metavar="FILE",
+                   help="text-to-image models without text encoders in the folder: the prompts' embeddings as a "
+                        "safetensors file (docs/tuner.md)")
     t.add_argument("--tune-work", default=None,
                    help="keep the built graphs and the search record here; a later search resumes from it "
                         "(default: OUT/.tuning, removed after success)")
@@ -167,7 +174,8 @@ def _tune(args: argparse.Namespace, build: dict) -> int:
                   target_ssim=args.target_ssim, target_fid_increase=args.target_fid_increase, buckets=buckets,
                   options=build["options"], locations=build["locations"], grid=build["grid"],
                   text_len=build["text_len"], num_train_timesteps=build["num_train_timesteps"],
-                  samples=args.tune_samples, steps=args.tune_steps, classes=args.classes, repeats=args.repeats,
+                  samples=args.tune_samples, steps=args.tune_steps, classes=args.classes, prompts=args.prompts,
+                  prompt_embeds=args.prompt_embeds, repeats=args.repeats,
                   work_dir=args.tune_work, keep_work=args.tune_work is not None, progress=build["progress"])
     if args.print_python:
         print("from export.tune import tune_plan\n\ntune_plan(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")

@@ -8,7 +8,9 @@ classifier-FID where :mod:`export.report_quality` can compute it); speed is pred
 latencies measured once per distinct (graph, counts) and the calls each schedule makes. The search
 evaluates uniform schedules, then moves one knob at a time from the fastest one that passed (greedy);
 evaluations are kept in ``search.json`` in the work directory, so an interrupted or repeated search reuses
-them. The chosen schedule is checked on held-out seeds and written as an ordinary plan.
+them. The chosen schedule is checked on held-out seeds and written as an ordinary plan. Class-conditional
+models generate with DDIM (:mod:`runtime.generate`); text families through their own diffusers pipeline,
+prompts encoded once (:mod:`export.tune_samplers`).
 """
 
 from __future__ import annotations
@@ -77,9 +79,10 @@ def tune_plan(model: str = DEFAULT_MODEL, method: str = "cache", out: str | Path
               options: dict[str, object] | None = None, levels: dict[str, Sequence] | None = None,
               locations: Sequence[str] | None = None, grid: tuple[int, int] | None = None, text_len: int = 8,
               num_train_timesteps: int = 1000, samples: int = 12, heldout_samples: int | None = None,
-              steps: int = 20, guidance: float = 4.0, classes: Sequence[int] | None = None, repeats: int = 10,
-              work_dir: str | Path | None = None, keep_work: bool = False, check_fidelity: bool = True,
-              progress: bool = True) -> dict:
+              steps: int = 20, guidance: float | None = None, classes: Sequence[int] | None = None,
+              prompts: Sequence[str] | str | Path | None = None, prompt_embeds: str | Path | None = None,
+              repeats: int = 10, work_dir: str | Path | None = None, keep_work: bool = False,
+              check_fidelity: bool = True, progress: bool = True) -> dict:
     """Search the method's schedules for the fastest one meeting every given target; write it as a plan.
 
     Args:
@@ -92,10 +95,16 @@ def tune_plan(model: str = DEFAULT_MODEL, method: str = "cache", out: str | Path
         buckets: number of equal timestep buckets, or a spec whose ranges are used ("999-500:0,499-0:0").
         options: the method's fixed options (e.g. the cache span); the tuned ones are chosen.
         levels: candidate values per knob kind, least aggressive first: interval, full_above (cache), ratio (tome).
-        samples: calibration generations (one image per seed, classes round-robin).
+        samples: calibration generations (one image per seed, classes or prompts round-robin).
         heldout_samples: generations on seeds the search never saw, for the chosen plan's check (default: samples).
-        steps, guidance: DDIM steps and classifier-free guidance of the generations.
+        steps: denoising steps of the generations (DDIM for class-conditional models; a text family's own
+            pipeline scheduler).
+        guidance: classifier-free guidance (None: 4 for class-conditional models, the pipeline's default else).
         classes: class labels to generate (default: all classes of the model).
+        prompts: text families: the prompts (a list, or a file with one per line; default: a short built-in list),
+            encoded by the pipeline folder's text encoders.
+        prompt_embeds: text families without text encoders in the folder: a safetensors file of the pipeline
+            call's embedding arguments (prompt as the first axis; docs/tuner.md); instead of prompts.
         repeats: timed forwards per (graph, counts) for the latency medians.
         work_dir: where the built plan and the search record live (default: ``out/.tuning``); a search there
             with the same inputs resumes, reusing every schedule already evaluated.
@@ -110,6 +119,8 @@ def tune_plan(model: str = DEFAULT_MODEL, method: str = "cache", out: str | Path
         raise DitmergeError(f"the tuner needs at least 2 calibration and held-out samples, got {samples}/{heldout_samples}")
     if steps < 2:
         raise DitmergeError(f"steps must be at least 2, got {steps}")
+    if target_fid_increase is not None and (prompts is not None or prompt_embeds is not None):
+        raise DitmergeError(_NO_TEXT_FID)
     if target_fid_increase is not None and samples < 50:
         logger.warning("a FID target on %d samples: the classifier-FID of so few images is mostly sampling noise "
                        "(the held-out check will say); use samples >= 50 or a PSNR/SSIM target", samples)
@@ -127,23 +138,20 @@ def tune_plan(model: str = DEFAULT_MODEL, method: str = "cache", out: str | Path
     work.mkdir(parents=True, exist_ok=True)
 
     from export.tune_eval import Evaluator
+    from export.tune_samplers import make_sampler
 
     plan_dir = _build_once(work, model, space, grid, text_len, num_train_timesteps, check_fidelity, progress)
     manifest = json.loads((plan_dir / PLAN_FILE).read_text())
     space.check_built(plan_dir, manifest)
-    cfg = manifest["model"]["config"]
-    if not cfg.get("num_embeds_ada_norm"):
-        raise DitmergeError("the tuner generates class-conditional samples (DiT); this model takes no class labels: "
-                            "text-to-image families are not supported by the tuner yet")
-    labels = np.asarray(list(classes) if classes else range(cfg["num_embeds_ada_norm"]), np.int64)
-    if labels.min() < 0 or labels.max() >= cfg["num_embeds_ada_norm"]:
-        raise DitmergeError(f"classes must be in 0..{cfg['num_embeds_ada_norm'] - 1}, got {labels.tolist()}")
+    if target_fid_increase is not None and manifest["model"]["family"] != "dit":
+        raise DitmergeError(_NO_TEXT_FID)
+    sampler = make_sampler(manifest, classes, prompts, prompt_embeds, steps, guidance)
     key = {"model": model, "method": space.method, "options": _jsonable(options), "buckets": _jsonable(
         [dataclasses.astuple(s) for s in space.specs]), "knobs": [[k.name, list(k.values)] for k in space.knobs],
-        "samples": samples, "steps": steps, "guidance": guidance, "classes": labels.tolist(),
+        "samples": samples, "steps": steps, "guidance": sampler.guidance, **sampler.key(),
         "plan": manifest["base"]["sha256"], "weights": manifest["weights"]["sha256"]}
-    ev = Evaluator(plan_dir, manifest, space, targets, labels, samples, steps, guidance, repeats,
-                   record=work / SEARCH_FILE, key=key, fid=targets.fid_increase is not None)
+    ev = Evaluator(plan_dir, manifest, space, targets, sampler, samples, repeats, record=work / SEARCH_FILE, key=key,
+                   fid=targets.fid_increase is not None)
     found = search(ev, space, targets, progress)
     chosen = found["chosen"]
     held = ev.heldout(chosen, heldout_samples or samples, HELDOUT_SEED)
@@ -226,6 +234,10 @@ def search(ev, space: Space, targets: Targets, progress: bool = True) -> dict:
     return {"chosen": chosen, "passed": sorted(passed)}
 
 
+_NO_TEXT_FID = ("FID targets need the bundled crop classifier, which scores class-conditional samples of the bundled "
+                "model only; for a text-to-image model give target_psnr or target_ssim (--target-psnr, --target-ssim)")
+
+
 def _targets_text(t: Targets) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in t.as_dict().items())
 
@@ -271,6 +283,7 @@ def _write_plan(out: Path, ev, chosen: tuple, found: dict, held: dict, measured:
     misses = targets.misses(held["quality"])
     manifest["report"]["tune"] = {
         "targets": targets.as_dict(), "schedule": space.values(chosen), "levels": list(chosen),
+        "sampler": ev.sampler.describe(),
         "calibration": {**ev.quality(chosen), "seeds": [0, ev.samples - 1]},
         "heldout": {**held["quality"], "seeds": [HELDOUT_SEED, HELDOUT_SEED + held["quality"]["samples"] - 1],
                     "meets_target": not misses, "misses": misses},
@@ -291,7 +304,8 @@ def _write_plan(out: Path, ev, chosen: tuple, found: dict, held: dict, measured:
     for b in manifest["buckets"]:
         b["sha256"] = sha256_file(ev.plan_dir / b["graph"])
     plot_frontier(rows, chosen, held, targets, stage / "tune_frontier.png")
-    write_grid(stage / "samples.png", held["reference"][:10], held["images"][:10])
+    write_grid(stage / "samples.png", held["reference"][:10], held["images"][:10],
+               scale=max(1, 128 // held["images"].shape[-1]))  # the bundled model's 32 px: 4x
     (stage / "report.md").write_text(render_report(manifest) + "\n" + tune_section(manifest, space))
     (stage / PLAN_FILE).write_text(json.dumps(manifest, indent=2))
     publish(stage, out)

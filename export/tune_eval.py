@@ -3,8 +3,9 @@
 One :class:`~runtime.transformer.PlanTransformer` runs every candidate: a candidate is a
 :class:`~runtime.plan.Plan` over the same directory with its own manifest, swapped in with its policy, so
 each graph file's onnxruntime session is opened once for the whole search. Speed is predicted, not timed
-per candidate: per-forward latencies are measured once per distinct (graph, counts) at batch 2 (one image
-with classifier-free guidance), interleaved, medians; a schedule's end-to-end latency is the sum over the
+per candidate: per-forward latencies are measured once per distinct (graph, counts) at the batch of one
+image's calls (2 with classifier-free guidance; Flux: 1) and, for text families, the prompts' length,
+interleaved, medians; a schedule's end-to-end latency is the sum over the
 calls it made of their latency plus the per-step overhead outside the graphs (scheduler, feeds), taken from
 one timed unmerged generation.
 """
@@ -25,24 +26,22 @@ from export.report_quality import _bundled_classifier, unmerged_view
 from passes.counts import count_feed
 from passes.errors import DitmergeError
 from runtime.branches import branch_of
-from runtime.generate import sample_batch, sample_classes
 from runtime.plan import Plan
 from runtime.policies import policy_for
 from runtime.transformer import PlanTransformer, graph_inputs
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 8  # images per denoising loop (batch 16 with guidance)
-
 
 class Evaluator:
     """Quality and predicted speed of a space's schedules, recorded in ``record`` (JSON) as they come."""
 
-    def __init__(self, plan_dir: Path, manifest: dict, space, targets, labels: np.ndarray, samples: int,
-                 steps: int, guidance: float, repeats: int, record: Path, key: dict, fid: bool = False) -> None:
+    def __init__(self, plan_dir: Path, manifest: dict, space, targets, sampler, samples: int, repeats: int,
+                 record: Path, key: dict, fid: bool = False) -> None:
+        """``sampler``: what generates (export.tune_samplers: class-conditional DDIM, or a text family's pipeline)."""
         self.plan_dir, self.manifest, self.space, self.targets = plan_dir, manifest, space, targets
-        self.labels, self.samples, self.steps, self.guidance, self.repeats = labels, samples, steps, guidance, repeats
-        self.sched = manifest["model"].get("scheduler")
+        self.sampler, self.samples, self.repeats = sampler, samples, repeats
+        self.steps, self.guidance = sampler.steps, sampler.guidance
         self.built = Plan(plan_dir, manifest)
         self.reference = unmerged_view(self.built)
         self.tf = PlanTransformer(self.built, backend="cpu")
@@ -65,8 +64,8 @@ class Evaluator:
         self._latency()
 
     # -- generations --------------------------------------------------------------------------------
-    def jobs(self, count: int, seed0: int) -> list[tuple[list[int], int]]:
-        return [([int(self.labels[i % len(self.labels)])], seed0 + i) for i in range(count)]
+    def jobs(self, count: int, seed0: int) -> list:
+        return self.sampler.jobs(count, seed0)
 
     def _use(self, plan: Plan) -> None:
         """Point the shared transformer at another schedule: same files, same sessions."""
@@ -76,20 +75,23 @@ class Evaluator:
         """Images of ``jobs`` through ``plan`` and the (bucket, variant) of each call of one loop."""
         self._use(plan)
         calls: list[tuple[int, str]] = []
+        times: list[float] = []
         select = self.tf.policy.select
 
         def recorded(state, bucket, batch):
             variant, feed = select(state, bucket, batch)
             calls.append((bucket.index, variant))
+            times.append(float(state.t))
             return variant, feed
 
         self.tf.policy.select = recorded
-        images, first = [], None
-        for i in range(0, len(jobs), CHUNK):
+        images, first, chunk = [], None, self.sampler.chunk
+        for i in range(0, len(jobs), chunk):
             calls.clear()
-            images += sample_batch(self.tf, jobs[i:i + CHUNK], steps=self.steps, guidance=self.guidance,
-                                   partition_seed=0, scheduler_config=self.sched)
-            first = list(calls) if first is None else first
+            times.clear()
+            images.append(self.sampler.images(self.tf, jobs[i:i + chunk]))
+            if first is None:  # and the training-scale timestep of each of its calls
+                first, self._times = list(calls), list(times)
         return np.concatenate(images), first
 
     def _reference_images(self) -> np.ndarray:
@@ -104,6 +106,7 @@ class Evaluator:
         ref, _ = self.generate(self.reference, self.jobs(self.samples, 0))
         np.save(path, ref)
         self.data["reference_fid"] = self._fid(ref)
+        self.data["call_t"] = self._times  # a pipeline's timesteps, for the dry runs (its scheduler's own)
         self._write()
         return ref
 
@@ -144,20 +147,17 @@ class Evaluator:
         plan = self.plan(levels)
         if not self.space.dry_run or any(float(b.meta.get("adaptive", 0) or 0) > 0 for b in plan.buckets):
             return None
-        from runtime.generate import make_scheduler
         from runtime.policies import GenState
 
         policy = policy_for(plan, deterministic=True)
         state = GenState(seed=0, rng=np.random.default_rng(0))
         policy.start(state)
-        sched = make_scheduler(self.sched)
-        sched.set_timesteps(self.steps)
-        scale = float(plan.model.get("timestep_scale", 1.0))
+        times = self.sampler.timesteps(float(plan.model.get("timestep_scale", 1.0)))
         out = []
-        for t in sched.timesteps:
-            state.t = float(t) / scale
+        for t in self.data["call_t"] if times is None else times:
+            state.t = t
             bucket = plan.bucket_for(state.t)
-            variant, _ = policy.select(state, bucket, 2)
+            variant, _ = policy.select(state, bucket, self.sampler.batch)
             policy.update(state, bucket, variant, {})
             state.steps += 1
             out.append(f"{bucket.index}|{variant}|{self._key(bucket, variant)[0]}")
@@ -218,9 +218,11 @@ class Evaluator:
 
         m = self.manifest["model"]
         grid = tuple(m["grid"])
-        ctx = SimpleNamespace(grid=grid, text_len=m["text_len"], tokens=grid[0] * grid[1])
         meth = get_method(self.space.method, {k: v for k, v in self.space.options.items()})
-        feed = feed_of(example_inputs(load_transformer(m["source"]), 2, grid, m["text_len"], seed=1))
+        text_len = self.sampler.text_len or m["text_len"]  # a pipeline's prompt length: what its calls send
+        batch = self.sampler.batch
+        ctx = SimpleNamespace(grid=grid, text_len=text_len, tokens=grid[0] * grid[1])
+        feed = feed_of(example_inputs(load_transformer(m["source"]), batch, grid, text_len, seed=1))
         base = self.manifest["base"]["graph"]
         calls = {call_key(base, {}, "main"): lambda rn=self.tf.runner(base): rn.infer(feed)}
         schedules = {tuple(lv if i == k else 0 for i in range(len(self.space.knobs)))
@@ -232,14 +234,11 @@ class Evaluator:
                     if key not in calls:  # a branched graph (passes/branch.py) runs each variant by its count
                         run = variant_runner(self.tf.runner(graph), self.plan_dir / graph,
                                              branch_of(bucket.meta, variant), counts)
-                        extra = meth.extra_feed(ctx, bucket.meta, variant, 2)
+                        extra = meth.extra_feed(ctx, bucket.meta, variant, batch)
                         calls[key] = lambda run=run, x=extra: run({**feed, **x})
         lat = interleaved_latency(calls, repeats=self.repeats)
         self._use(self.reference)
-        one = np.array([int(self.labels[0])])
-        e2e = interleaved_latency({"ref": lambda: sample_classes(self.tf, one, steps=self.steps, guidance=self.guidance,
-                                                                 scheduler_config=self.sched, progress=False)},
-                                  repeats=3, warmup=1)["ref"]
+        e2e = interleaved_latency({"ref": lambda: self.sampler.one(self.tf)}, repeats=3, warmup=1)["ref"]
         self.data["latency_s"] = lat
         self.data["base_key"] = call_key(base, {}, "main")
         self.data["overhead_s"] = max(0.0, e2e / self.steps - lat[self.data["base_key"]])
@@ -260,13 +259,11 @@ class Evaluator:
 
     def measured_speedup(self, levels: tuple[int, ...], repeats: int = 3) -> float:
         """End-to-end, one image, interleaved with the unmerged plan (medians)."""
-        one = np.array([int(self.labels[0])])
         plans = {"ref": self.reference, "tuned": self.plan(levels)}
 
         def run(plan: Plan):
             self._use(plan)
-            sample_classes(self.tf, one, steps=self.steps, guidance=self.guidance, scheduler_config=self.sched,
-                           progress=False)
+            self.sampler.one(self.tf)
 
         lat = interleaved_latency({k: (lambda p=p: run(p)) for k, p in plans.items()}, repeats=repeats, warmup=1)
         return lat["ref"] / lat["tuned"]

@@ -95,8 +95,8 @@ def tune_section(manifest: dict, space) -> str:
              f"{t['evaluations_reused']} from the record), {t['search_seconds']:.0f} s",
              f"- held-out check ({held['samples']} seeds the search never saw, {held['seeds'][0]}..{held['seeds'][1]}): "
              + ("meets the target" if held["meets_target"] else "MISSES the target: " + "; ".join(held["misses"])), "",
-             f"{cal['samples']} calibration generations (seeds {cal['seeds'][0]}..{cal['seeds'][1]}), {cal['steps']} DDIM "
-             f"steps, guidance {cal['guidance']:g}", "",
+             f"{cal['samples']} calibration generations (seeds {cal['seeds'][0]}..{cal['seeds'][1]}), {cal['steps']} steps "
+             f"({t.get('sampler', 'DDIM')}), guidance {cal['guidance']:g}", "",
              "| seeds | PSNR dB mean / worst | SSIM mean / worst | classifier-FID (vs unmerged) |", "|---|---|---|---|",
              f"| calibration | {_q(cal)} |", f"| held-out | {_q(held)} |", "",
              "### Every schedule tried (fastest first)", "",

@@ -151,3 +151,19 @@ def test_text_models_refuse_fid_targets_and_class_labels(tuned, tmp_path):
     with pytest.raises(DitmergeError, match="takes prompts, not class labels"):
         tune_plan(model=str(root / "pixart"), out=tmp_path / "p", target_psnr=TARGET_DB, work_dir=root / "work",
                   classes=[1], **SMALL)
+
+
+def test_prompts_come_from_a_file_and_the_cli_passes_them(tuned, tmp_path, capsys):
+    from export.__main__ import main
+    from export.tune_samplers import make_sampler
+
+    root, _ = tuned
+    (tmp_path / "prompts.txt").write_text("a red cat\n\n  the blue car at night  \n")
+    sampler = make_sampler(Plan.load(root / "work" / "plan").manifest, None, tmp_path / "prompts.txt", None, 3, None)
+    assert sampler.key()["prompts"] == ["a red cat", "the blue car at night"] and len(sampler.embeds) == 2
+    with pytest.raises(DitmergeError, match="no such file"):
+        make_sampler(Plan.load(root / "work" / "plan").manifest, None, tmp_path / "none.txt", None, 3, None)
+    assert main(["--model", str(root / "pixart"), "--target-psnr", "30", "--prompts", "p.txt", "--prompt-embeds",
+                 "e.safetensors", "--print-python"]) == 0
+    out = capsys.readouterr().out
+    assert "prompts='p.txt'" in out and "prompt_embeds='e.safetensors'" in out
