@@ -96,7 +96,8 @@ class Evaluator:
 
     def _reference_images(self) -> np.ndarray:
         path = self.path.with_name("reference.npy")
-        if path.is_file() and "reference_fid" in self.data:
+        recorded = "call_t" in self.data or self.sampler.timesteps(1.0) is not None  # a pipeline's timesteps
+        if path.is_file() and "reference_fid" in self.data and recorded:
             ref = np.load(path)
             if len(ref) == self.samples:
                 if self.clf is not None and self.data["reference_fid"] is None:  # recorded by a search without FID
