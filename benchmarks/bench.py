@@ -35,7 +35,8 @@ from passes.flops import count_flops
 from passes.infra import PassManager
 from passes.onnxutil import get_model_meta, save_checked
 from passes.partition import draw_partition
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.tome import ToMeConfig, ToMePass
 from runtime.runners import OrtRunner, SharedWeights
 
 logger = logging.getLogger("bench")

@@ -54,13 +54,14 @@ from passes.cache import (
     cache_output,
     locate_span,
 )
-from passes.cache_twin import CacheTwin
+from passes.cache.twin import CacheTwin
 from passes.errors import DitmergeError
 from passes.onnxutil import get_model_meta, infer_shapes
 from passes.partition import draw_partition, plan_bands
-from passes.tome import DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
-from passes.twin import ToMeTwin
-from runtime.policies.cache import CACHED  # the variant names: one definition, the run-time half's
+from passes.tome import DEFAULT_LOCATIONS, ToMeConfig, ToMePass
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.tome.twin import ToMeTwin
+from passes.cache.variants import CACHED  # one definition for build, run time and graph
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,9 @@ from passes.errors import DitmergeError
 from passes.flops import count_flops
 from passes.onnxutil import get_model_meta
 from passes.partition import draw_partition, num_dst, plan_bands
-from passes.tome import (DEFAULT_LOCATIONS, DEFAULT_METRIC, PARTITION_INPUT, PARTITION_INV_INPUT, R_COUNT,
-                         ToMeConfig, ToMePass, count_values, max_ratio, merged_count, strip_bucket_meta)
+from passes.tome import (DEFAULT_LOCATIONS, DEFAULT_METRIC, R_COUNT, ToMeConfig, ToMePass, count_values,
+    strip_bucket_meta)
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, max_ratio, merged_count
 
 
 class ToMe(Method):

@@ -27,10 +27,9 @@ import numpy as np
 
 from passes.cache import CACHE_OUTPUT, CHANGE_OUTPUT, FRONT_INPUT, FRONT_OUTPUT, cache_input
 from passes.partition import draw_partition
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.cache.variants import CACHED
 from runtime.policies import MAIN, GenState, StepPolicy
-
-CACHED = "cached"
 
 
 class CachePolicy(StepPolicy):

@@ -13,7 +13,7 @@ import torch
 import runtime
 from export.build import build_plan
 from export.methods import get_method
-from passes.cache_twin import CacheTwin
+from passes.cache.twin import CacheTwin
 from passes.errors import DitmergeError
 from runtime.policies import GenState
 from runtime.policies.cache import CACHED, CachePolicy

@@ -10,7 +10,8 @@ import pytest
 
 from passes.errors import DitmergeError
 from passes.onnxutil import PROVENANCE_KEY, get_model_meta, provenance
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.tome import ToMeConfig, ToMePass
 from passes.trt_check import check_tensorrt
 
 GRID = (4, 4)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from passes import tome_math
+from passes.tome import eager as tome_math
 
 
 def _image_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:

@@ -1,6 +1,6 @@
 """The ToMe pass: insert merge/unmerge around attention and MLP of every transformer block.
 
-Locating is by module scope (:mod:`passes.locate`), the math is :mod:`passes.tome_graph`. Per block
+Locating is by module scope (:mod:`passes.locate`), the math is :mod:`passes.tome.graph`. Per block
 one matching is computed and shared by the block's merged sublayers (tomesd also matches once per
 block). Its similarity metric is ``ToMeConfig.metric``: ``"sublayer"``, the input of the block's first
 merged sublayer (the adaLN-modulated norm output), or ``"block"``, the block's residual-stream input,
@@ -23,15 +23,15 @@ from passes.graphbuild import Emitter, count_input
 from passes.infra import PassResult, StampedPass
 from passes.locate import Site, Topology, _node_scopes, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, get_model_meta, import_graph, infer_shapes, set_model_meta
-from passes.partition import num_dst, plan_bands
-from passes.tome_graph import Geometry, MatchState, build_match, build_merge, build_unmerge
-from passes.trt_limits import TOPK_MAX_K as TOPK_LIMIT  # re-exported: the other methods' passes import it from here
+from passes.onnxutil import graph_grid
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, max_ratio, merged_count, num_dst, plan_bands
+from passes.tome.graph import Geometry, MatchState, build_match, build_merge, build_unmerge
+from passes.trt_limits import TOPK_MAX_K
+
+from passes.tome.variants import R_COUNT
 
 logger = logging.getLogger(__name__)
 
-PARTITION_INPUT = "tome_partition"
-PARTITION_INV_INPUT = "tome_partition_inv"
-R_COUNT = "tome_r"  # count key of r in graphs with r from shapes (passes/counts.py); per block: tome_r_<i>
 LOCATIONS = ("attn", "xattn", "joint", "mlp")
 # Attention only by default, as tomesd: on the bundled model merging the MLP as well dropped sample class
 # accuracy from 0.75 to 0.30 at ratio 0.3 (attention only: 0.70); see the README's quality table.
@@ -43,25 +43,12 @@ METRICS = ("sublayer", "block")
 DEFAULT_METRIC = "block"
 
 
-def merged_count(ratio: float, tokens: int, num_src: int) -> int:
-    """tomesd's ratio semantics: r = int(N * ratio) tokens are removed, at most all src tokens.
-
-    With banded matching r is rounded down to a multiple of the band count (each band merges r / K).
-    """
-    return min(int(tokens * ratio), num_src)
-
-
-def max_ratio(grid: tuple[int, int], stride: tuple[int, int] = (2, 2)) -> float:
-    n = grid[0] * grid[1]
-    return (n - num_dst(grid, stride)) / n
-
-
 @dataclasses.dataclass
 class ToMeConfig:
     ratio: float
     locations: tuple[str, ...] = DEFAULT_LOCATIONS
     stride: tuple[int, int] = (2, 2)
-    max_src_per_band: int = TOPK_LIMIT  # TensorRT's TopK limit; more src tokens match within bands of the grid
+    max_src_per_band: int = TOPK_MAX_K  # TensorRT's TopK limit; more src tokens match within bands of the grid
     r: int | None = None  # tokens removed, exactly (calibrated methods); None: int(N * ratio)
     metric: str = DEFAULT_METRIC  # what the matching compares: "sublayer" input or "block" input (tomesd)
     # tokens removed per block (block path -> r), overriding ``r`` (CA-ToMe's per-block calibration)
@@ -88,14 +75,6 @@ class ToMeConfig:
             if not 0 <= r <= n - num_dst(grid, self.stride):
                 raise DitmergeError(f"r={r} is outside [0, {n - num_dst(grid, self.stride)}] (the src tokens of a "
                                     f"{grid[0]}x{grid[1]} grid with {self.stride[0]}x{self.stride[1]} cells)")
-
-
-def graph_grid(model: onnx.ModelProto) -> tuple[int, int]:
-    meta = get_model_meta(model)
-    if "grid" not in meta:
-        raise DitmergeError("the graph has no ditmerge.grid metadata: export it with `python -m export` first")
-    h, w = (int(v) for v in meta["grid"].strip("[]").split(","))
-    return h, w
 
 
 def merge_sites(model: onnx.ModelProto, locations: tuple[str, ...]) -> tuple[list[Site], list[Site], list[Site],

@@ -37,25 +37,13 @@ from passes.infra import PassResult, StampedPass
 from passes.locate import FLOAT_TYPES, Topology, _node_scopes
 from passes.onnxutil import export_graph, import_graph, infer_shapes, set_model_meta
 
+from passes.cache.variants import (FRONT_INPUT, FRONT_OUTPUT, CHANGE_OUTPUT, VARIANTS,
+    STREAMS, cache_input, cache_output)
+
 logger = logging.getLogger(__name__)
 
-CACHE_INPUT = "cache_residual."
-CACHE_OUTPUT = "cache_residual_out."
-FRONT_INPUT = "cache_front"
-FRONT_OUTPUT = "cache_front_out"
-CHANGE_OUTPUT = "cache_change"
-VARIANTS = ("full", "cached")
-STREAMS = ("image", "text")
 _BLOCK_RE = re.compile(r"(?:^|\.)((single_transformer_blocks|transformer_blocks)\.(\d+))$")
 EPS = 1e-8  # keeps the relative change finite on an all-zero reference
-
-
-def cache_input(stream: str) -> str:
-    return CACHE_INPUT + stream
-
-
-def cache_output(stream: str) -> str:
-    return CACHE_OUTPUT + stream
 
 
 @dataclasses.dataclass
@@ -275,7 +263,7 @@ class CachePass(StampedPass):
         self.config.validate()
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        from passes.tome import graph_grid
+        from passes.onnxutil import graph_grid
 
         cfg = self.config
         grid = graph_grid(model)
