@@ -12,7 +12,7 @@ CACHE_OUTPUT = "cache_residual_out."
 FRONT_INPUT = "cache_front"
 FRONT_OUTPUT = "cache_front_out"
 CHANGE_OUTPUT = "cache_change"
-VARIANTS = ("full", "cached")
+VARIANTS = ("full", CACHED)
 STREAMS = ("image", "text")
 
 

@@ -15,7 +15,7 @@ PAPER_SCHEDULE = (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49)
 PAPER_SCHEDULE_STEPS = 50
 INDEX_PREFIX = "catome_idx/"  # inputs of the apply variant
 OUTPUT_PREFIX = "catome_idx_out/"  # the same tensors as outputs of the match variant
-VARIANTS = ("match", "apply")
+VARIANTS = (MATCH, "apply")
 CACHED_NAMES = ("order", "node_idx")  # per block; what the apply variant needs besides the partition
 PARTITION_NAMES = ("partition", "partition_inv")
 

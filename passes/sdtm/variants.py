@@ -13,7 +13,7 @@ CACHE_INPUT = "sdtm_cache."
 CACHE_OUTPUT = "sdtm_cache_out."
 K_COUNT = "sdtm_k"  # count key of the windows a window merge collapses
 R_COUNT = "sdtm_r"  # count key of the tokens a bipartite merge removes (all bands)
-VARIANTS = ("merged", "full")
+VARIANTS = ("merged", FULL)
 
 
 def cache_input(path: str) -> str:

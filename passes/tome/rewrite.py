@@ -96,7 +96,7 @@ class ToMePass(StampedPass):
     """Insert ToMe at ``config.ratio``; ratio 0 inserts nothing; a second run is a no-op."""
 
     name = "tome"
-    MERGE_PASSES = ("tome", "catome")  # passes that merge tokens; a graph carries at most one of them
+    namespace = "token-merge"  # CA-ToMe (a subclass) shares it: a graph carries at most one token merge
 
     def __init__(self, config: ToMeConfig, bucket: int | str = "") -> None:
         self.config = config
@@ -104,17 +104,16 @@ class ToMePass(StampedPass):
 
     def stamp(self) -> dict:
         if self.config.dynamic:  # nothing per bucket: graphs of buckets that differ in r are identical
-            return {"pass": self.name, "method": "tome", "r": "count", "locations": list(self.config.locations),
+            return {"pass": self.name, "namespace": self.namespace, "method": "tome", "r": "count",
+                    "locations": list(self.config.locations),
                     "metric": self.config.metric, "stride": list(self.config.stride),
                     **({"r_blocks": sorted(self.config.r_blocks)} if self.config.r_blocks else {})}
-        return {"pass": self.name, "method": "tome", "bucket": self.bucket, "ratio": self.config.ratio,
+        return {"pass": self.name, "namespace": self.namespace, "method": "tome", "bucket": self.bucket,
+                "ratio": self.config.ratio,
                 "locations": list(self.config.locations), "metric": self.config.metric,
                 **({"r_blocks": dict(self.config.r_blocks)} if self.config.r_blocks else {})}
 
     carries = "a ToMe merge"
-
-    def stamped_by(self) -> frozenset[str]:
-        return frozenset(self.MERGE_PASSES)
 
     def requires(self, model: onnx.ModelProto) -> None:
         self.config.validate(graph_grid(model))

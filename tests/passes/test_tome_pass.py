@@ -39,7 +39,7 @@ def test_merges_every_block_and_stamps_provenance(exported):
     assert meta["r"] == 8 and meta["num_src"] == 12
     stamps = provenance(res.model)
     assert stamps == [{"bucket": 3, "locations": ["attn", "joint", "mlp"], "method": "tome", "pass": "tome", "ratio": 0.5,
-                       "metric": "block"}]
+                       "metric": "block", "namespace": "token-merge"}]
     assert len(_inserted(res.model)) > 20
     assert {i.name for i in res.model.graph.input} >= {PARTITION_INPUT, PARTITION_INV_INPUT}
     # the exporter's scope metadata survives the onnx-graphsurgeon round trip
@@ -54,6 +54,35 @@ def test_second_application_is_a_noop_and_a_different_ratio_is_refused(exported)
     assert not twice.modified and len(twice.model.graph.node) == len(once.graph.node)
     with pytest.raises(DitmergeError, match="already carries a ToMe merge"):
         ToMePass(ToMeConfig(0.3))(once)
+
+
+def test_a_pass_of_the_same_namespace_refuses_a_merged_graph_without_a_shared_list(exported):
+    """A new token-merging pass declares ToMe's namespace and is refused on a ToMe graph (and the other way round),
+    without any list of merging passes to edit; a pass of another namespace is not."""
+    from passes.infra import PassResult, StampedPass
+
+    class ToyMerge(StampedPass):
+        name, carries = "toy-merge", "a token merge"
+
+        def __init__(self, namespace: str) -> None:
+            self.namespace = namespace
+
+        def stamp(self) -> dict:
+            return {"pass": self.name, "namespace": self.namespace}
+
+        def call(self, model: onnx.ModelProto) -> PassResult:
+            return PassResult(model, True)
+
+    _, base, _ = exported("dit", GRID)
+    once = ToMePass(ToMeConfig(0.5))(base).model
+    with pytest.raises(DitmergeError, match="already carries a token merge"):
+        ToyMerge(ToMePass.namespace)(once)
+    assert ToyMerge("other")(once).modified
+    toy = onnx.ModelProto.FromString(base.SerializeToString())
+    toy.graph.node[0].metadata_props.add(key=PROVENANCE_KEY,
+                                         value=json.dumps({"pass": "toy-merge", "namespace": ToMePass.namespace}))
+    with pytest.raises(DitmergeError, match="already carries a ToMe merge"):
+        ToMePass(ToMeConfig(0.5))(toy)
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 0.8, 2.0])
