@@ -1,6 +1,6 @@
 """Every inserted subgraph's math in fp16 and bf16 at 4096 tokens with activations near 1e3.
 
-What runs: the eager twins (``passes/*_math.py``, op for op the graphs' math, including the scaled
+What runs: the eager twins (``passes/*/eager.py``, op for op the graphs' math, including the scaled
 cosine norm and the divide-before-sum merge) on torch CPU tensors of the reduced dtype; AT-EDM's
 importance in fp32, as the engine pins it (``PIN_FP32`` nodes). For each method: nothing overflows,
 the index bookkeeping (ranks, maps, gathers) is an exact partition of the tokens, and every merge

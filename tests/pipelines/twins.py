@@ -6,7 +6,7 @@ timestep from the manifest's spans, decides which variant the method runs at thi
 parameters (re-implemented here from the method's description, not taken from ``runtime.policies``),
 draws what the step needs from its own seeded stream (the stream ``runtime.load(seed=...)`` starts each
 generation with; through the same pure draw functions, ``passes.partition.draw_partition`` and
-``passes.sdtm.partition_from_counter``), runs the eager twin of that variant (``passes/*_twin.py``) and carries the step's state
+``passes.sdtm.partition_from_counter``), runs the eager twin of that variant (``passes/*/twin.py``) and carries the step's state
 (counters, caches, matchings, residuals) to the next call. ``log`` records (call, bucket, variant).
 
 A twin serves one generation: make a new one per pipeline call.
