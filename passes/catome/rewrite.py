@@ -42,6 +42,8 @@ class CaToMePass(ToMePass):
     def __init__(self, config: ToMeConfig, variant: str, bucket: int | str = "") -> None:
         if variant not in VARIANTS:
             raise DitmergeError(f"unknown CA-ToMe variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        if config.match_every != 1:
+            raise DitmergeError("CA-ToMe caches each block's own matching across steps; match_every > 1 is a ToMe option")
         super().__init__(config, bucket)
         self.variant = variant
         self._index_io: dict[str, dict[str, list]] = {}

@@ -57,6 +57,9 @@ class ToMeConfig:
     # ``tome_r_<i>``, i-th merged block), so one graph serves every ratio; ``ratio`` / ``r`` then only
     # choose the r of the graph's metadata, and blocks with r = 0 stay in the graph (docs/design.md)
     dynamic: bool = False
+    # one matching serves this many consecutive merged blocks (1: each block matches its own input, as
+    # tomesd); k > 1 computes it in the first block of each run of k and reuses its indices in the others
+    match_every: int = 1
 
     def validate(self, grid: tuple[int, int]) -> None:
         if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool):
@@ -70,11 +73,22 @@ class ToMeConfig:
             raise DitmergeError(f"unknown merge locations {bad or '(none)'}; choose from {', '.join(LOCATIONS)}")
         if self.metric not in METRICS:
             raise DitmergeError(f"unknown ToMe metric {self.metric!r}; choose from {', '.join(METRICS)}")
+        if not isinstance(self.match_every, int) or isinstance(self.match_every, bool) or self.match_every < 1:
+            raise DitmergeError(f"match_every must be a whole number >= 1 (1: every block matches), got {self.match_every!r}")
+        if self.match_every > 1 and self.r_blocks:
+            raise DitmergeError("match_every > 1 shares one matching between blocks, so they merge the same r; it "
+                                "cannot be combined with an r per block")
         n = grid[0] * grid[1]
         for r in ([self.r] if self.r is not None else []) + list((self.r_blocks or {}).values()):
             if not 0 <= r <= n - num_dst(grid, self.stride):
                 raise DitmergeError(f"r={r} is outside [0, {n - num_dst(grid, self.stride)}] (the src tokens of a "
                                     f"{grid[0]}x{grid[1]} grid with {self.stride[0]}x{self.stride[1]} cells)")
+
+
+def match_leaders(blocks: list[str], every: int) -> dict[str, str]:
+    """Each merged block -> the block whose matching it uses: the first of its run of ``every`` blocks."""
+    order = list(dict.fromkeys(blocks))
+    return {b: order[i // every * every] for i, b in enumerate(order)}
 
 
 def merge_sites(model: onnx.ModelProto, locations: tuple[str, ...]) -> tuple[list[Site], list[Site], list[Site],
@@ -107,11 +121,13 @@ class ToMePass(StampedPass):
             return {"pass": self.name, "namespace": self.namespace, "method": "tome", "r": "count",
                     "locations": list(self.config.locations),
                     "metric": self.config.metric, "stride": list(self.config.stride),
-                    **({"r_blocks": sorted(self.config.r_blocks)} if self.config.r_blocks else {})}
+                    **({"r_blocks": sorted(self.config.r_blocks)} if self.config.r_blocks else {}),
+                    **({"match_every": self.config.match_every} if self.config.match_every > 1 else {})}
         return {"pass": self.name, "namespace": self.namespace, "method": "tome", "bucket": self.bucket,
                 "ratio": self.config.ratio,
                 "locations": list(self.config.locations), "metric": self.config.metric,
-                **({"r_blocks": dict(self.config.r_blocks)} if self.config.r_blocks else {})}
+                **({"r_blocks": dict(self.config.r_blocks)} if self.config.r_blocks else {}),
+                **({"match_every": self.config.match_every} if self.config.match_every > 1 else {})}
 
     carries = "a ToMe merge"
 
@@ -159,17 +175,19 @@ class ToMePass(StampedPass):
             self._counts = {key: count_input(graph, key) for key in dict.fromkeys(counts.values())}
 
         states: dict[str, object] = {}
+        leader = match_leaders([s.block for s in chosen], cfg.match_every)
         for site in chosen:
             x = tensors[site.image_input]
             y = tensors[site.image_output]
             channels_in = int(shapes[site.image_input][1][2])
             channels_out = int(shapes[site.image_output][1][2])
             em.prefix = f"ditmerge_{self.name}/{site.path}"
-            if site.block not in states:
-                metric = tensors[metric_inputs[site.block]] if site.block in metric_inputs else x
-                r_count = self._counts[counts[site.block]] if counts else None
-                states[site.block] = self._block_state(em, site.block, metric, geos[site.block], r_count)
-            state = states[site.block]
+            lead = leader[site.block]
+            if lead not in states:
+                metric = tensors[metric_inputs[lead]] if lead in metric_inputs else x
+                r_count = self._counts[counts[lead]] if counts else None
+                states[lead] = self._block_state(em, lead, metric, geos[lead], r_count)
+            state = states[lead]
             merged = build_merge(em, x, state, channels_in)
             inside = set(site.nodes)
             for name in site.nodes:
@@ -188,6 +206,7 @@ class ToMePass(StampedPass):
                                   **({"metric_blocks": list(metric_inputs)} if cfg.metric == "block" else {}),
                                   **({"r_blocks": {b: g.r for b, g in geos.items()}} if r_blocks else {}),
                                   **({"counts": counts} if counts else {}),
+                                  **({"match_every": cfg.match_every} if cfg.match_every > 1 else {}),
                                   "sites": [s.path for s in chosen]}, **self._extra_meta())
         out = infer_shapes(out)
         _summarize(chosen, skipped, sites, cfg.locations, r, n)

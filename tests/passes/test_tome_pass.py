@@ -182,3 +182,34 @@ def test_metric_and_per_block_r_options(exported):
         ToMePass(ToMeConfig(0.0, r_blocks={"transformer_blocks.0": 3}))(base)
     with pytest.raises(DitmergeError, match=r"r=13 is outside"):
         ToMePass(ToMeConfig(0.0, r_blocks={"transformer_blocks.0": 13, "transformer_blocks.1": 1}))(base)
+
+
+def test_match_every_shares_one_matching_between_blocks(exported):
+    """match_every=2: the second block merges with the first block's matching, in the graph and in its twin."""
+    from export.measure import max_abs, tome_fidelity
+    from export.onnx_export import example_inputs
+    from passes.onnxutil import save_checked
+    from passes.partition import draw_partition
+    from runtime.runners import OrtRunner, SharedWeights
+    from tests.helpers import METHOD_ATOL
+
+    model, base, d = exported("dit", GRID)
+    graphs = {k: ToMePass(ToMeConfig(0.5, locations=("attn", "mlp"), match_every=k))(base).model for k in (1, 2)}
+    argmax = {k: sum(n.op_type == "ArgMax" for n in g.graph.node) for k, g in graphs.items()}
+    assert argmax[1] == 2 * argmax[2] > 0, argmax  # one similarity search per matching: two blocks, one matching
+    runners = {}
+    for k, g in graphs.items():
+        save_checked(g, d / f"shared_{k}.onnx")
+        runners[k] = OrtRunner(d / f"shared_{k}.onnx", ["CPUExecutionProvider"], SharedWeights(d / "weights.bin"))
+    meta = json.loads(get_model_meta(graphs[2])["tome"])
+    assert meta["match_every"] == 2
+    inputs = example_inputs(model, 2, GRID, seed=3)
+    err = tome_fidelity(model, runners[2], inputs, meta, GRID, seed=1)
+    assert err <= METHOD_ATOL, f"shared matching vs twin: {err:.2e}"
+    part, inv = draw_partition(GRID, rng=np.random.default_rng(1))
+    feed = {**{k: v.numpy() for k, v in inputs.items()}, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
+    assert max_abs(runners[1].infer(feed)["sample"], runners[2].infer(feed)["sample"]) > 1e-4
+    with pytest.raises(DitmergeError, match="match_every must be a whole number >= 1"):
+        ToMePass(ToMeConfig(0.5, match_every=0))(base)
+    with pytest.raises(DitmergeError, match="cannot be combined with an r per block"):
+        ToMePass(ToMeConfig(0.0, match_every=2, r_blocks={"transformer_blocks.0": 3, "transformer_blocks.1": 2}))(base)
