@@ -36,6 +36,9 @@ class CachePolicy(StepPolicy):
     def __init__(self, plan, deterministic: bool = False) -> None:
         super().__init__(plan, deterministic)
         self.stride = tuple(self.params.get("stride", (2, 2)))
+        # a fixed schedule decides by step and timestep alone, the same for every row, and each row keeps its
+        # own residual: requests may share a loop. An adaptive bucket decides on the worst row's change.
+        self.rows_independent = not any(float(b.meta.get("adaptive", 0.0)) > 0 for b in plan.buckets)
 
     def start(self, state: GenState) -> None:
         state.data.update(cache=None, since=0, change=None, log=[])
