@@ -136,10 +136,12 @@ class StepCache(Method):
         if self.options["adaptive"] > 0 and any(a < 1 for a, _ in self._spans):
             raise DitmergeError("the adaptive rule reads the front blocks' output: spans must start at block 1 or later")
         shaped = infer_shapes(ctx.base)
+        self._located = {}  # (start, end) -> its Span, located once for every bucket and variant
         for a, b in set(self._spans):
             span = locate_span(shaped, ctx.tokens, a, b)
             if not span.ok:
                 raise DitmergeError(f"cannot cache blocks {a}-{b - 1}: {span.reason}")
+            self._located[(a, b)] = span
 
     def stamp(self, spec: BucketSpec, index: int) -> dict:
         return {"method": self.name, "index": index, "spec": dataclasses.asdict(spec), "options": self.params(),
@@ -150,9 +152,12 @@ class StepCache(Method):
         adaptive = self.options["adaptive"] > 0
         merged = ToMePass(self.tome_config(spec.ratio), bucket=index)(ctx.base)
         tome = json.loads(get_model_meta(merged.model)["tome"]) if merged.modified else {}
-        full = CachePass(CacheConfig("full", start, end, adaptive), index, locate_on=ctx.base)(merged.model).model
+        span = getattr(self, "_located", {}).get((start, end))
+        full = CachePass(CacheConfig("full", start, end, adaptive), index, locate_on=ctx.base,
+                         span=span)(merged.model).model
         cached_src = merged.model if self.options["merge_cached"] else ctx.base
-        cached = CachePass(CacheConfig("cached", start, end, adaptive), index, locate_on=ctx.base)(cached_src).model
+        cached = CachePass(CacheConfig("cached", start, end, adaptive), index, locate_on=ctx.base,
+                           span=span)(cached_src).model
         info = json.loads(get_model_meta(full)["cache"])
         merged_variants = ([MAIN] + ([CACHED] if self.options["merge_cached"] else [])) if tome else []
         interval = self._intervals[index] if isinstance(index, int) else self._intervals[0]

@@ -243,15 +243,19 @@ class CacheConfig:
 class CachePass(StampedPass):
     """Insert one cache variant (see the module docstring); a second run with the same stamp is a no-op.
 
-    ``locate_on``: the unmerged graph to find the span in, when the input graph is already merged.
+    ``locate_on``: the unmerged graph to find the span in, when the input graph is already merged;
+    ``span``: the span already located there (:func:`locate_span`), so that a build that inserts several
+    variants of one span locates it once (on Flux that includes a constant fold of the whole graph).
     """
 
     name = "cache"
 
-    def __init__(self, config: CacheConfig, bucket: int | str = "", locate_on: onnx.ModelProto | None = None) -> None:
+    def __init__(self, config: CacheConfig, bucket: int | str = "", locate_on: onnx.ModelProto | None = None,
+                 span: Span | None = None) -> None:
         self.config = config
         self.bucket = bucket
         self.locate_on = locate_on
+        self.span = span
 
     def stamp(self) -> dict:
         return json.loads(json.dumps({"pass": self.name, "method": "cache", "bucket": self.bucket,
@@ -268,7 +272,8 @@ class CachePass(StampedPass):
         cfg = self.config
         grid = graph_grid(model)
         n = grid[0] * grid[1]
-        span = locate_span(infer_shapes(self.locate_on if self.locate_on is not None else model), n, cfg.start, cfg.end)
+        span = self.span or locate_span(infer_shapes(self.locate_on if self.locate_on is not None else model), n,
+                                        cfg.start, cfg.end)
         if not span.ok:
             raise DitmergeError(f"cannot cache blocks {cfg.start}-{cfg.end - 1}: {span.reason}")
         graph, meta = import_graph(model)
