@@ -151,7 +151,7 @@ def forward_latency(plan_dir: Path, ctx, rows: list[dict], repeats: int) -> None
     for r in rows:
         if r["method"] == "tome":  # its partition inputs, as the runtime draws them
             from passes.partition import draw_partition
-            from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+            from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
 
             for g, meta in zip(r["graphs"], r["bucket_meta"]):
                 if meta.get("r"):

@@ -35,7 +35,8 @@ from passes.flops import count_flops
 from passes.infra import PassManager
 from passes.onnxutil import get_model_meta, save_checked
 from passes.partition import draw_partition
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.tome import ToMeConfig, ToMePass
 from runtime.runners import OrtRunner, SharedWeights
 
 logger = logging.getLogger("bench")
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ort-copy", action="store_true",
                    help="also time every graph through its onnxruntime-only copy (runtime/ort_optimize.py)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    p.add_argument("--match-every", type=int, default=1,
+                   help="also time ToMe graphs whose blocks share one matching per K blocks (-o match_every=K)")
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--no-prepack", action="store_true",
                    help="also time every graph with onnxruntime's weight prepacking off (shares one weight copy)")
@@ -163,6 +166,12 @@ def main(argv: list[str] | None = None) -> dict:
         res = ToMePass(ToMeConfig(r, locations=tuple(args.locations.split(","))))(base)
         save_checked(res.model, work / f"tome_{r}.onnx")
         graphs[f"tome {r}"], metas[f"tome {r}"] = work / f"tome_{r}.onnx", json.loads(get_model_meta(res.model)["tome"])
+        if args.match_every > 1:
+            key = f"match_every={args.match_every} {r}"
+            res = ToMePass(ToMeConfig(r, locations=tuple(args.locations.split(",")), match_every=args.match_every))(base)
+            save_checked(res.model, work / f"tome_{r}_m{args.match_every}.onnx")
+            graphs[key], metas[key] = work / f"tome_{r}_m{args.match_every}.onnx", json.loads(
+                get_model_meta(res.model)["tome"])
     if args.export_only:
         logger.info("wrote %s", ", ".join(str(g) for g in graphs.values()))
         return {}
@@ -195,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Every group is timed interleaved against the unmerged graph in a fresh child process: onnxruntime
     # sessions that have run keep memory in the heap after they close, and a seven-ratio DiT-XL/2 sweep in
     # one process was OOM-killed at 24 GB. Each speed-up is still a ratio of two medians from one process.
-    copies = lambda k: [f"{k} {COPY}"] if args.ort_copy else []
+    copies = lambda k: ([f"{k} {COPY}"] if args.ort_copy else []) + (
+        [f"match_every={args.match_every} {k.split()[1]}"] if args.match_every > 1 and k.startswith("tome ") else [])
     groups = [[f"tome {r}", *copies(f"tome {r}")] for r in ratios if r != best]
     groups.append([f"tome {best}", *copies(f"tome {best}"), "eager torch"] + (["tomesd"] if args.tomesd else [])
                   + (["torch.compile"] if args.torch_compile else []))

@@ -5,6 +5,8 @@
 
 - ToMe's matching metric (``-o metric=``): ``sublayer`` matches on the adaLN-modulated input of the
   block's first merged sublayer; ``block`` on the block's input, as tomesd does. Same ratio, attention only.
+- ToMe's matching shared by neighbouring blocks (``-o match_every=``, group ``tome_shared``): one
+  similarity search per run of k blocks instead of one per block.
 - CA-ToMe's r (``-o r_per_block=``): one r per bucket pooled over every block's threshold counts, or one
   r per block and bucket from that block's own counts (the paper counts per block and call); and, with the
   per-block r, the block-input metric of the paper.
@@ -38,6 +40,11 @@ GROUPS = {
     "tome": {
         "ToMe, metric=sublayer (modulated sublayer input)": {"metric": "sublayer"},
         "ToMe, metric=block (block input, as tomesd)": {"metric": "block"},
+    },
+    "tome_shared": {
+        "ToMe, one matching per block (tomesd)": {},
+        "ToMe, match_every=2 (one matching per 2 blocks)": {"match_every": 2},
+        "ToMe, match_every=4 (one matching for all 4 blocks)": {"match_every": 4},
     },
     "catome": {
         "CA-ToMe, pooled r, metric=sublayer": {"r_per_block": "false", "metric": "sublayer"},
@@ -81,7 +88,7 @@ def render(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", default="tome,catome", help="groups to measure: tome, catome")
+    p.add_argument("--what", default="tome,catome", help="groups to measure: tome, tome_shared, catome")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
@@ -99,17 +106,18 @@ def main() -> None:
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
     for group in [g.strip() for g in args.what.split(",") if g.strip()]:
-        samples = args.samples if group == "tome" else (args.catome_samples or args.samples)
-        steps = args.steps if group == "tome" else (args.catome_steps or args.steps)
-        buckets = str(args.ratio) if group == "tome" else "0,0,0"
+        tome = group.startswith("tome")
+        samples = args.samples if tome else (args.catome_samples or args.samples)
+        steps = args.steps if tome else (args.catome_steps or args.steps)
+        buckets = str(args.ratio) if tome else "0,0,0"
         t0 = time.time()
-        plans = {name: build(work, group, name, opts, buckets, args.calib_samples)
+        plans = {name: build(work, "tome" if tome else group, name, opts, buckets, args.calib_samples)
                  for name, opts in GROUPS[group].items()}
         reports = compare_plans(plans, unmerged_view(next(iter(plans.values()))), samples=samples, steps=steps,
                                 guidance=args.guidance, latency_repeats=args.latency_repeats)
         rows = [row(name, plans[name], q) for name, q in reports.items()]
         result[group + args.suffix] = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "rows": rows,
-                         "ratio": args.ratio if group == "tome" else None, "minutes": (time.time() - t0) / 60}
+                         "ratio": args.ratio if tome else None, "minutes": (time.time() - t0) / 60}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
         print(f"\n{group}: {samples} samples, {steps} DDIM steps, guidance {args.guidance:g}\n")

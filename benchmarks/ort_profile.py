@@ -39,7 +39,7 @@ from export.measure import feed_of
 from export.onnx_export import example_inputs
 from passes.counts import count_feed
 from passes.partition import draw_partition
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
 from runtime.ort_optimize import disabled_optimizers, optimized_copy
 from runtime.runners import OrtRunner, SharedWeights
 

@@ -40,7 +40,8 @@ from export.onnx_export import example_inputs  # noqa: E402
 from passes.counts import count_feed  # noqa: E402
 from passes.onnxutil import save_checked  # noqa: E402
 from passes.partition import draw_partition  # noqa: E402
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass  # noqa: E402
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT  # noqa: E402
+from passes.tome import ToMeConfig, ToMePass
 
 logger = logging.getLogger("plan_memory")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -77,7 +77,7 @@ def add_routers(folder: Path, model: torch.nn.Module, snapped: list[list[float]]
     from safetensors.torch import save_file
 
     from export.train_mod import RATIOS_FILE, ROUTERS_FILE
-    from passes.mod_math import MoDRouting, capacity, region_bounds
+    from passes.mod.eager import MoDRouting, capacity, region_bounds
 
     layers, regions = len(model.transformer_blocks), len(snapped)
     channels = model.config.num_attention_heads * model.config.attention_head_dim

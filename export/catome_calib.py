@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from export.buckets import BucketSpec
-from passes import tome_math
+from passes.tome import eager as tome_math
 from passes.errors import DitmergeError
 from passes.partition import draw_partition, num_dst
 

@@ -11,8 +11,8 @@ import torch
 
 from export.onnx_export import eager_forward
 from passes.partition import draw_partition
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
-from passes.twin import ToMeTwin
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.tome.twin import ToMeTwin
 from runtime.runners import OrtRunner
 
 

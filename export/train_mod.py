@@ -2,7 +2,7 @@
 
 ``python -m export.train_mod --out DIR`` fine-tunes the bundled model (or ``--model``) on the crops it was
 trained on, with a router per block and one learnable compression ratio per layer per timestep region
-(:mod:`passes.mod_math`). Loss: diffusion loss + lambda * (mean ratio - target)^2 (DiffCR §3.3). Writes
+(:mod:`passes.mod.eager`). Loss: diffusion loss + lambda * (mean ratio - target)^2 (DiffCR §3.3). Writes
 DIR as a diffusers model folder (LoRA merged into the weights) with ``mod_routers.safetensors`` and
 ``mod_ratios.json`` beside the weights; ``python -m export --model DIR --method mod`` builds its plan.
 Resumable: the training state lives in DIR and a rerun with more ``--steps`` continues it.
@@ -26,7 +26,7 @@ from export.photos import CropSampler
 from export.train import make_scheduler
 from passes.cli import run_cli
 from passes.errors import DitmergeError
-from passes.mod_math import BIN, MoDRouting, region_bounds
+from passes.mod.eager import BIN, MoDRouting, region_bounds
 
 logger = logging.getLogger(__name__)
 

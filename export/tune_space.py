@@ -16,7 +16,8 @@ from pathlib import Path
 from export.buckets import BucketSpec, parse_buckets
 from passes.counts import count_input_name
 from passes.errors import DitmergeError
-from passes.tome import R_COUNT, count_values, max_ratio, merged_count
+from passes.tome import R_COUNT, count_values
+from passes.partition import max_ratio, merged_count
 
 SUPPORTED = ("cache", "tome", "sdtm")
 TOME_R = R_COUNT

@@ -64,14 +64,17 @@ class StampedPass(GraphPass):
         """What the inserted nodes depend on (and nothing per bucket that the graph does not hold)."""
         raise NotImplementedError
 
-    def stamped_by(self) -> frozenset[str]:
-        """The pass names whose stamps count as this pass's (ToMe's merges share one namespace)."""
-        return frozenset({self.name})
+    # passes of one namespace count each other's stamps (recorded in the stamp's "namespace"): ToMe and
+    # CA-ToMe share one, so a graph carries at most one token merge; "" means the pass's own name only
+    namespace: str = ""
+
+    def owns(self, stamp: dict) -> bool:
+        """Whether a stamp found in the graph counts as this pass's."""
+        return stamp.get("pass") == self.name or bool(self.namespace) and stamp.get("namespace") == self.namespace
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         self.requires(model)
-        names = self.stamped_by()
-        stamps = [s for s in provenance(model) if s.get("pass") in names]
+        stamps = [s for s in provenance(model) if self.owns(s)]
         if stamps:
             if all(s == self.stamp() for s in stamps):
                 return PassResult(model, False)

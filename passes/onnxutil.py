@@ -10,6 +10,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from passes.errors import DitmergeError
+
 PROVENANCE_KEY = "ditmerge.provenance"
 MODEL_META_PREFIX = "ditmerge."
 
@@ -123,3 +125,11 @@ def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
                 if a.name == "value":
                     return numpy_helper.to_array(a.t)
     return None
+
+
+def graph_grid(model: onnx.ModelProto) -> tuple[int, int]:
+    meta = get_model_meta(model)
+    if "grid" not in meta:
+        raise DitmergeError("the graph has no ditmerge.grid metadata: export it with `python -m export` first")
+    h, w = (int(v) for v in meta["grid"].strip("[]").split(","))
+    return h, w

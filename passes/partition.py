@@ -15,6 +15,10 @@ import numpy as np
 
 from passes.trt_limits import TOPK_MAX_K
 
+# the graph inputs that carry a partition and its inverse (every method that merges bipartitely reads them)
+PARTITION_INPUT = "tome_partition"
+PARTITION_INV_INPUT = "tome_partition_inv"
+
 
 def num_dst(grid: tuple[int, int], stride: tuple[int, int] = (2, 2)) -> int:
     return (grid[0] // stride[0]) * (grid[1] // stride[1])
@@ -70,3 +74,16 @@ def plan_bands(grid: tuple[int, int], stride: tuple[int, int] = (2, 2), max_src:
         if band_tokens - num_dst((h // bands, w), stride) <= max_src:
             return bands
     return 0
+
+
+def merged_count(ratio: float, tokens: int, num_src: int) -> int:
+    """tomesd's ratio semantics: r = int(N * ratio) tokens are removed, at most all src tokens.
+
+    With banded matching r is rounded down to a multiple of the band count (each band merges r / K).
+    """
+    return min(int(tokens * ratio), num_src)
+
+
+def max_ratio(grid: tuple[int, int], stride: tuple[int, int] = (2, 2)) -> float:
+    n = grid[0] * grid[1]
+    return (n - num_dst(grid, stride)) / n

@@ -26,8 +26,9 @@ requests with equal steps and guidance share one denoising loop (``generate.samp
 still gets exactly its own images. For an unmerged (ratio 0) plan the two definitions coincide.
 
 That needs a method whose graphs and runtime policy treat each batch row on its own (apart from the
-shared partition; the policy's ``rows_independent``): ToMe, CA-ToMe and AT-EDM do (tests/serve checks each). SDTM does not: its partition
-follows staleness counters summed over the batch. Plans of such methods, and of methods not yet checked,
+shared partition; the policy's ``rows_independent``): ToMe, CA-ToMe, AT-EDM and the cache on a fixed
+schedule do (tests/serve checks each). SDTM does not: its partition follows staleness counters summed over
+the batch; nor does the adaptive cache, which decides on the worst row's change. Plans of such methods, and of methods not yet checked,
 still batch requests through Serve, but each request runs its own denoising loop.
 """
 

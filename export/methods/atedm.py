@@ -7,7 +7,7 @@ tokens pruned per bucket (pass it: the CLI's default ``0.3,0.2,0.1`` is ToMe's, 
 
 ``refill=delta`` (default) gives a pruned position its own stream at the pruning point plus the update
 the later blocks made to its most similar kept token; ``refill=copy`` is the paper's literal copy of
-that token's features (see :mod:`passes.atedm_graph` for why a DiT needs the former).
+that token's features (see :mod:`passes.atedm.graph` for why a DiT needs the former).
 ``importance=static`` replaces G-WPR by a fixed dither pattern (an ablation).
 
 DSAP (denoising-steps-aware pruning) makes the noisiest ``dsap_buckets`` buckets prune less: the
@@ -33,8 +33,8 @@ from export.measure import feed_of, max_abs
 from export.methods import MAIN, BucketGraphs, BuildContext, Method
 from export.onnx_export import eager_forward
 from passes.atedm import ATEDMConfig, ATEDMPass, bucket_values, count_blocks
-from passes.atedm_graph import static_scores
-from passes.atedm_twin import ATEDMTwin
+from passes.atedm.graph import static_scores
+from passes.atedm.twin import ATEDMTwin
 from passes.errors import DitmergeError
 from passes.onnxutil import get_model_meta
 

@@ -54,13 +54,14 @@ from passes.cache import (
     cache_output,
     locate_span,
 )
-from passes.cache_twin import CacheTwin
+from passes.cache.twin import CacheTwin
 from passes.errors import DitmergeError
 from passes.onnxutil import get_model_meta, infer_shapes
 from passes.partition import draw_partition, plan_bands
-from passes.tome import DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
-from passes.twin import ToMeTwin
-from runtime.policies.cache import CACHED  # the variant names: one definition, the run-time half's
+from passes.tome import DEFAULT_LOCATIONS, ToMeConfig, ToMePass
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.tome.twin import ToMeTwin
+from passes.cache.variants import CACHED  # one definition for build, run time and graph
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +136,12 @@ class StepCache(Method):
         if self.options["adaptive"] > 0 and any(a < 1 for a, _ in self._spans):
             raise DitmergeError("the adaptive rule reads the front blocks' output: spans must start at block 1 or later")
         shaped = infer_shapes(ctx.base)
+        self._located = {}  # (start, end) -> its Span, located once for every bucket and variant
         for a, b in set(self._spans):
             span = locate_span(shaped, ctx.tokens, a, b)
             if not span.ok:
                 raise DitmergeError(f"cannot cache blocks {a}-{b - 1}: {span.reason}")
+            self._located[(a, b)] = span
 
     def stamp(self, spec: BucketSpec, index: int) -> dict:
         return {"method": self.name, "index": index, "spec": dataclasses.asdict(spec), "options": self.params(),
@@ -149,9 +152,12 @@ class StepCache(Method):
         adaptive = self.options["adaptive"] > 0
         merged = ToMePass(self.tome_config(spec.ratio), bucket=index)(ctx.base)
         tome = json.loads(get_model_meta(merged.model)["tome"]) if merged.modified else {}
-        full = CachePass(CacheConfig("full", start, end, adaptive), index, locate_on=ctx.base)(merged.model).model
+        span = getattr(self, "_located", {}).get((start, end))
+        full = CachePass(CacheConfig("full", start, end, adaptive), index, locate_on=ctx.base,
+                         span=span)(merged.model).model
         cached_src = merged.model if self.options["merge_cached"] else ctx.base
-        cached = CachePass(CacheConfig("cached", start, end, adaptive), index, locate_on=ctx.base)(cached_src).model
+        cached = CachePass(CacheConfig("cached", start, end, adaptive), index, locate_on=ctx.base,
+                           span=span)(cached_src).model
         info = json.loads(get_model_meta(full)["cache"])
         merged_variants = ([MAIN] + ([CACHED] if self.options["merge_cached"] else [])) if tome else []
         interval = self._intervals[index] if isinstance(index, int) else self._intervals[0]

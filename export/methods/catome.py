@@ -36,15 +36,15 @@ from export.methods import MAIN, BucketGraphs, BuildContext, Method
 from export.onnx_export import eager_forward, example_inputs
 from passes.branch import branch_variants
 from passes.catome import CACHED_NAMES, PARTITION_NAMES, CaToMePass, as_cache_feed, index_name
-from passes.catome_twin import CaToMeTwin, from_feed, to_feed
+from passes.catome.twin import CaToMeTwin, from_feed, to_feed
 from passes.errors import DitmergeError
 from passes.flops import count_flops
 from passes.onnxutil import get_model_meta
 from passes.partition import draw_partition, num_dst, plan_bands
-from passes.tome import (DEFAULT_LOCATIONS, PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, count_values, merge_sites,
-                         strip_bucket_meta)
+from passes.tome import DEFAULT_LOCATIONS, ToMeConfig, count_values, merge_sites, strip_bucket_meta
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
 
-from runtime.policies.catome import MATCH, PAPER_SCHEDULE, PAPER_SCHEDULE_STEPS  # one definition, the run-time half's
+from passes.catome.variants import MATCH, PAPER_SCHEDULE, PAPER_SCHEDULE_STEPS  # one definition for build, run time and graph
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from export.methods import MAIN, BucketGraphs, BuildContext, Method
 from export.onnx_export import eager_forward
 from passes.errors import DitmergeError
 from passes.mod import ModConfig, ModPass, bucket_values
-from passes.mod_math import MoDRouting, capacity, snap
-from passes.tome import TOPK_LIMIT
+from passes.mod.eager import MoDRouting, capacity, snap
+from passes.trt_limits import TOPK_MAX_K
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class MoD(Method):
         buckets share one graph. Past TensorRT's TopK limit a block at k = N cannot be a TopK over all
         tokens: then only this bucket's routed blocks, and buckets share a graph where those agree."""
         mine = {i for i, k in enumerate(caps) if k < tokens}
-        if tokens > TOPK_LIMIT:
+        if tokens > TOPK_MAX_K:
             return tuple(sorted(mine))
         plan = {i for ratios in self.ratios.values() for i, r in enumerate(ratios) if capacity(r, tokens) < tokens}
         return tuple(sorted(mine | plan))

@@ -50,9 +50,10 @@ from passes.sdtm import (
     partition_from_counter,
 )
 from passes.counts import count_feed
-from passes.sdtm_twin import SdtmTwin
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, TOPK_LIMIT
-from runtime.policies.sdtm import FULL  # the variant names: one definition, the run-time half's
+from passes.sdtm.twin import SdtmTwin
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.trt_limits import TOPK_MAX_K
+from passes.sdtm.variants import FULL  # one definition for build, run time and graph
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +197,10 @@ class Sdtm(Method):
         if grid[0] < 2 or grid[1] < 2:
             raise DitmergeError(f"sdtm needs a grid of at least 2x2 tokens, got {grid[0]}x{grid[1]}")
         windows = (grid[0] // 2) * (grid[1] // 2)
-        if o["structure_merge"] == "window" and windows > TOPK_LIMIT:
+        if o["structure_merge"] == "window" and windows > TOPK_MAX_K:
             # the window ranking is one TopK over all windows; banding (as ToMe's) is not implemented for it
             raise DitmergeError(f"a {grid[0]}x{grid[1]} grid has {windows} 2x2 windows, more than TensorRT's TopK "
-                                f"limit of {TOPK_LIMIT}; use -o structure_merge=bipartite for grids this large")
+                                f"limit of {TOPK_MAX_K}; use -o structure_merge=bipartite for grids this large")
         for spec in specs:
             SdtmConfig(ratio=spec.ratio, blend=o["blend"]).validate()
 

@@ -26,8 +26,9 @@ from passes.errors import DitmergeError
 from passes.flops import count_flops
 from passes.onnxutil import get_model_meta
 from passes.partition import draw_partition, num_dst, plan_bands
-from passes.tome import (DEFAULT_LOCATIONS, DEFAULT_METRIC, PARTITION_INPUT, PARTITION_INV_INPUT, R_COUNT,
-                         ToMeConfig, ToMePass, count_values, max_ratio, merged_count, strip_bucket_meta)
+from passes.tome import (DEFAULT_LOCATIONS, DEFAULT_METRIC, R_COUNT, ToMeConfig, ToMePass, count_values,
+    strip_bucket_meta)
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, max_ratio, merged_count
 
 
 class ToMe(Method):
@@ -35,17 +36,21 @@ class ToMe(Method):
     # metric: what the matching compares, "sublayer" (the adaLN-modulated sublayer input) or "block" (the
     # block's input, as tomesd); benchmarks/deviations.py measures both
     # unmerged: what unmerged buckets run beside merged ones (see the module docstring)
-    defaults = {"locations": DEFAULT_LOCATIONS, "stride": (2, 2), "metric": DEFAULT_METRIC, "unmerged": "branch"}
+    # match_every: one matching per run of k merged blocks (1: per block, as tomesd); its quality cost on the
+    # bundled model is in the README
+    defaults = {"locations": DEFAULT_LOCATIONS, "stride": (2, 2), "metric": DEFAULT_METRIC, "unmerged": "branch",
+                "match_every": 1}
     UNMERGED = ("branch", "base", "merged")
 
     def config(self, ratio: float) -> ToMeConfig:
         return ToMeConfig(ratio=ratio, locations=tuple(self.options["locations"]),
                           stride=tuple(int(s) for s in self.options["stride"]), metric=str(self.options["metric"]),
-                          dynamic=True)
+                          match_every=self.options["match_every"], dynamic=True)
 
     def params(self) -> dict:
         return {"locations": list(self.options["locations"]), "stride": list(self.options["stride"]),
-                "metric": self.options["metric"], "unmerged": self.options["unmerged"]}
+                "metric": self.options["metric"], "unmerged": self.options["unmerged"],
+                **({"match_every": self.options["match_every"]} if self.options["match_every"] != 1 else {})}
 
     def validate(self, specs: list[BucketSpec], grid: tuple[int, int]) -> None:
         for spec in specs:

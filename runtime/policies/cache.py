@@ -27,16 +27,18 @@ import numpy as np
 
 from passes.cache import CACHE_OUTPUT, CHANGE_OUTPUT, FRONT_INPUT, FRONT_OUTPUT, cache_input
 from passes.partition import draw_partition
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.cache.variants import CACHED
 from runtime.policies import MAIN, GenState, StepPolicy
-
-CACHED = "cached"
 
 
 class CachePolicy(StepPolicy):
     def __init__(self, plan, deterministic: bool = False) -> None:
         super().__init__(plan, deterministic)
         self.stride = tuple(self.params.get("stride", (2, 2)))
+        # a fixed schedule decides by step and timestep alone, the same for every row, and each row keeps its
+        # own residual: requests may share a loop. An adaptive bucket decides on the worst row's change.
+        self.rows_independent = not any(float(b.meta.get("adaptive", 0.0)) > 0 for b in plan.buckets)
 
     def start(self, state: GenState) -> None:
         state.data.update(cache=None, since=0, change=None, log=[])

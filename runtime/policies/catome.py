@@ -25,16 +25,9 @@ import numpy as np
 
 from passes.catome import as_cache_feed
 from passes.partition import draw_partition
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.catome.variants import MATCH, PAPER_SCHEDULE, PAPER_SCHEDULE_STEPS
 from runtime.policies import MAIN, GenState, StepPolicy
-
-MATCH = "match"
-# The paper's best checkpoint schedule (CONFIG_3 of the released code): recompute the matching at these
-# steps of a 50-step run, reuse it in between. The released code passes step i + 1, so its matches
-# actually land one step later (and step 0 matches only because the cache is empty); we use the listed
-# steps. Runs with another step count map the schedule by progress through the trajectory (below).
-PAPER_SCHEDULE = (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49)
-PAPER_SCHEDULE_STEPS = 50
 
 
 class CaToMePolicy(StepPolicy):

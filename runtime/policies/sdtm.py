@@ -23,10 +23,9 @@ from passes.sdtm import (
     partition_from_counter_torch,
     tie_noise,
 )
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.sdtm.variants import FULL
 from runtime.policies import MAIN, GenState, StepPolicy
-
-FULL = "full"
 
 
 class SdtmPolicy(StepPolicy):

@@ -13,7 +13,7 @@ import torch
 import runtime
 from export.build import build_plan
 from export.methods import get_method
-from passes.cache_twin import CacheTwin
+from passes.cache.twin import CacheTwin
 from passes.errors import DitmergeError
 from runtime.policies import GenState
 from runtime.policies.cache import CACHED, CachePolicy
@@ -38,10 +38,10 @@ def test_options_are_checked():
 
 
 def _policy(interval=3, full_above=900, adaptive=0.0):
-    plan = SimpleNamespace(model={"grid": [4, 4]}, method={"params": {}})
     bucket = SimpleNamespace(index=0, graphs={"main": "a", CACHED: "b"},
                              meta={"span": [1, 2], "interval": interval, "full_above": full_above, "adaptive": adaptive,
                                    "merged_variants": []})
+    plan = SimpleNamespace(model={"grid": [4, 4]}, method={"params": {}}, buckets=[bucket])
     return CachePolicy(plan), bucket
 
 
@@ -94,6 +94,25 @@ def test_built_plan_variants_match_their_twins_and_pass_the_tensorrt_check(plan_
     merged, plain = manifest["buckets"]
     assert merged["r"] > 0 and merged["method_meta"]["merged_variants"] == ["main"]
     assert plain["r"] == 0 and plain["method_meta"]["merged_variants"] == []
+
+
+def test_a_build_locates_each_span_once(tmp_path, monkeypatch):
+    """Every bucket and variant of one span reuses the span located in prepare (on Flux that is a whole-graph fold)."""
+    import export.methods.cache as method
+    import passes.cache.rewrite as rewrite
+
+    calls = []
+    real = rewrite.locate_span
+
+    def counting(*args, **kwargs):
+        calls.append(args[2:4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rewrite, "locate_span", counting)
+    monkeypatch.setattr(method, "locate_span", counting)
+    build_plan("builtin:tiny-dit", method="cache", buckets="999-500:0,499-0:0", out=tmp_path / "plan",
+               options={"span": "1-2"}, measure=False, quality_samples=0, progress=False)
+    assert calls == [(1, 3)], calls
 
 
 class _Emulated(torch.nn.Module):

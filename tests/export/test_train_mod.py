@@ -137,7 +137,7 @@ def test_buckets_of_other_capacities_share_one_graph_file(tmp_path):
     from export.build import build_plan
     from export.load import BUILTIN_TINY, load_transformer
     from export.train import make_scheduler
-    from passes.mod_math import MoDRouting, capacity, region_bounds
+    from passes.mod.eager import MoDRouting, capacity, region_bounds
 
     model = load_transformer(BUILTIN_TINY)
     folder = tmp_path / "model"

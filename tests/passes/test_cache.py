@@ -26,7 +26,7 @@ from passes.cache import (
     cache_output,
     span_counts,
 )
-from passes.cache_twin import CacheTwin
+from passes.cache.twin import CacheTwin
 from passes.errors import DitmergeError
 from passes.onnxutil import get_model_meta, save_checked
 from passes.trt_check import check_tensorrt
@@ -49,7 +49,7 @@ CASES = [
 def test_flux_spans_need_the_folded_shape_arithmetic(exported):
     """Flux computes its joint split sizes from the prompt length at run time; ONNX shape inference alone gives
     the span's streams no shape, so the locator folds that arithmetic (with the lengths fixed) to find them."""
-    from passes.cache import _locate_span, _static_prompt, locate_span
+    from passes.cache.rewrite import _locate_span, _static_prompt, locate_span
     from passes.onnxutil import infer_shapes
 
     _, base, _ = exported("flux", (4, 4))

@@ -1,6 +1,6 @@
 """Every inserted subgraph's math in fp16 and bf16 at 4096 tokens with activations near 1e3.
 
-What runs: the eager twins (``passes/*_math.py``, op for op the graphs' math, including the scaled
+What runs: the eager twins (``passes/*/eager.py``, op for op the graphs' math, including the scaled
 cosine norm and the divide-before-sum merge) on torch CPU tensors of the reduced dtype; AT-EDM's
 importance in fp32, as the engine pins it (``PIN_FP32`` nodes). For each method: nothing overflows,
 the index bookkeeping (ranks, maps, gathers) is an exact partition of the tokens, and every merge
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from passes.partition import draw_partition
-from passes.sdtm_graph import WindowGeometry
-from passes.tome_math import best_match, match, merge, unit, unmerge
+from passes.sdtm.graph import WindowGeometry
+from passes.tome.eager import best_match, match, merge, unit, unmerge
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def test_tome_in_reduced_precision(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_sdtm_in_reduced_precision(dtype):
-    from passes.sdtm_math import counter_update, gather_unmerge, window_match, window_merge, window_scores
+    from passes.sdtm.eager import counter_update, gather_unmerge, window_match, window_merge, window_scores
 
     geo = WindowGeometry(GRID, 256)
     x32 = _x(1)
@@ -152,7 +152,7 @@ def test_sdtm_in_reduced_precision(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_atedm_in_reduced_precision(dtype):
-    from passes.atedm_math import importance, prune, refill, select
+    from passes.atedm.eager import importance, prune, refill, select
 
     g = torch.Generator().manual_seed(2)
     q32, k32 = MAGNITUDE * torch.randn(1, 2, N, 16, generator=g), MAGNITUDE * torch.randn(1, 2, N, 16, generator=g)

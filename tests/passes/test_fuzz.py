@@ -23,7 +23,8 @@ from passes.errors import DitmergeError
 from passes.infra import PassManager
 from passes.onnxutil import get_model_meta, save_checked
 from passes.partition import draw_partition
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.tome import ToMeConfig, ToMePass
 from passes.trt_check import check_tensorrt
 from runtime.runners import OrtRunner, SharedWeights
 from tests.helpers import METHOD_ATOL

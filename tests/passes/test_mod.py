@@ -16,7 +16,7 @@ from export.onnx_export import eager_forward, example_inputs
 from passes.errors import DitmergeError
 from passes.counts import count_feed
 from passes.mod import ModConfig, ModPass, bucket_values, find_blocks
-from passes.mod_math import MoDRouting, capacity, neighbours, region_bounds, region_of, snap
+from passes.mod.eager import MoDRouting, capacity, neighbours, region_bounds, region_of, snap
 from passes.onnxutil import PROVENANCE_KEY, get_model_meta, infer_shapes, provenance, save_checked
 from passes.trt_check import check_tensorrt
 from runtime.runners import OrtRunner, SharedWeights

@@ -1,4 +1,4 @@
-"""The ONNX SDTM window merge, counters and blending against the eager twin (passes.sdtm_math)."""
+"""The ONNX SDTM window merge, counters and blending against the eager twin (passes.sdtm.eager)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from passes import sdtm_math
+from passes.sdtm import eager as sdtm_math
 from passes.graphbuild import Emitter
-from passes.sdtm_graph import (
-    WindowGeometry,
-    build_blend,
-    build_counter_update,
-    build_gather_unmerge,
-    build_window_match,
-    build_window_merge,
-)
+from passes.sdtm.graph import (WindowGeometry, build_blend, build_counter_update, build_gather_unmerge,
+    build_window_match, build_window_merge)
 from passes.trt_check import check_tensorrt
 from tests.helpers import METHOD_ATOL, assert_close
 

@@ -25,8 +25,8 @@ from passes.sdtm import (
     meta_counts,
     partition_from_counter,
 )
-from passes.sdtm_twin import SdtmTwin
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.sdtm.twin import SdtmTwin
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
 from passes.trt_check import check_tensorrt
 from runtime.runners import OrtRunner, SharedWeights
 from tests.count_profiles import assert_tensorrt_ok
@@ -149,7 +149,7 @@ def test_twin_counter_semantics(exported, monkeypatch):
 
     The windows each block chose are recorded; the counters are replayed from them here and must equal the
     twin's exactly, from zero counters and from random ones."""
-    from passes import sdtm_math
+    from passes.sdtm import eager as sdtm_math
 
     model, base, _ = exported("dit", (6, 6))
     cfg = SdtmConfig(merge="window", ratio=0.3, blend=None)

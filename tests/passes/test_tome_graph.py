@@ -1,4 +1,4 @@
-"""The ONNX ToMe subgraph against its eager twin (passes.tome_math) and tomesd's definition."""
+"""The ONNX ToMe subgraph against its eager twin (passes.tome.eager) and tomesd's definition."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from passes import tome_math
+from passes.tome import eager as tome_math
 from passes.graphbuild import Emitter
 from passes.partition import draw_partition
-from passes.tome_graph import Geometry, build_match, build_merge, build_unmerge
+from passes.tome.graph import Geometry, build_match, build_merge, build_unmerge
 from tests.helpers import METHOD_ATOL, assert_close
 
 

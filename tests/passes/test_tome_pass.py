@@ -10,7 +10,8 @@ import pytest
 
 from passes.errors import DitmergeError
 from passes.onnxutil import PROVENANCE_KEY, get_model_meta, provenance
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, ToMeConfig, ToMePass
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.tome import ToMeConfig, ToMePass
 from passes.trt_check import check_tensorrt
 
 GRID = (4, 4)
@@ -38,7 +39,7 @@ def test_merges_every_block_and_stamps_provenance(exported):
     assert meta["r"] == 8 and meta["num_src"] == 12
     stamps = provenance(res.model)
     assert stamps == [{"bucket": 3, "locations": ["attn", "joint", "mlp"], "method": "tome", "pass": "tome", "ratio": 0.5,
-                       "metric": "block"}]
+                       "metric": "block", "namespace": "token-merge"}]
     assert len(_inserted(res.model)) > 20
     assert {i.name for i in res.model.graph.input} >= {PARTITION_INPUT, PARTITION_INV_INPUT}
     # the exporter's scope metadata survives the onnx-graphsurgeon round trip
@@ -53,6 +54,35 @@ def test_second_application_is_a_noop_and_a_different_ratio_is_refused(exported)
     assert not twice.modified and len(twice.model.graph.node) == len(once.graph.node)
     with pytest.raises(DitmergeError, match="already carries a ToMe merge"):
         ToMePass(ToMeConfig(0.3))(once)
+
+
+def test_a_pass_of_the_same_namespace_refuses_a_merged_graph_without_a_shared_list(exported):
+    """A new token-merging pass declares ToMe's namespace and is refused on a ToMe graph (and the other way round),
+    without any list of merging passes to edit; a pass of another namespace is not."""
+    from passes.infra import PassResult, StampedPass
+
+    class ToyMerge(StampedPass):
+        name, carries = "toy-merge", "a token merge"
+
+        def __init__(self, namespace: str) -> None:
+            self.namespace = namespace
+
+        def stamp(self) -> dict:
+            return {"pass": self.name, "namespace": self.namespace}
+
+        def call(self, model: onnx.ModelProto) -> PassResult:
+            return PassResult(model, True)
+
+    _, base, _ = exported("dit", GRID)
+    once = ToMePass(ToMeConfig(0.5))(base).model
+    with pytest.raises(DitmergeError, match="already carries a token merge"):
+        ToyMerge(ToMePass.namespace)(once)
+    assert ToyMerge("other")(once).modified
+    toy = onnx.ModelProto.FromString(base.SerializeToString())
+    toy.graph.node[0].metadata_props.add(key=PROVENANCE_KEY,
+                                         value=json.dumps({"pass": "toy-merge", "namespace": ToMePass.namespace}))
+    with pytest.raises(DitmergeError, match="already carries a ToMe merge"):
+        ToMePass(ToMeConfig(0.5))(toy)
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 0.8, 2.0])
@@ -152,3 +182,34 @@ def test_metric_and_per_block_r_options(exported):
         ToMePass(ToMeConfig(0.0, r_blocks={"transformer_blocks.0": 3}))(base)
     with pytest.raises(DitmergeError, match=r"r=13 is outside"):
         ToMePass(ToMeConfig(0.0, r_blocks={"transformer_blocks.0": 13, "transformer_blocks.1": 1}))(base)
+
+
+def test_match_every_shares_one_matching_between_blocks(exported):
+    """match_every=2: the second block merges with the first block's matching, in the graph and in its twin."""
+    from export.measure import max_abs, tome_fidelity
+    from export.onnx_export import example_inputs
+    from passes.onnxutil import save_checked
+    from passes.partition import draw_partition
+    from runtime.runners import OrtRunner, SharedWeights
+    from tests.helpers import METHOD_ATOL
+
+    model, base, d = exported("dit", GRID)
+    graphs = {k: ToMePass(ToMeConfig(0.5, locations=("attn", "mlp"), match_every=k))(base).model for k in (1, 2)}
+    argmax = {k: sum(n.op_type == "ArgMax" for n in g.graph.node) for k, g in graphs.items()}
+    assert argmax[1] == 2 * argmax[2] > 0, argmax  # one similarity search per matching: two blocks, one matching
+    runners = {}
+    for k, g in graphs.items():
+        save_checked(g, d / f"shared_{k}.onnx")
+        runners[k] = OrtRunner(d / f"shared_{k}.onnx", ["CPUExecutionProvider"], SharedWeights(d / "weights.bin"))
+    meta = json.loads(get_model_meta(graphs[2])["tome"])
+    assert meta["match_every"] == 2
+    inputs = example_inputs(model, 2, GRID, seed=3)
+    err = tome_fidelity(model, runners[2], inputs, meta, GRID, seed=1)
+    assert err <= METHOD_ATOL, f"shared matching vs twin: {err:.2e}"
+    part, inv = draw_partition(GRID, rng=np.random.default_rng(1))
+    feed = {**{k: v.numpy() for k, v in inputs.items()}, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
+    assert max_abs(runners[1].infer(feed)["sample"], runners[2].infer(feed)["sample"]) > 1e-4
+    with pytest.raises(DitmergeError, match="match_every must be a whole number >= 1"):
+        ToMePass(ToMeConfig(0.5, match_every=0))(base)
+    with pytest.raises(DitmergeError, match="cannot be combined with an r per block"):
+        ToMePass(ToMeConfig(0.0, match_every=2, r_blocks={"transformer_blocks.0": 3, "transformer_blocks.1": 2}))(base)

@@ -250,8 +250,8 @@ def test_int_to_float_feeding_math_only_passes():
 
 def test_every_method_graph_keeps_indices_integer():
     """The builders of every method emit no int -> float cast on an index path (whole graphs: tests of each pass)."""
-    from passes.sdtm_graph import WindowGeometry, build_window_match
-    from passes.tome_graph import Geometry, build_match
+    from passes.sdtm.graph import WindowGeometry, build_window_match
+    from passes.tome.graph import Geometry, build_match
 
     graph = gs.Graph(opset=23)
     x = gs.Variable("x", np.float32, ["B", 64, 8])

@@ -18,7 +18,7 @@ import torch
 import runtime
 from passes.errors import DitmergeError
 from passes.partition import draw_partition
-from passes.twin import ToMeTwin
+from passes.tome.twin import ToMeTwin
 from tests.helpers import EXPORT_ATOL, assert_close
 from tests.pipelines import twins
 from tests.pipelines.components import RECIPES, pipeline

@@ -6,7 +6,7 @@ timestep from the manifest's spans, decides which variant the method runs at thi
 parameters (re-implemented here from the method's description, not taken from ``runtime.policies``),
 draws what the step needs from its own seeded stream (the stream ``runtime.load(seed=...)`` starts each
 generation with; through the same pure draw functions, ``passes.partition.draw_partition`` and
-``passes.sdtm.partition_from_counter``), runs the eager twin of that variant (``passes/*_twin.py``) and carries the step's state
+``passes.sdtm.partition_from_counter``), runs the eager twin of that variant (``passes/*/twin.py``) and carries the step's state
 (counters, caches, matchings, residuals) to the next call. ``log`` records (call, bucket, variant).
 
 A twin serves one generation: make a new one per pipeline call.
@@ -93,7 +93,7 @@ class SdtmTwinTransformer(TwinTransformer):
 
     def step_twin(self, t, bucket, batch):
         from passes.sdtm import partition_from_counter
-        from passes.sdtm_twin import SdtmTwin
+        from passes.sdtm.twin import SdtmTwin
 
         meta = bucket["method_meta"]
         has_full = "full" in bucket.get("graphs", {})
@@ -140,7 +140,7 @@ class CaToMeTwinTransformer(TwinTransformer):
         self.twin, self.batch = None, 0
 
     def step_twin(self, t, bucket, batch):
-        from passes.catome_twin import CaToMeTwin
+        from passes.catome.twin import CaToMeTwin
         from passes.partition import draw_partition
 
         meta = bucket["method_meta"]
@@ -170,8 +170,8 @@ class ATEDMTwinTransformer(TwinTransformer):
     """AT-EDM: stateless; each bucket prunes after its own block (DSAP) to its own kept count."""
 
     def step_twin(self, t, bucket, batch):
-        from passes.atedm_graph import static_scores
-        from passes.atedm_twin import ATEDMTwin
+        from passes.atedm.graph import static_scores
+        from passes.atedm.twin import ATEDMTwin
 
         meta = bucket["method_meta"]
         if "kept" not in meta:
@@ -194,9 +194,9 @@ class CacheTwinTransformer(TwinTransformer):
         self.twin, self.batch = None, 0
 
     def step_twin(self, t, bucket, batch):
-        from passes.cache_twin import CacheTwin
+        from passes.cache.twin import CacheTwin
         from passes.partition import draw_partition
-        from passes.twin import ToMeTwin
+        from passes.tome.twin import ToMeTwin
 
         meta = bucket["method_meta"]
         start, end = meta["span"]

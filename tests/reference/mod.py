@@ -3,7 +3,7 @@
 Per block a router ``s = sigmoid(x w + b)`` scores every token; the ``k`` best run the whole block, the
 others bypass it (identity) and are scattered back. Routed tokens take ``x + s * (block(x_r) - x_r)``:
 the router score scales the block's update. (The paper's pseudo-code scales the MLP branch only; the
-whole update is our documented deviation, ``passes/mod_math.py``, and what is compared here.)
+whole update is our documented deviation, ``passes/mod/eager.py``, and what is compared here.)
 """
 
 from __future__ import annotations

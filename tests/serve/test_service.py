@@ -225,6 +225,9 @@ METHOD_PLANS = {
                                                                    "calib_samples": 3, "calib_steps": 10}), True),
     "atedm": (dict(method="atedm", buckets="0.3,0.5", options={"prune_layer": 0, "stride": 1, "iterations": 2}), True),
     "sdtm": (dict(method="sdtm", options={"steps": "10", "switch_step": "4"}), False),
+    # a fixed cache schedule decides the same for every row; the adaptive rule reads the worst row's change
+    "cache": (dict(method="cache", options={"interval": "2"}), True),
+    "cache-adaptive": (dict(method="cache", options={"adaptive": 0.05}), False),
 }
 
 

@@ -152,7 +152,7 @@ def test_atedm_importance_nodes_carry_the_pin_marker():
     import numpy as np
     import onnx_graphsurgeon as gs
 
-    from passes.atedm_graph import PruneGeometry, build_importance
+    from passes.atedm.graph import PruneGeometry, build_importance
     from passes.graphbuild import PIN_FP32, Emitter
 
     graph = gs.Graph(opset=23)

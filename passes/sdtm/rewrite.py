@@ -5,8 +5,8 @@ Variants of a bucket:
 - ``merged`` (the bucket's main graph): per block, one matching on the attention input (the
   norm1-modulated image tokens, as the released code), applied to the configured sublayers:
   - ``merge="window"`` (structure stage): the top-k most uniform 2x2 windows collapse to their mean
-    (:mod:`passes.sdtm_graph`);
-  - ``merge="bipartite"`` (detail stage): ToMe's bipartite matching (:mod:`passes.tome_graph`) with the
+    (:mod:`passes.sdtm.graph`);
+  - ``merge="bipartite"`` (detail stage): ToMe's bipartite matching (:mod:`passes.tome.graph`) with the
     partition as graph inputs; the runtime puts each window's dst on its stalest token.
   The merged count comes from a count input (:mod:`passes.counts`): ``ditmerge_count_sdtm_k`` (k windows)
   or ``ditmerge_count_sdtm_r`` (r tokens), so buckets of one stage that differ only in ratio share one
@@ -41,38 +41,21 @@ from passes.infra import GraphPass, PassResult, StampedPass
 from passes.locate import Site, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
 from passes.partition import layout, num_dst, plan_bands
-from passes.sdtm_graph import (
-    WindowGeometry,
-    build_blend,
-    build_counter_update,
-    build_gather_unmerge,
-    build_independent_from_map,
-    build_window_match,
-    build_window_merge,
-)
-from passes.tome import PARTITION_INPUT, PARTITION_INV_INPUT, TOPK_LIMIT, graph_grid, merged_count
-from passes.tome_graph import Geometry, build_match, build_merge, build_unmerge
+from passes.sdtm.graph import (WindowGeometry, build_blend, build_counter_update, build_gather_unmerge,
+    build_independent_from_map, build_window_match, build_window_merge)
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, merged_count
+from passes.trt_limits import TOPK_MAX_K
+from passes.onnxutil import graph_grid
+from passes.tome.graph import Geometry, build_match, build_merge, build_unmerge
+
+from passes.sdtm.variants import (COUNTER_INPUT, COUNTER_OUTPUT, K_COUNT, R_COUNT,
+    VARIANTS, cache_input, cache_output)
 
 logger = logging.getLogger(__name__)
 
-COUNTER_INPUT = "sdtm_counter"
-COUNTER_OUTPUT = "sdtm_counter_out"
-CACHE_INPUT = "sdtm_cache."
-CACHE_OUTPUT = "sdtm_cache_out."
-K_COUNT = "sdtm_k"  # count key of the windows a window merge collapses
-R_COUNT = "sdtm_r"  # count key of the tokens a bipartite merge removes (all bands)
-VARIANTS = ("merged", "full")
 MERGES = ("window", "bipartite")
 LOCATIONS = ("attn", "joint", "mlp")
 ATTN_KINDS = ("attn", "joint")
-
-
-def cache_input(path: str) -> str:
-    return CACHE_INPUT + path
-
-
-def cache_output(path: str) -> str:
-    return CACHE_OUTPUT + path
 
 
 def window_count(ratio: float, grid: tuple[int, int]) -> int:
@@ -86,7 +69,7 @@ def window_count(ratio: float, grid: tuple[int, int]) -> int:
     return max(0, min(int(geo.tokens * ratio) // 3, geo.num_windows - 1))
 
 
-def bipartite_r(ratio: float, grid: tuple[int, int], max_src_per_band: int = TOPK_LIMIT) -> tuple[int, int, int]:
+def bipartite_r(ratio: float, grid: tuple[int, int], max_src_per_band: int = TOPK_MAX_K) -> tuple[int, int, int]:
     """``(r, num_src, bands)`` of the detail stage's bipartite merge: tomesd's r, a multiple of the bands."""
     n = grid[0] * grid[1]
     na = n - num_dst(grid)
@@ -105,7 +88,7 @@ class SdtmConfig:
     locations: tuple[str, ...] = LOCATIONS
     a_s: float = 0.05  # weight of the staleness term in window scores (released default)
     blend: float | None = 0.1  # weight of the computed value at merged positions; None: no cache inputs
-    max_src_per_band: int = TOPK_LIMIT
+    max_src_per_band: int = TOPK_MAX_K
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:

@@ -3,7 +3,7 @@
 Blocks are located by module scope (``transformer_blocks.i``): the block's residual-stream input is
 the one ``[B, N, C]`` tensor its nodes read from outside, its output the one ``[B, N, C]`` tensor read
 outside. The block's nodes that lead to the output read the routed tokens instead of the input; every
-reader of the output reads the combined stream. The math is :mod:`passes.mod_graph`.
+reader of the output reads the combined stream. The math is :mod:`passes.mod.graph`.
 """
 
 from __future__ import annotations
@@ -21,18 +21,16 @@ from passes.errors import DitmergeError
 from passes.graphbuild import Emitter, count_input
 from passes.infra import PassResult, StampedPass
 from passes.locate import Topology, _node_scopes, tensor_shapes
-from passes.mod_graph import build_combine, build_route
+from passes.mod.graph import build_combine, build_route
 from passes.onnxutil import export_graph, import_graph, infer_shapes, set_model_meta
-from passes.tome import TOPK_LIMIT, graph_grid
+from passes.trt_limits import TOPK_MAX_K
+from passes.onnxutil import graph_grid
+
+from passes.mod.variants import k_count
 
 logger = logging.getLogger(__name__)
 
 _BLOCK_RE = re.compile(r"(?:^|\.)transformer_blocks\.(\d+)$")
-K_COUNT = "mod_k_"  # count key prefix: the capacity of block i comes from ditmerge_count_mod_k_<i>
-
-
-def k_count(block: int) -> str:
-    return f"{K_COUNT}{block}"
 
 
 @dataclasses.dataclass
@@ -94,9 +92,9 @@ class ModConfig:
             if not 1 <= k <= tokens:
                 raise DitmergeError(f"block {i}: capacity {k} is outside [1, {tokens}]")
             # a count capacity is always a TopK K, even at k = N
-            if (tokens > k or i in self.dynamic) and k > TOPK_LIMIT:
-                raise DitmergeError(f"block {i}: capacity {k} exceeds TensorRT's TopK limit {TOPK_LIMIT}; "
-                                    f"use a grid of at most {TOPK_LIMIT} tokens or a higher compression")
+            if (tokens > k or i in self.dynamic) and k > TOPK_MAX_K:
+                raise DitmergeError(f"block {i}: capacity {k} exceeds TensorRT's TopK limit {TOPK_MAX_K}; "
+                                    f"use a grid of at most {TOPK_MAX_K} tokens or a higher compression")
 
 
 class ModPass(StampedPass):

@@ -1,4 +1,4 @@
-"""Eager PyTorch twin of :mod:`passes.sdtm_graph`: the same window merge, counters and blending, op for op.
+"""Eager PyTorch twin of :mod:`passes.sdtm.graph`: the same window merge, counters and blending, op for op.
 
 Ties break as in the graph: windows sort by score descending with the lower index first (TopK ==
 stable sort).
@@ -10,8 +10,8 @@ import dataclasses
 
 import torch
 
-from passes.sdtm_graph import COUNTER_EPS, WindowGeometry
-from passes.tome_math import unit
+from passes.sdtm.graph import COUNTER_EPS, WindowGeometry
+from passes.tome.eager import unit
 
 
 @dataclasses.dataclass

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 import torch
 
-from passes import sdtm_math, tome_math
-from passes.sdtm import COUNTER_OUTPUT, cache_output
-from passes.sdtm_graph import WindowGeometry
-from passes.twin import _image_arg
+from passes.sdtm import eager as sdtm_math
+from passes.tome import eager as tome_math
+from passes.sdtm.rewrite import COUNTER_OUTPUT, cache_output
+from passes.sdtm.graph import WindowGeometry
+from passes.tome.twin import _image_arg
 
 
 class SdtmTwin:

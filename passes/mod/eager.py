@@ -1,4 +1,4 @@
-"""DiffRatio-MoD (DiffCR) routing in PyTorch: the fine-tuning model and the eager twin of :mod:`passes.mod_graph`.
+"""DiffRatio-MoD (DiffCR) routing in PyTorch: the fine-tuning model and the eager twin of :mod:`passes.mod.graph`.
 
 Per transformer block a router ``s = sigmoid(Linear(C -> 1)(x))`` scores every token; the ``k`` best
 tokens run the whole block (attention among themselves, MLP, adaLN conditioning), the others bypass
@@ -68,7 +68,7 @@ def region_of(t: float, regions: int, num_train_timesteps: int) -> int:
 def route(block_forward, x: torch.Tensor, scores: torch.Tensor, k: int, args: tuple, kwargs: dict) -> torch.Tensor:
     """One block at capacity ``k``: TopK by score, the block on the routed tokens, scaled update, the rest bypass.
 
-    ``x [B, N, C]``, ``scores [B, N]``; the graph builds the same values (:func:`passes.mod_graph.build_route`).
+    ``x [B, N, C]``, ``scores [B, N]``; the graph builds the same values (:func:`passes.mod.graph.build_route`).
     """
     b, n, c = x.shape
     if k >= n:  # every token runs the block (no selection, no gather: attention is order-free)

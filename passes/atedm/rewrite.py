@@ -1,6 +1,6 @@
 """The AT-EDM pass: prune the residual stream after one transformer block, refill before the output layer.
 
-Locating is by module scope (:mod:`passes.locate`), the math is :mod:`passes.atedm_graph`. The pruning
+Locating is by module scope (:mod:`passes.locate`), the math is :mod:`passes.atedm.graph`. The pruning
 block's self-attention keeps its fused ``Attention`` op; the importance reads the q and k that feed it.
 The blocks after the pruning block run on the kept tokens only (their reshapes follow the token count
 after :class:`passes.cleanup.FreeTokenAxisPass`), and the output of the last block is refilled to the
@@ -21,7 +21,7 @@ import re
 
 import onnx
 
-from passes.atedm_graph import REFILLS, PruneGeometry, build_importance, build_prune, build_refill, static_scores
+from passes.atedm.graph import REFILLS, PruneGeometry, build_importance, build_prune, build_refill, static_scores
 from passes.cleanup import FreeTokenAxisPass
 from passes.counts import count_input_name
 from passes.errors import DitmergeError
@@ -29,12 +29,14 @@ from passes.graphbuild import Emitter, count_input
 from passes.infra import PassResult, StampedPass
 from passes.locate import Topology, _node_scopes, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, import_graph, infer_shapes, set_model_meta
-from passes.tome import TOPK_LIMIT, graph_grid
+from passes.trt_limits import TOPK_MAX_K
+from passes.onnxutil import graph_grid
+
+from passes.atedm.variants import KEPT_COUNT
 
 logger = logging.getLogger(__name__)
 
 IMPORTANCE = ("gwpr", "static")
-KEPT_COUNT = "atedm_kept"  # count key of the tokens kept after the pruning block
 _BLOCK_RE = re.compile(r"(?:^|\.)(transformer_blocks)\.(\d+)$")
 
 
@@ -52,16 +54,16 @@ class ATEDMConfig:
     # "gwpr", or "static": a fixed dither pattern instead of the attention (ablation: quality, and the
     # importance's share of the latency)
     importance: str = "gwpr"
-    refill: str = "delta"  # "delta" or "copy"; see passes.atedm_graph
+    refill: str = "delta"  # "delta" or "copy"; see passes.atedm.graph
 
     def validate(self, grid: tuple[int, int], num_blocks: int | None = None) -> None:
         if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool) or not 0 <= self.ratio < 1:
             raise DitmergeError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
         n = grid[0] * grid[1]
         kept = kept_count(self.ratio, n)
-        if self.ratio > 0 and kept > TOPK_LIMIT:
+        if self.ratio > 0 and kept > TOPK_MAX_K:
             raise DitmergeError(f"ratio {self.ratio} keeps {kept} of {n} tokens; TensorRT's TopK keeps at most "
-                                f"{TOPK_LIMIT}: prune at least {1 - TOPK_LIMIT / n:.4f} of the tokens")
+                                f"{TOPK_MAX_K}: prune at least {1 - TOPK_MAX_K / n:.4f} of the tokens")
         if not isinstance(self.stride, int) or not 1 <= self.stride <= n:
             raise DitmergeError(f"stride must be an integer in [1, {n}], got {self.stride!r}")
         if not isinstance(self.iterations, int) or self.iterations < 1:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from passes import atedm_math
+from passes.atedm import eager as atedm_math
 
 
 class ATEDMTwin:

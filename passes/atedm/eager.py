@@ -1,4 +1,4 @@
-"""Eager PyTorch twin of :mod:`passes.atedm_graph`: the same AT-EDM math, op for op.
+"""Eager PyTorch twin of :mod:`passes.atedm.graph`: the same AT-EDM math, op for op.
 
 Ties break as in the graph: TopK keeps the lower index first among equal scores (a stable descending
 sort), ArgMax takes the first maximum.
@@ -10,8 +10,8 @@ import dataclasses
 
 import torch
 
-from passes.atedm_graph import NORM_EPS
-from passes.tome_math import unit
+from passes.atedm.graph import NORM_EPS
+from passes.tome.eager import unit
 
 
 @dataclasses.dataclass

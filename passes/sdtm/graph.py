@@ -1,7 +1,7 @@
 """SDTM's structure-stage window merge, staleness counters and cache blending as ONNX subgraphs.
 
 No knowledge of DiTs or node names here (the pass wires these in); the eager twin of the same math,
-op for op, is :mod:`passes.sdtm_math`. Everything is TensorRT-safe: TopK with a constant K (the
+op for op, is :mod:`passes.sdtm.eager`. Everything is TensorRT-safe: TopK with a constant K (the
 number of windows, <= 3840 for grids up to 123x123 windows; the merged count k is only a Slice bound
 and index arithmetic, a shape tensor when it comes from a count input), Gather, ReduceMean, Where, ScatterElements
 without a reduction (the inverse permutation, in int64), no data-dependent shapes.
@@ -29,7 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from passes.graphbuild import Emitter, count_value, inverse_permutation, unit_rows
-from passes.tome_graph import NORM_EPS
+from passes.tome.graph import NORM_EPS
 
 COUNTER_EPS = 1e-6  # the released code's eps in c / (mean(c) + eps)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from passes import tome_math
-from passes.catome import CACHED_NAMES, PARTITION_NAMES, index_name
-from passes.twin import ToMeTwin
+from passes.tome import eager as tome_math
+from passes.catome.rewrite import CACHED_NAMES, PARTITION_NAMES, index_name
+from passes.tome.twin import ToMeTwin
 
 PARTITION = ""  # the key of the shared partition in a cache (block -> tensors)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from passes.cache import EPS
+from passes.cache.rewrite import EPS
 
 
 def model_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

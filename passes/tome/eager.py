@@ -1,4 +1,4 @@
-"""Eager PyTorch twin of :mod:`passes.tome_graph`: the same ToMe math, op for op.
+"""Eager PyTorch twin of :mod:`passes.tome.graph`: the same ToMe math, op for op.
 
 Ties break as in the graph: the best dst is the first maximum (ArgMax), src tokens sort by
 similarity descending with the lower index first (TopK == stable sort). Every tensor has a band axis K.
@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from passes.tome_graph import NORM_EPS
+from passes.tome.graph import NORM_EPS
 
 
 @dataclasses.dataclass
@@ -26,7 +26,7 @@ class TorchMatch:
     mrg_dst: torch.Tensor | None = None  # [B, K, r/K] dst (index within its band) of each merged src
 
     def indices(self) -> dict[str, torch.Tensor]:
-        """The index tensors of :class:`passes.tome_graph.MatchIndices`, by name."""
+        """The index tensors of :class:`passes.tome.graph.MatchIndices`, by name."""
         return {"unm": self.unm, "mrg": self.mrg, "mrg_dst": self.mrg_dst, "dst": self.dst, "row": self.row}
 
 

@@ -37,25 +37,13 @@ from passes.infra import PassResult, StampedPass
 from passes.locate import FLOAT_TYPES, Topology, _node_scopes
 from passes.onnxutil import export_graph, import_graph, infer_shapes, set_model_meta
 
+from passes.cache.variants import (FRONT_INPUT, FRONT_OUTPUT, CHANGE_OUTPUT, VARIANTS,
+    STREAMS, cache_input, cache_output)
+
 logger = logging.getLogger(__name__)
 
-CACHE_INPUT = "cache_residual."
-CACHE_OUTPUT = "cache_residual_out."
-FRONT_INPUT = "cache_front"
-FRONT_OUTPUT = "cache_front_out"
-CHANGE_OUTPUT = "cache_change"
-VARIANTS = ("full", "cached")
-STREAMS = ("image", "text")
 _BLOCK_RE = re.compile(r"(?:^|\.)((single_transformer_blocks|transformer_blocks)\.(\d+))$")
 EPS = 1e-8  # keeps the relative change finite on an all-zero reference
-
-
-def cache_input(stream: str) -> str:
-    return CACHE_INPUT + stream
-
-
-def cache_output(stream: str) -> str:
-    return CACHE_OUTPUT + stream
 
 
 @dataclasses.dataclass
@@ -255,15 +243,19 @@ class CacheConfig:
 class CachePass(StampedPass):
     """Insert one cache variant (see the module docstring); a second run with the same stamp is a no-op.
 
-    ``locate_on``: the unmerged graph to find the span in, when the input graph is already merged.
+    ``locate_on``: the unmerged graph to find the span in, when the input graph is already merged;
+    ``span``: the span already located there (:func:`locate_span`), so that a build that inserts several
+    variants of one span locates it once (on Flux that includes a constant fold of the whole graph).
     """
 
     name = "cache"
 
-    def __init__(self, config: CacheConfig, bucket: int | str = "", locate_on: onnx.ModelProto | None = None) -> None:
+    def __init__(self, config: CacheConfig, bucket: int | str = "", locate_on: onnx.ModelProto | None = None,
+                 span: Span | None = None) -> None:
         self.config = config
         self.bucket = bucket
         self.locate_on = locate_on
+        self.span = span
 
     def stamp(self) -> dict:
         return json.loads(json.dumps({"pass": self.name, "method": "cache", "bucket": self.bucket,
@@ -275,12 +267,13 @@ class CachePass(StampedPass):
         self.config.validate()
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        from passes.tome import graph_grid
+        from passes.onnxutil import graph_grid
 
         cfg = self.config
         grid = graph_grid(model)
         n = grid[0] * grid[1]
-        span = locate_span(infer_shapes(self.locate_on if self.locate_on is not None else model), n, cfg.start, cfg.end)
+        span = self.span or locate_span(infer_shapes(self.locate_on if self.locate_on is not None else model), n,
+                                        cfg.start, cfg.end)
         if not span.ok:
             raise DitmergeError(f"cannot cache blocks {cfg.start}-{cfg.end - 1}: {span.reason}")
         graph, meta = import_graph(model)

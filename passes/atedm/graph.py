@@ -2,7 +2,7 @@
 
 Everything is what TensorRT parses and builds: constant-index Gather, MatMul, Softmax, TopK with K
 <= 3840 (a constant, or the length of a count input: a shape tensor, static per profile), ArgMax, Equal, Where; no scatter, no data-dependent shapes. The eager twin of this
-math is :mod:`passes.atedm_math`; keep the two in step.
+math is :mod:`passes.atedm.eager`; keep the two in step.
 
 1. Importance (G-WPR on a strided subset of query rows). The pruning layer's own ``q, k [B, H, N, D]``
    (what feeds its fused ``Attention`` op, which stays untouched) give the probabilities of every

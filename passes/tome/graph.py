@@ -4,7 +4,7 @@ Everything here is what TensorRT parses and builds: TopK with K = src tokens per
 Gather / GatherElements, MatMul, Equal, ScatterElements without a reduction (the int64 inverse
 permutation), no data-dependent shapes. Index paths stay integer and norms are scaled before they
 square, so fp16 / bf16 engines keep every index exact. The eager twin of this math is
-:mod:`passes.tome_math`; keep the two in step.
+:mod:`passes.tome.eager`; keep the two in step.
 
 Inputs of the matching: ``x [B, N, C]``, the partition ``P [N]`` (int64; per band its ``Na`` src
 positions, then its ``Nb`` dst positions) and its inverse ``Pinv [N]`` (position -> index in ``P``),

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from passes import tome_math
+from passes.tome import eager as tome_math
 
 
 def _image_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
@@ -33,12 +33,15 @@ class ToMeTwin:
         metric: "sublayer" (match on the first merged sublayer's input) or "block" (on the block's input).
         metric_blocks: with metric "block", the blocks that match on their input (None: every block);
             the others match on their sublayer input, as the pass does where a block has no single input.
+        match_every: one matching serves this many consecutive blocks (the first one's), as the pass's option.
     """
 
     def __init__(self, model: torch.nn.Module, sites: list[str], num_src: int, r: int | dict[str, int],
-                 bands: int = 1, metric: str = "sublayer", metric_blocks: list[str] | None = None) -> None:
+                 bands: int = 1, metric: str = "sublayer", metric_blocks: list[str] | None = None,
+                 match_every: int = 1) -> None:
         self.model, self.sites, self.num_src, self.r, self.bands = model, sites, num_src, r, bands
         blocks = list(dict.fromkeys(p.rsplit(".", 1)[0] for p in sites))
+        self.leader = {b: blocks[i // match_every * match_every] for i, b in enumerate(blocks)}
         self.metric_blocks = set(blocks if metric_blocks is None else metric_blocks) if metric == "block" else set()
         self._block_x: dict[str, torch.Tensor] = {}
         self.partition: torch.Tensor | None = None
@@ -49,7 +52,7 @@ class ToMeTwin:
     def from_meta(cls, model: torch.nn.Module, meta: dict) -> ToMeTwin:
         """The twin of a merged graph from its ToMe metadata (sites, r or r per block, bands, metric)."""
         return cls(model, meta["sites"], meta["num_src"], meta.get("r_blocks") or meta["r"], meta.get("bands", 1),
-                   meta.get("metric", "sublayer"), meta.get("metric_blocks"))
+                   meta.get("metric", "sublayer"), meta.get("metric_blocks"), meta.get("match_every", 1))
 
     def set_partition(self, partition: torch.Tensor, partition_inv: torch.Tensor) -> None:
         self.partition, self.partition_inv = torch.as_tensor(partition), torch.as_tensor(partition_inv)
@@ -62,7 +65,7 @@ class ToMeTwin:
                                                                                      with_kwargs=True))
         for path in self.sites:
             module = self.model.get_submodule(path)
-            block = path.rsplit(".", 1)[0]
+            block = self.leader[path.rsplit(".", 1)[0]]  # the block whose matching this site uses
             handles.append(module.register_forward_pre_hook(self._pre(block), with_kwargs=True))
             handles.append(module.register_forward_hook(self._post(block), with_kwargs=True))
         try:

@@ -1,6 +1,6 @@
 """The ToMe pass: insert merge/unmerge around attention and MLP of every transformer block.
 
-Locating is by module scope (:mod:`passes.locate`), the math is :mod:`passes.tome_graph`. Per block
+Locating is by module scope (:mod:`passes.locate`), the math is :mod:`passes.tome.graph`. Per block
 one matching is computed and shared by the block's merged sublayers (tomesd also matches once per
 block). Its similarity metric is ``ToMeConfig.metric``: ``"sublayer"``, the input of the block's first
 merged sublayer (the adaLN-modulated norm output), or ``"block"``, the block's residual-stream input,
@@ -23,15 +23,15 @@ from passes.graphbuild import Emitter, count_input
 from passes.infra import PassResult, StampedPass
 from passes.locate import Site, Topology, _node_scopes, find_sites, tensor_shapes
 from passes.onnxutil import export_graph, get_model_meta, import_graph, infer_shapes, set_model_meta
-from passes.partition import num_dst, plan_bands
-from passes.tome_graph import Geometry, MatchState, build_match, build_merge, build_unmerge
-from passes.trt_limits import TOPK_MAX_K as TOPK_LIMIT  # re-exported: the other methods' passes import it from here
+from passes.onnxutil import graph_grid
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, max_ratio, merged_count, num_dst, plan_bands
+from passes.tome.graph import Geometry, MatchState, build_match, build_merge, build_unmerge
+from passes.trt_limits import TOPK_MAX_K
+
+from passes.tome.variants import R_COUNT
 
 logger = logging.getLogger(__name__)
 
-PARTITION_INPUT = "tome_partition"
-PARTITION_INV_INPUT = "tome_partition_inv"
-R_COUNT = "tome_r"  # count key of r in graphs with r from shapes (passes/counts.py); per block: tome_r_<i>
 LOCATIONS = ("attn", "xattn", "joint", "mlp")
 # Attention only by default, as tomesd: on the bundled model merging the MLP as well dropped sample class
 # accuracy from 0.75 to 0.30 at ratio 0.3 (attention only: 0.70); see the README's quality table.
@@ -43,25 +43,12 @@ METRICS = ("sublayer", "block")
 DEFAULT_METRIC = "block"
 
 
-def merged_count(ratio: float, tokens: int, num_src: int) -> int:
-    """tomesd's ratio semantics: r = int(N * ratio) tokens are removed, at most all src tokens.
-
-    With banded matching r is rounded down to a multiple of the band count (each band merges r / K).
-    """
-    return min(int(tokens * ratio), num_src)
-
-
-def max_ratio(grid: tuple[int, int], stride: tuple[int, int] = (2, 2)) -> float:
-    n = grid[0] * grid[1]
-    return (n - num_dst(grid, stride)) / n
-
-
 @dataclasses.dataclass
 class ToMeConfig:
     ratio: float
     locations: tuple[str, ...] = DEFAULT_LOCATIONS
     stride: tuple[int, int] = (2, 2)
-    max_src_per_band: int = TOPK_LIMIT  # TensorRT's TopK limit; more src tokens match within bands of the grid
+    max_src_per_band: int = TOPK_MAX_K  # TensorRT's TopK limit; more src tokens match within bands of the grid
     r: int | None = None  # tokens removed, exactly (calibrated methods); None: int(N * ratio)
     metric: str = DEFAULT_METRIC  # what the matching compares: "sublayer" input or "block" input (tomesd)
     # tokens removed per block (block path -> r), overriding ``r`` (CA-ToMe's per-block calibration)
@@ -70,6 +57,9 @@ class ToMeConfig:
     # ``tome_r_<i>``, i-th merged block), so one graph serves every ratio; ``ratio`` / ``r`` then only
     # choose the r of the graph's metadata, and blocks with r = 0 stay in the graph (docs/design.md)
     dynamic: bool = False
+    # one matching serves this many consecutive merged blocks (1: each block matches its own input, as
+    # tomesd); k > 1 computes it in the first block of each run of k and reuses its indices in the others
+    match_every: int = 1
 
     def validate(self, grid: tuple[int, int]) -> None:
         if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool):
@@ -83,6 +73,11 @@ class ToMeConfig:
             raise DitmergeError(f"unknown merge locations {bad or '(none)'}; choose from {', '.join(LOCATIONS)}")
         if self.metric not in METRICS:
             raise DitmergeError(f"unknown ToMe metric {self.metric!r}; choose from {', '.join(METRICS)}")
+        if not isinstance(self.match_every, int) or isinstance(self.match_every, bool) or self.match_every < 1:
+            raise DitmergeError(f"match_every must be a whole number >= 1 (1: every block matches), got {self.match_every!r}")
+        if self.match_every > 1 and self.r_blocks:
+            raise DitmergeError("match_every > 1 shares one matching between blocks, so they merge the same r; it "
+                                "cannot be combined with an r per block")
         n = grid[0] * grid[1]
         for r in ([self.r] if self.r is not None else []) + list((self.r_blocks or {}).values()):
             if not 0 <= r <= n - num_dst(grid, self.stride):
@@ -90,12 +85,10 @@ class ToMeConfig:
                                     f"{grid[0]}x{grid[1]} grid with {self.stride[0]}x{self.stride[1]} cells)")
 
 
-def graph_grid(model: onnx.ModelProto) -> tuple[int, int]:
-    meta = get_model_meta(model)
-    if "grid" not in meta:
-        raise DitmergeError("the graph has no ditmerge.grid metadata: export it with `python -m export` first")
-    h, w = (int(v) for v in meta["grid"].strip("[]").split(","))
-    return h, w
+def match_leaders(blocks: list[str], every: int) -> dict[str, str]:
+    """Each merged block -> the block whose matching it uses: the first of its run of ``every`` blocks."""
+    order = list(dict.fromkeys(blocks))
+    return {b: order[i // every * every] for i, b in enumerate(order)}
 
 
 def merge_sites(model: onnx.ModelProto, locations: tuple[str, ...]) -> tuple[list[Site], list[Site], list[Site],
@@ -117,7 +110,7 @@ class ToMePass(StampedPass):
     """Insert ToMe at ``config.ratio``; ratio 0 inserts nothing; a second run is a no-op."""
 
     name = "tome"
-    MERGE_PASSES = ("tome", "catome")  # passes that merge tokens; a graph carries at most one of them
+    namespace = "token-merge"  # CA-ToMe (a subclass) shares it: a graph carries at most one token merge
 
     def __init__(self, config: ToMeConfig, bucket: int | str = "") -> None:
         self.config = config
@@ -125,17 +118,18 @@ class ToMePass(StampedPass):
 
     def stamp(self) -> dict:
         if self.config.dynamic:  # nothing per bucket: graphs of buckets that differ in r are identical
-            return {"pass": self.name, "method": "tome", "r": "count", "locations": list(self.config.locations),
+            return {"pass": self.name, "namespace": self.namespace, "method": "tome", "r": "count",
+                    "locations": list(self.config.locations),
                     "metric": self.config.metric, "stride": list(self.config.stride),
-                    **({"r_blocks": sorted(self.config.r_blocks)} if self.config.r_blocks else {})}
-        return {"pass": self.name, "method": "tome", "bucket": self.bucket, "ratio": self.config.ratio,
+                    **({"r_blocks": sorted(self.config.r_blocks)} if self.config.r_blocks else {}),
+                    **({"match_every": self.config.match_every} if self.config.match_every > 1 else {})}
+        return {"pass": self.name, "namespace": self.namespace, "method": "tome", "bucket": self.bucket,
+                "ratio": self.config.ratio,
                 "locations": list(self.config.locations), "metric": self.config.metric,
-                **({"r_blocks": dict(self.config.r_blocks)} if self.config.r_blocks else {})}
+                **({"r_blocks": dict(self.config.r_blocks)} if self.config.r_blocks else {}),
+                **({"match_every": self.config.match_every} if self.config.match_every > 1 else {})}
 
     carries = "a ToMe merge"
-
-    def stamped_by(self) -> frozenset[str]:
-        return frozenset(self.MERGE_PASSES)
 
     def requires(self, model: onnx.ModelProto) -> None:
         self.config.validate(graph_grid(model))
@@ -181,17 +175,19 @@ class ToMePass(StampedPass):
             self._counts = {key: count_input(graph, key) for key in dict.fromkeys(counts.values())}
 
         states: dict[str, object] = {}
+        leader = match_leaders([s.block for s in chosen], cfg.match_every)
         for site in chosen:
             x = tensors[site.image_input]
             y = tensors[site.image_output]
             channels_in = int(shapes[site.image_input][1][2])
             channels_out = int(shapes[site.image_output][1][2])
             em.prefix = f"ditmerge_{self.name}/{site.path}"
-            if site.block not in states:
-                metric = tensors[metric_inputs[site.block]] if site.block in metric_inputs else x
-                r_count = self._counts[counts[site.block]] if counts else None
-                states[site.block] = self._block_state(em, site.block, metric, geos[site.block], r_count)
-            state = states[site.block]
+            lead = leader[site.block]
+            if lead not in states:
+                metric = tensors[metric_inputs[lead]] if lead in metric_inputs else x
+                r_count = self._counts[counts[lead]] if counts else None
+                states[lead] = self._block_state(em, lead, metric, geos[lead], r_count)
+            state = states[lead]
             merged = build_merge(em, x, state, channels_in)
             inside = set(site.nodes)
             for name in site.nodes:
@@ -210,6 +206,7 @@ class ToMePass(StampedPass):
                                   **({"metric_blocks": list(metric_inputs)} if cfg.metric == "block" else {}),
                                   **({"r_blocks": {b: g.r for b, g in geos.items()}} if r_blocks else {}),
                                   **({"counts": counts} if counts else {}),
+                                  **({"match_every": cfg.match_every} if cfg.match_every > 1 else {}),
                                   "sites": [s.path for s in chosen]}, **self._extra_meta())
         out = infer_shapes(out)
         _summarize(chosen, skipped, sites, cfg.locations, r, n)

@@ -6,7 +6,7 @@ Gather (no scatter): each position reads its row of ``[delta_r; 0]``, the zero r
 bypass the block. Everything is what TensorRT parses and builds: constant K (<= 3840), no scatter, no
 data-dependent shapes. The index map avoids float sums of indices (inexact in fp16 past 2048): a
 one-hot ``Equal`` gives ArgMax (the routed rank) and ReduceMax (routed or not). The eager twin is
-:func:`passes.mod_math.route`.
+:func:`passes.mod.eager.route`.
 """
 
 from __future__ import annotations

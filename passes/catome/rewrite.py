@@ -8,7 +8,7 @@ cache moves to the runtime and the graph comes in two variants with the same mer
   ``[B, K, Na]``) and the partition it used (``catome_idx_out/partition``, ``.../partition_inv``);
 - ``apply``: the same merges, with those tensors as graph inputs named ``catome_idx/...``
   (:func:`as_cache_feed`); no similarity and no TopK: only the integer index half of the matching
-  (:func:`passes.tome_graph.indices_from_order`). Inputs and outputs differ in name, so the two variants
+  (:func:`passes.tome.graph.indices_from_order`). Inputs and outputs differ in name, so the two variants
   can be branches of one graph (:mod:`passes.branch`).
 
 The cached tensors do not depend on r, so with r from shapes (``ToMeConfig.dynamic``, each block's r the
@@ -26,25 +26,9 @@ import onnx_graphsurgeon as gs
 from passes.errors import DitmergeError
 from passes.graphbuild import Emitter
 from passes.tome import ToMeConfig, ToMePass
-from passes.tome_graph import Geometry, MatchState, band_r, build_order, build_state, indices_from_order
+from passes.tome.graph import Geometry, MatchState, band_r, build_order, build_state, indices_from_order
+from passes.catome.variants import (VARIANTS, CACHED_NAMES, PARTITION_NAMES, index_name)
 
-INDEX_PREFIX = "catome_idx/"  # inputs of the apply variant
-OUTPUT_PREFIX = "catome_idx_out/"  # the same tensors as outputs of the match variant
-VARIANTS = ("match", "apply")
-CACHED_NAMES = ("order", "node_idx")  # per block; what the apply variant needs besides the partition
-PARTITION_NAMES = ("partition", "partition_inv")
-
-
-def index_name(block: str, name: str, output: bool = False) -> str:
-    """Graph input (apply) or, with ``output``, output (match) name of one cached tensor of one block's
-    matching; ``block=""``: the partition, shared by every block."""
-    prefix = OUTPUT_PREFIX if output else INDEX_PREFIX
-    return f"{prefix}{block}/{name}" if block else f"{prefix}{name}"
-
-
-def as_cache_feed(outputs: dict) -> dict:
-    """The match variant's cache outputs, renamed as the apply variant's inputs (other outputs dropped)."""
-    return {INDEX_PREFIX + k[len(OUTPUT_PREFIX):]: v for k, v in outputs.items() if k.startswith(OUTPUT_PREFIX)}
 
 
 class CaToMePass(ToMePass):
@@ -58,6 +42,8 @@ class CaToMePass(ToMePass):
     def __init__(self, config: ToMeConfig, variant: str, bucket: int | str = "") -> None:
         if variant not in VARIANTS:
             raise DitmergeError(f"unknown CA-ToMe variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        if config.match_every != 1:
+            raise DitmergeError("CA-ToMe caches each block's own matching across steps; match_every > 1 is a ToMe option")
         super().__init__(config, bucket)
         self.variant = variant
         self._index_io: dict[str, dict[str, list]] = {}
