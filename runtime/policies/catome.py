@@ -35,6 +35,9 @@ MATCH = "match"
 # steps. Runs with another step count map the schedule by progress through the trajectory (below).
 PAPER_SCHEDULE = (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49)
 PAPER_SCHEDULE_STEPS = 50
+# a call reaches a checkpoint timestep within this (training scale): Flux sends t / 1000 in float32, and
+# t back from it is up to ~3e-5 off; distinct steps lie at least ~1 apart
+CHECKPOINT_TOL = 1e-3
 
 
 class CaToMePolicy(StepPolicy):
@@ -62,7 +65,7 @@ class CaToMePolicy(StepPolicy):
             log.append((state.steps, bucket.index, MAIN))
             return MAIN, {}
         if self.checkpoint_timesteps and state.t is not None:
-            reached = sum(1 for c in self.checkpoint_timesteps if state.t <= c + 1e-6)
+            reached = sum(1 for c in self.checkpoint_timesteps if state.t <= c + CHECKPOINT_TOL)
         else:
             reached = bisect.bisect_right(self.checkpoints, self.progress(state) + 1e-9)
         due = reached > state.data.get("reached", 0)
