@@ -33,7 +33,8 @@ from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass  # noqa: E40
 from passes.infra import PassManager  # noqa: E402
 from passes.onnxutil import save_checked  # noqa: E402
 from runtime.policies import GenState  # noqa: E402
-from runtime.policies.cache import CACHED, CachePolicy  # noqa: E402
+from passes.cache.variants import CACHED  # noqa: E402
+from runtime.policies.cache import CachePolicy  # noqa: E402
 from runtime.runners import OrtRunner, SharedWeights  # noqa: E402
 
 logger = logging.getLogger("cache_dit_xl")

@@ -112,7 +112,6 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str | 
         options["locations"] = tuple(locations)
     meth = get_method(method, options)
     buckets = meth.default_buckets if buckets is None else buckets
-    specs = meth.bucket_specs(buckets, num_train_timesteps, model)
     if backend not in BACKENDS:
         raise DitmergeError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     from export.trt_build import PRECISIONS, require_tensorrt, tensorrt_status
@@ -131,7 +130,7 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str | 
     created = not out.exists()
     stage.mkdir(parents=True, exist_ok=True)
     try:
-        manifest = _build(model=model, meth=meth, specs=specs, buckets=buckets, stage=stage, grid=grid, text_len=text_len,
+        manifest = _build(model=model, meth=meth, buckets=buckets, stage=stage, grid=grid, text_len=text_len,
                           num_train_timesteps=num_train_timesteps, measure=measure, repeats=repeats,
                           quality_samples=quality_samples, quality_steps=quality_steps,
                           engines=engines, precision=precision, sweep=tuple(sweep), progress=progress)
@@ -148,19 +147,22 @@ def build_plan(model: str = DEFAULT_MODEL, method: str = "tome", buckets: str | 
     return manifest
 
 
-def _build(model: str, meth: Method, specs: list, buckets: str, stage: Path, grid: tuple[int, int] | None, text_len: int, num_train_timesteps: int,
+def _build(model: str, meth: Method, buckets: str, stage: Path, grid: tuple[int, int] | None, text_len: int, num_train_timesteps: int,
            measure: bool, repeats: int, quality_samples: int, quality_steps: int, engines: bool, precision: str,
            sweep: tuple[float, ...], progress: bool) -> dict:
     """Everything of :func:`build_plan` that writes into the staging directory."""
     done = StageProgress(stage, {"model": model, "fingerprint": fingerprint(model), "grid": list(grid) if grid else None,
                                  "text_len": text_len, "format_version": FORMAT_VERSION})
-    steps = tqdm(total=3 + len(specs) + (2 if measure else 0), desc="ditmerge export", unit="step",
-                 disable=not progress, leave=False)
+    steps = tqdm(total=3 + (2 if measure else 0), desc="ditmerge export", unit="step", disable=not progress,
+                 leave=False)
     steps.set_postfix_str("loading model")
     torch_model = load_transformer(model)
     family = family_of(torch_model)
     meth.check_family(family)
     grid = tuple(grid) if grid else family.default_grid(torch_model)
+    # the buckets once the family and grid are known: step schedules follow its pipeline's timesteps there
+    specs = meth.bucket_specs(buckets, num_train_timesteps, model, family=family, grid=grid)
+    steps.total += len(specs)
     meth.validate(specs, grid)
     method = meth.name
     steps.update()

@@ -49,12 +49,15 @@ def count_trajectories(model: torch.nn.Module, family, blocks: dict[str, str], s
 
     Class-conditional models sample classes round-robin with classifier-free guidance; a sample's count
     at a step is the larger of its conditional and unconditional halves (the paper takes the maximum
-    over the batch of a call). Other families get random prompt embeddings (the export has no text
-    encoder), so their counts are only a rough guide. Trajectories follow the model's own pipeline
-    scheduler (:func:`export.families.pipeline_scheduler`) from seeded noise; the
+    over the batch of a call). Other families (PixArt, SD3, Flux) get seeded random prompt embeddings and
+    pooled projections, as diffusers' pipeline tests feed them (the export has no text encoder), and no
+    guidance, so their counts are only a rough guide. Trajectories follow the model's own pipeline
+    sampler (:func:`export.families.pipeline_scheduler`, with its timesteps set as the family's pipeline
+    sets them: SD3's shift, Flux's sigmas and shift ``mu`` from the grid's token count) from seeded noise;
+    a step counts in the bucket that covers its timestep (flow matching's t = T in the noisiest). The
     partition is drawn per step from a seeded stream, as the runtime draws it.
     """
-    from export.families import pipeline_scheduler
+    from export.families import pipeline_scheduler, pipeline_set_timesteps
 
     n = grid[0] * grid[1]
     num_src = n - num_dst(grid, stride)
@@ -70,7 +73,8 @@ def count_trajectories(model: torch.nn.Module, family, blocks: dict[str, str], s
         logger.info("catome calibration: %s has no class labels; counting on random prompt embeddings, no guidance",
                     family.name)
     sched = pipeline_scheduler(scheduler_config)  # the family's own sampler (DPM-Solver for PixArt, ...)
-    sched.set_timesteps(steps)
+    pipeline_set_timesteps(sched, family, steps, n)
+    top = max(s.t_hi for s in specs)
     rng = np.random.default_rng(seed)
 
     captured: dict[str, torch.Tensor] = {}
@@ -85,9 +89,12 @@ def count_trajectories(model: torch.nn.Module, family, blocks: dict[str, str], s
     counts: list[dict[str, list[int]]] = [{b: [] for b in blocks} for _ in specs]
     try:
         for t in sched.timesteps:
-            which = [i for i, s in enumerate(specs) if s.t_lo <= int(t) <= s.t_hi]
+            # [t_lo, t_hi + 1), as the runtime maps a float timestep; above the top (flow's T) the noisiest
+            which = [i for i, s in enumerate(specs) if s.t_lo <= float(t) < s.t_hi + 1 or
+                     (s.t_hi == top and float(t) >= top + 1)]
             x_in = torch.cat([x, x]) if cfg_on else x
-            feed = {**inputs, "hidden_states": sched.scale_model_input(x_in, t),
+            scaled = sched.scale_model_input(x_in, t) if hasattr(sched, "scale_model_input") else x_in
+            feed = {**inputs, "hidden_states": scaled,
                     "timestep": (t * family.timestep_scale).expand(len(x_in)).to(inputs["timestep"].dtype)}
             captured.clear()
             out = family.call(model, feed)

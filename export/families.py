@@ -31,6 +31,8 @@ class Family:
     # or "flow" in [0, T] (flow matching: sigma * T, with 1000.0 at the first step)
     timesteps: str = "discrete"
     scheduler: str = "ddpm"  # the kind of scheduler its pipelines use: "ddpm" (epsilon/v on betas) or "flow"
+    # how its pipeline sets the scheduler's timesteps: (scheduler, steps, image tokens) -> None
+    set_timesteps: Callable[[object, int, int | None], None] = lambda sched, steps, tokens: sched.set_timesteps(steps)
 
 
 def _latents(model: torch.nn.Module, batch: int, grid: tuple[int, int], g: torch.Generator) -> torch.Tensor:
@@ -115,6 +117,44 @@ def _flux_call(model, x):
                  txt_ids=x["txt_ids"], guidance=x.get("guidance"), return_dict=False)[0]
 
 
+def flow_shift_mu(image_tokens: int, base_tokens: int, max_tokens: int, base_shift: float, max_shift: float) -> float:
+    """The resolution-dependent shift ``mu`` of flow-matching pipelines: linear in the image token count,
+    ``base_shift`` at ``base_tokens`` and ``max_shift`` at ``max_tokens`` (and extrapolated beyond)."""
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return slope * image_tokens + (base_shift - slope * base_tokens)  # this order: the pipelines' float rounding
+
+
+def _mu(sched, image_tokens: int | None, default_max_shift: float) -> float:
+    if image_tokens is None:
+        raise DitmergeError(f"{type(sched).__name__} shifts its timesteps by resolution (use_dynamic_shifting); "
+                            "step schedules need the image token count (the plan's grid) to be placed")
+    c = sched.config
+    return flow_shift_mu(image_tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", default_max_shift))
+
+
+def _sd3_set_timesteps(sched, steps: int, image_tokens: int | None) -> None:
+    """StableDiffusion3Pipeline: the scheduler's own spacing (its fixed ``shift``: 1000.0 first); with
+    dynamic shifting ``mu`` from the token count (its fallback max shift is 1.16, Flux's 1.15)."""
+    if sched.config.get("use_dynamic_shifting", False):
+        sched.set_timesteps(steps, mu=_mu(sched, image_tokens, 1.16))
+    else:
+        sched.set_timesteps(steps)
+
+
+def _flux_set_timesteps(sched, steps: int, image_tokens: int | None) -> None:
+    """FluxPipeline: sigmas ``linspace(1, 1/steps, steps)`` (unless the scheduler makes its own flow
+    sigmas), shifted by ``mu`` from the packed latents' token count, which is the plan's grid."""
+    import numpy as np
+
+    sigmas = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+    mu = _mu(sched, image_tokens, 1.15) if sched.config.get("use_dynamic_shifting", False) else None
+    if sigmas is None:
+        sched.set_timesteps(steps, mu=mu)
+    else:
+        sched.set_timesteps(sigmas=sigmas, mu=mu)
+
+
 def _square_grid(model) -> tuple[int, int]:
     s = model.config.sample_size // model.config.patch_size
     return s, s
@@ -130,13 +170,14 @@ FAMILIES = {
                                        text_inputs={"encoder_hidden_states": 1, "encoder_attention_mask": 1}),
     "SD3Transformer2DModel": Family("sd3", "SD3Transformer2DModel", _sd3_inputs, _sd3_call, _square_grid,
                                     batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
-                                    text_inputs={"encoder_hidden_states": 1}, timesteps="flow", scheduler="flow"),
+                                    text_inputs={"encoder_hidden_states": 1}, timesteps="flow", scheduler="flow",
+                                    set_timesteps=_sd3_set_timesteps),
     "FluxTransformer2DModel": Family("flux", "FluxTransformer2DModel", _flux_inputs, _flux_call,
                                      lambda m: (64, 64), timestep_scale=1e-3,
                                      batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections",
                                                    "timestep", "guidance"),
                                      text_inputs={"encoder_hidden_states": 1, "txt_ids": 0}, timesteps="flow",
-                                     scheduler="flow"),
+                                     scheduler="flow", set_timesteps=_flux_set_timesteps),
 }
 
 
@@ -156,20 +197,29 @@ def pipeline_scheduler(scheduler_config: dict | None, num_train_timesteps: int =
     return cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
 
 
-def reference_timesteps(scheduler_config: dict | None, steps: int, num_train_timesteps: int = 1000) -> list[float]:
+def reference_timesteps(scheduler_config: dict | None, steps: int, num_train_timesteps: int = 1000,
+                        family: Family | None = None, image_tokens: int | None = None) -> list[float]:
     """The timesteps the model's own pipeline scheduler sends for ``steps`` steps, noisiest first.
 
     Step-based schedules (SDTM's stages, CA-ToMe's checkpoints) are placed on these, so they follow DDIM
-    "leading", DPM-Solver "linspace" or any other spacing as the pipeline runs it. Without a scheduler
-    config beside the model: diffusers' DDIMScheduler defaults.
+    "leading", DPM-Solver "linspace", a flow-matching shift or any other spacing as the pipeline runs it.
+    ``family``: whose pipeline sets the timesteps (Flux's passes its own sigmas; None: the scheduler's
+    ``set_timesteps(steps)``); ``image_tokens``: the plan's grid, which a resolution-dependent shift
+    (Flux) needs. Without a scheduler config beside the model: diffusers' DDIMScheduler defaults.
     """
     sched = pipeline_scheduler(scheduler_config, num_train_timesteps)
-    name = type(sched).__name__
-    if getattr(sched.config, "use_dynamic_shifting", False):
-        raise DitmergeError(f"{name} shifts its timesteps by resolution (use_dynamic_shifting); step schedules "
-                            "cannot be placed before the resolution is known")
-    sched.set_timesteps(steps)
+    pipeline_set_timesteps(sched, family, steps, image_tokens)
     return [float(t) for t in sched.timesteps]
+
+
+def pipeline_set_timesteps(sched, family: Family | None, steps: int, image_tokens: int | None = None) -> None:
+    """``sched.set_timesteps`` as ``family``'s pipeline calls it for ``steps`` steps at ``image_tokens`` tokens."""
+    if family is not None:
+        family.set_timesteps(sched, steps, image_tokens)
+    elif sched.config.get("use_dynamic_shifting", False):
+        sched.set_timesteps(steps, mu=_mu(sched, image_tokens, 1.15))
+    else:
+        sched.set_timesteps(steps)
 
 
 def family_of(model: torch.nn.Module) -> Family:

@@ -85,10 +85,12 @@ class Method:
         """The method's parameters as recorded in the plan (``method.params``)."""
         return dict(self.options)
 
-    def bucket_specs(self, buckets: str, num_train_timesteps: int, model: str) -> list[BucketSpec]:
+    def bucket_specs(self, buckets: str, num_train_timesteps: int, model: str, family=None,
+                     grid: tuple[int, int] | None = None) -> list[BucketSpec]:
         """The buckets to build, noisiest first; the default reads the ``--buckets`` spec.
 
-        ``model`` is the model source, for methods whose buckets come from training (MoD).
+        ``model`` is the model source, for methods whose buckets come from training (MoD); ``family``
+        (export.families.Family) and ``grid``, for methods placed on the pipeline's timesteps (SDTM).
         """
         return parse_buckets(buckets, num_train_timesteps)
 

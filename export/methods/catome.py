@@ -11,9 +11,9 @@ buckets' main step runs (their ``method_meta.branch``): one graph per plan, no `
 Buckets: ``--buckets`` gives only the timestep ranges (``"0,0,0"`` or the default spec: three equal
 spans); its ratios are ignored. Each bucket's ``r`` comes from threshold calibration in :meth:`prepare`
 (:mod:`export.catome_calib`): the eager model denoises ``calib_samples`` seeded samples in
-``calib_steps`` DDIM steps, each step counts per merge point the src tokens whose best match reaches
-``threshold``, and ``r`` is ``statistic`` (default: the mean, as the paper's fixed-bucket recipe) of
-the bucket's counts. The calibrated ratio ``r / N`` replaces the spec's ratio in the plan.
+``calib_steps`` steps of its pipeline's sampler (DDIM, DPM-Solver, SD3's or Flux's flow matching), each
+step counts per merge point the src tokens whose best match reaches ``threshold``, and ``r`` is
+``statistic`` (default: the mean, as the paper's fixed-bucket recipe) of the bucket's counts. The calibrated ratio ``r / N`` replaces the spec's ratio in the plan.
 
 ``r_per_block=True`` calibrates one r per block and bucket from that block's counts alone (closer to the
 paper, whose count is per call and block) instead of one r pooled over all blocks; ``metric`` is what the
@@ -35,7 +35,7 @@ from export.measure import feed_of, max_abs
 from export.methods import MAIN, BucketGraphs, BuildContext, Method
 from export.onnx_export import eager_forward, example_inputs
 from passes.branch import branch_variants
-from passes.catome import CACHED_NAMES, PARTITION_NAMES, CaToMePass, as_cache_feed, index_name
+from passes.catome import CACHED_NAMES, INDEX_PREFIX, PARTITION_NAMES, CaToMePass, as_cache_feed, index_name
 from passes.catome.twin import CaToMeTwin, from_feed, to_feed
 from passes.errors import DitmergeError
 from passes.flops import count_flops
@@ -54,9 +54,6 @@ PLAIN = "plain"  # the unmerged graph, a branch of a mixed plan's one graph (no 
 class CaToMe(Method):
     name = "catome"
     one_graph = True  # the variants are branches of one graph (passes/branch.py): the weights once
-    unsupported = dict.fromkeys(
-        ("sd3", "flux"), "its calibration samples DDPM trajectories with DDIM and its checkpoints are DDIM steps; "
-        "flow-matching sampling is not implemented")
     defaults: dict[str, object] = {  # noqa: RUF012 (read-only, as Method.defaults)
         "threshold": 0.7,  # the paper's recommended T
         "statistic": "mean",  # over the bucket's counts: mean, median, max, min or pNN
@@ -106,9 +103,10 @@ class CaToMe(Method):
             out["checkpoint_timesteps"] = self.checkpoint_timesteps
         return out
 
-    def _checkpoints(self, num_train_timesteps: int) -> list[float]:
-        """The schedule's steps as the timesteps the model's own scheduler gives them in a ``schedule_steps`` run:
-        the runtime matches when a call reaches one, whatever the sampler and step count."""
+    def _checkpoints(self, num_train_timesteps: int, family=None, grid: tuple[int, int] | None = None) -> list[float]:
+        """The schedule's steps as the timesteps the model's own pipeline gives them in a ``schedule_steps`` run
+        (flow matching: shifted, Flux's by the grid's token count): the runtime matches when a call reaches
+        one, whatever the sampler and step count."""
         from export.families import reference_timesteps
         from export.load import scheduler_config
 
@@ -116,14 +114,16 @@ class CaToMe(Method):
             cfg = scheduler_config(self.source) if self.source else None
         except (OSError, ValueError):
             cfg = None
-        ts = reference_timesteps(cfg, int(self.options["schedule_steps"]), num_train_timesteps)
+        ts = reference_timesteps(cfg, int(self.options["schedule_steps"]), num_train_timesteps, family,
+                                 grid[0] * grid[1] if grid else None)
         return sorted({ts[int(s)] for s in self.options["schedule"] if 0 <= int(s) < len(ts)}, reverse=True)
 
-    def bucket_specs(self, buckets: str, num_train_timesteps: int, model: str) -> list[BucketSpec]:
+    def bucket_specs(self, buckets: str, num_train_timesteps: int, model: str, family=None,
+                     grid: tuple[int, int] | None = None) -> list[BucketSpec]:
         """Timestep ranges from ``--buckets``; the ratios are placeholders until :meth:`prepare` calibrates."""
         self.source = model
         self.specs = parse_buckets(buckets, num_train_timesteps)
-        self.checkpoint_timesteps = self._checkpoints(num_train_timesteps)
+        self.checkpoint_timesteps = self._checkpoints(num_train_timesteps, family, grid)
         if any(s.ratio for s in self.specs):
             logger.info("catome: the ratios of --buckets %r are ignored; r per bucket comes from calibration", buckets)
         return self.specs
@@ -152,9 +152,11 @@ class CaToMe(Method):
 
         o = self.options
         cfg = self.config(0)
-        chosen, _, _, _ = merge_sites(ctx.base, cfg.locations)
-        if not chosen:
-            raise DitmergeError(f"catome found no module to merge at {list(cfg.locations)}")
+        chosen, skipped, _, _ = merge_sites(ctx.base, cfg.locations)
+        if not chosen:  # Flux: its joint attention carries rotary embeddings over the joint sequence
+            why = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:2])
+            raise DitmergeError(f"catome found no module to merge at {list(cfg.locations)}"
+                                f"{f' ({why})' if why else ''}; choose other locations, e.g. -o locations=mlp")
         blocks: dict[str, str] = {}
         for site in chosen:  # the matching runs on the input of a block's first merged module, or the block's
             blocks.setdefault(site.block, site.block if o["metric"] == "block" else site.path)
@@ -285,7 +287,9 @@ def twin_forward(model: torch.nn.Module, meta: dict, grid: tuple[int, int], inpu
 def match_fidelity(model: torch.nn.Module, run, inputs: dict[str, torch.Tensor], meta: dict, grid: tuple[int, int],
                    seed: int = 0) -> float:
     """Match variant vs twin with the same partition: max abs error of ``sample``; a differing index counts
-    as its difference (so a wrong matching cannot pass)."""
+    as its difference (so a wrong matching cannot pass). The src ranking ``order`` is compared as what it
+    decides, the merged src of each band (its first r) and the kept ones: near-tied scores (thousands of
+    src tokens, as Flux's 4096-token grid has) may swap neighbours on either side, which merges the same."""
     bands = meta.get("bands", 1)
     part, inv = draw_partition(grid, tuple(meta["stride"]), np.random.default_rng(seed), bands)
     out = run({**feed_of(inputs), PARTITION_INPUT: part, PARTITION_INV_INPUT: inv})
@@ -298,6 +302,10 @@ def match_fidelity(model: torch.nn.Module, run, inputs: dict[str, torch.Tensor],
         got = np.asarray(got_cache[name])
         if got.shape != want.shape:
             return float("inf")
+        if want.size and name.endswith("/order"):
+            block = name[len(INDEX_PREFIX):-len("/order")]
+            k = int((meta.get("r_blocks") or {}).get(block, meta["r"])) // bands
+            got, want = (np.concatenate([np.sort(a[..., :k], -1), np.sort(a[..., k:], -1)], -1) for a in (got, want))
         if want.size:
             err = max(err, max_abs(got, want))
     return err

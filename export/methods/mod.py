@@ -40,7 +40,8 @@ class MoD(Method):
         self.ratios: dict[tuple[int, int], list[float]] = {}  # bucket (t_lo, t_hi) -> snapped ratio per layer
         self.routers_sha = ""
 
-    def bucket_specs(self, buckets: str, num_train_timesteps: int, model: str) -> list[BucketSpec]:
+    def bucket_specs(self, buckets: str, num_train_timesteps: int, model: str, family=None,
+                     grid: tuple[int, int] | None = None) -> list[BucketSpec]:
         from export.train_mod import ROUTERS_FILE, load_routing, model_folder
 
         self.routing, self.record = load_routing(model)

@@ -3,10 +3,13 @@
 Stages as buckets. The method is defined over a reference schedule of ``steps`` denoising steps
 (default 50): steps ``s < switch_step`` form the *structure* stage, the rest the *detail* stage
 (the released code switches after step ``switch_step``, i.e. at ``s <= switch_step``; we take the
-issue's "first 40 %"). Steps map to timesteps as the model's own pipeline scheduler (its config saved
-beside the model) spaces them: DDIM "leading" ``t(s) = (steps - 1 - s) * (T // steps) + steps_offset``,
-DPM-Solver "linspace", ...; DDIM's when no scheduler is saved. Bucket boundaries lie just above a
-step's timestep, so a sampler with a different step count still switches stage at the same noise level.
+issue's "first 40 %"). Steps map to timesteps as the model's own pipeline runs its scheduler (config
+saved beside the model; :func:`export.families.reference_timesteps`): DDIM "leading"
+``t(s) = (steps - 1 - s) * (T // steps) + steps_offset``, DPM-Solver "linspace", flow matching's
+``sigma(s) * T`` with SD3's fixed shift or Flux's shift ``mu`` from the plan's token count, ...; DDIM's
+when no scheduler is saved. Bucket boundaries lie just above a step's timestep, so a sampler with a
+different step count still switches stage at the same noise level; flow matching's first step,
+t = T = 1000.0, runs in the noisiest bucket (as the runtime maps it).
 Each stage is cut into ``buckets_per_stage`` runs of consecutive steps; a bucket's ratio is the mean
 of the cosine schedule ``rho(s) = (ratio - dev) + 2 dev cos(pi/2 s / (steps - 1))`` over its steps
 (the released code evaluates rho per step; static graphs need one ratio per bucket).
@@ -102,6 +105,11 @@ def stage_buckets(steps: int, switch_step: int, ratio: float, dev: float, per_st
     for i, (stage, first, last) in enumerate(groups):
         t_hi = t_max if i == 0 else out[-1].spec.t_lo - 1
         t_lo = 0 if i == len(groups) - 1 else int(math.floor(timesteps[groups[i + 1][1]])) + 1
+        if timesteps[last] < t_lo:  # float schedules: two steps within one integer timestep
+            raise DitmergeError(f"sdtm steps {last} and {last + 1} of {steps} (timesteps {timesteps[last]:.3f}, "
+                                f"{timesteps[last + 1]:.3f}) fall in one integer timestep, so no bucket boundary "
+                                "separates them; choose fewer steps or move the boundary (buckets_per_stage, "
+                                "switch_step)")
         r = float(np.mean([rho(s, steps, ratio, dev) for s in range(first, last + 1)]))
         out.append(StageBucket(stage, first, last, BucketSpec(t_lo, t_hi, round(r, 4))))
     return out
@@ -112,9 +120,6 @@ class Sdtm(Method):
     # a bucket's merged and full variants are branches of one graph (passes/branch.py): with k / r as count
     # inputs, every bucket of a stage shares it, so a plan holds one graph per stage
     one_graph = True
-    unsupported: ClassVar[dict[str, str]] = dict.fromkeys(
-        ("sd3", "flux"), "its structure/detail stages and protected steps are placed on DDIM 'leading' timesteps; "
-        "on a shifted flow-matching schedule the structure stage would cover other steps (not mapped yet)")
     defaults: ClassVar[dict[str, object]] = {
         "steps": 50,  # the reference schedule the stages and ratios are defined over
         "switch_step": 20,  # first step of the detail stage
@@ -141,7 +146,8 @@ class Sdtm(Method):
     def params(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}
 
-    def schedule(self, num_train_timesteps: int, model: str = "") -> list[StageBucket]:
+    def schedule(self, num_train_timesteps: int, model: str = "", family=None,
+                 grid: tuple[int, int] | None = None) -> list[StageBucket]:
         o = self.options
         if o["steps"] < 2 or not 0 <= o["switch_step"] <= o["steps"] or o["buckets_per_stage"] < 1:
             raise DitmergeError(f"sdtm needs steps >= 2, 0 <= switch_step <= steps and buckets_per_stage >= 1; got "
@@ -149,19 +155,22 @@ class Sdtm(Method):
                                 f"buckets_per_stage={o['buckets_per_stage']}")
         if o["steps"] > num_train_timesteps:
             raise DitmergeError(f"sdtm steps={o['steps']} exceeds the {num_train_timesteps} training timesteps")
-        self._timesteps = _reference(model, o["steps"], num_train_timesteps)
+        tokens = grid[0] * grid[1] if grid else None
+        self._timesteps = _reference(model, o["steps"], num_train_timesteps, family, tokens)
         return stage_buckets(o["steps"], o["switch_step"], o["ratio"], o["dev"], o["buckets_per_stage"],
                              num_train_timesteps, timesteps=self._timesteps)
 
-    def bucket_specs(self, buckets: str, num_train_timesteps: int, model: str) -> list[BucketSpec]:
+    def bucket_specs(self, buckets: str, num_train_timesteps: int, model: str, family=None,
+                     grid: tuple[int, int] | None = None) -> list[BucketSpec]:
         if buckets != DEFAULT_BUCKETS:
             raise DitmergeError("sdtm derives its buckets from its options (steps, switch_step, ratio, dev, "
                                 "buckets_per_stage); drop --buckets")
-        sched = self.schedule(num_train_timesteps, model)
+        sched = self.schedule(num_train_timesteps, model, family, grid)
         self._stages = {(b.spec.t_lo, b.spec.t_hi): b.stage for b in sched}
         for b in sched:
-            logger.info("sdtm: %s bucket, steps %d-%d of %d, timesteps %d..%d, ratio %.3f", b.stage, b.first, b.last,
-                        self.options["steps"], b.spec.t_hi, b.spec.t_lo, b.spec.ratio)
+            logger.info("sdtm: %s bucket, steps %d-%d of %d (timesteps %.1f..%.1f), bucket %d..%d, ratio %.3f",
+                        b.stage, b.first, b.last, self.options["steps"], self._timesteps[b.first],
+                        self._timesteps[b.last], b.spec.t_hi, b.spec.t_lo, b.spec.ratio)
         return [b.spec for b in sched]
 
     def stage(self, spec: BucketSpec, num_train_timesteps: int) -> str:
@@ -284,8 +293,10 @@ def sdtm_fidelity(model: torch.nn.Module, run, inputs: dict[str, torch.Tensor], 
     return err
 
 
-def _reference(model: str, steps: int, num_train_timesteps: int) -> list[float]:
-    """The timesteps of the model's own scheduler (saved beside it) for ``steps`` steps; DDIM's without one."""
+def _reference(model: str, steps: int, num_train_timesteps: int, family=None,
+               image_tokens: int | None = None) -> list[float]:
+    """The timesteps the model's own pipeline sends with its scheduler (saved beside it) for ``steps`` steps
+    at ``image_tokens`` tokens; DDIM's without one."""
     from export.families import reference_timesteps
     from export.load import scheduler_config
 
@@ -293,7 +304,7 @@ def _reference(model: str, steps: int, num_train_timesteps: int) -> list[float]:
         cfg = scheduler_config(model) if model else None
     except (OSError, ValueError):  # an unreadable folder: diffusers' default
         cfg = None
-    return reference_timesteps(cfg, steps, num_train_timesteps)
+    return reference_timesteps(cfg, steps, num_train_timesteps, family, image_tokens)
 
 
 METHOD = Sdtm

@@ -138,6 +138,11 @@ class SdtmPass(StampedPass):
         cache_sites = [s for s in sites if s.ok and s.kind in LOCATIONS]
         if not cache_sites:
             raise DitmergeError("no attention or feed-forward module found in the graph (is it a diffusers DiT export?)")
+        # Flux's single-stream blocks (text and image in one sequence) and its joint attention (rotary
+        # embeddings over the joint sequence) do not merge; their blocks merge at their other sites
+        skipped = [s for s in sites if not s.ok and (s.kind in cfg.locations or s.kind == "single")]
+        if skipped:
+            logger.debug("sdtm: %d modules skipped: %s", len(skipped), "; ".join(f"{s.path}: {s.reason}" for s in skipped))
         shapes = tensor_shapes(shaped)
         graph, meta = import_graph(model)
         tensors = graph.tensors()
@@ -220,6 +225,10 @@ class SdtmPass(StampedPass):
                     if nd.name not in inside and nd.name not in ours:
                         nd.inputs = [out if t is y else t for t in nd.inputs]
                 merged_sites.append(site.path)
+        if not merged_sites:
+            why = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:2])
+            raise DitmergeError(f"sdtm found no module to merge at {', '.join(cfg.locations)}"
+                                f"{f' ({why})' if why else ''}; merge elsewhere, e.g. at mlp")
         graph.outputs.append(_named_identity(em, counter, COUNTER_OUTPUT, [batch_dim, n]))
         out = export_graph(graph, model, meta, stamp=self.stamp(), stamped=em.inserted)
         info.update(merge=cfg.merge, a_s=cfg.a_s, blend=cfg.blend, sites=merged_sites, metric_sites=metric_sites,

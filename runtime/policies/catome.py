@@ -29,6 +29,10 @@ from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
 from passes.catome.variants import MATCH, PAPER_SCHEDULE, PAPER_SCHEDULE_STEPS
 from runtime.policies import MAIN, GenState, StepPolicy
 
+# a call reaches a checkpoint timestep within this (training scale): Flux sends t / 1000 in float32, and
+# t back from it is up to ~3e-5 off; distinct steps lie at least ~1 apart
+CHECKPOINT_TOL = 1e-3
+
 
 class CaToMePolicy(StepPolicy):
     rows_independent = True  # the cached matching is per row ([B, K, Na])
@@ -55,7 +59,7 @@ class CaToMePolicy(StepPolicy):
             log.append((state.steps, bucket.index, MAIN))
             return MAIN, {}
         if self.checkpoint_timesteps and state.t is not None:
-            reached = sum(1 for c in self.checkpoint_timesteps if state.t <= c + 1e-6)
+            reached = sum(1 for c in self.checkpoint_timesteps if state.t <= c + CHECKPOINT_TOL)
         else:
             reached = bisect.bisect_right(self.checkpoints, self.progress(state) + 1e-9)
         due = reached > state.data.get("reached", 0)

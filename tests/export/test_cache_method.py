@@ -16,7 +16,8 @@ from export.methods import get_method
 from passes.cache.twin import CacheTwin
 from passes.errors import DitmergeError
 from runtime.policies import GenState
-from runtime.policies.cache import CACHED, CachePolicy
+from passes.cache.variants import CACHED
+from runtime.policies.cache import CachePolicy
 from tests.helpers import tiny_dit
 
 

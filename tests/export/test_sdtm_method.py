@@ -164,3 +164,24 @@ def test_policy_draws_the_detail_partition_without_a_host_copy(plan_dir, monkeyp
     for name in ("tome_partition", "tome_partition_inv"):
         assert isinstance(feeds["device"][name], torch.Tensor)
         assert np.array_equal(feeds["device"][name].numpy(), feeds["host"][name]), name
+
+
+def test_flux_merges_its_image_mlp_and_refuses_attention_only(tmp_path, caplog):
+    """Flux: the joint attention (rotary embeddings over the joint sequence) and the single-stream blocks
+    are skipped with a DEBUG line; with attention as the only location nothing is left, and the build says so."""
+    import logging
+
+    from export.build import build_plan
+    from tests.pipelines.components import RECIPES
+
+    RECIPES["flux"].make_transformer().save_pretrained(tmp_path / "m" / "transformer")
+    RECIPES["flux"].make_scheduler().save_pretrained(tmp_path / "m" / "scheduler")
+    with caplog.at_level(logging.DEBUG, logger="passes.sdtm"):
+        manifest = build_plan(str(tmp_path / "m"), method="sdtm", grid=(8, 8), out=tmp_path / "plan", measure=False,
+                              progress=False)
+    sites = {s for b in manifest["buckets"] for s in b["method_meta"].get("sites", [])}
+    assert sites == {"transformer_blocks.0.ff"}, sites
+    assert "single_transformer_blocks.0.attn" in caplog.text and "rotary" in caplog.text
+    with pytest.raises(DitmergeError, match="no module to merge at attn, joint"):
+        build_plan(str(tmp_path / "m"), method="sdtm", grid=(8, 8), out=tmp_path / "p2", measure=False, progress=False,
+                   options={"structure_locations": "attn,joint", "detail_locations": "attn,joint"})
