@@ -128,15 +128,16 @@ class PlanTransformer(torch.nn.Module):
         self.providers = ort_providers("auto" if backend in ("trt", "auto") else backend)
         self.seed, self.deterministic = seed, deterministic
         self.policy = policy_for(plan, deterministic)
-        self.config = FrozenDict(plan.model["config"])
-        self.family = plan.model["family"]
-        self.grid = tuple(plan.model["grid"])
-        self.timestep_scale = float(plan.model.get("timestep_scale", 1.0))
+        model = plan.record.model
+        self.config = FrozenDict(model.config)
+        self.family = model.family
+        self.grid = tuple(model.grid)
+        self.timestep_scale = float(model.timestep_scale)
         self.threads, self.prepack = threads, prepack
         if spinning not in (True, False, "auto"):
             raise DitmergeError(f"spinning must be True, False or 'auto', got {spinning!r}")
         self.spinning = spinning_default(plan) if spinning == "auto" else bool(spinning)
-        self._weights = SharedWeights(plan.dir / plan.manifest["weights"]["file"])
+        self._weights = SharedWeights(plan.dir / plan.record.weights.file)
         self._runners: dict[str, object] = {}
         self._engine_runners: dict[str, object] = {}  # TensorRT: engine file -> its one runner
         self._inputs: dict[str, dict[str, tuple[np.dtype, list]]] = {}
@@ -289,13 +290,13 @@ def _fixed_dim_hint(name: str, plan: Plan | None) -> str:
     """What to rebuild with when a call's shape differs from a plan's static dims."""
     if plan is None:
         return ""
-    m = plan.model
+    m = plan.record.model
     if name in ("hidden_states", "img_ids"):
-        grid = "x".join(map(str, m.get("grid", [])))
+        grid = "x".join(map(str, m.grid))
         return (f"; the plan was built for a {grid} token grid (merged graphs have a static token count): "
                 f"build a plan for this resolution with `python -m export --grid ROWSxCOLS`")
     if name in ("encoder_hidden_states", "encoder_attention_mask", "txt_ids"):
-        return (f"; the plan was exported for prompts of {m.get('text_len')} tokens: rebuild it with "
+        return (f"; the plan was exported for prompts of {m.text_len} tokens: rebuild it with "
                 "`python -m export --text-len N` (plans from this version take any prompt length)")
     return ""
 
@@ -307,7 +308,7 @@ def spinning_default(plan: Plan) -> bool:
     file besides the unmerged base, one session is busy at a time and nothing else waits for its cores;
     with more, the spinning threads of the session that just finished compete with the next one.
     """
-    base = plan.manifest.get("base", {}).get("graph")
+    base = plan.record.base.graph if plan.record.base else None
     files = {g for b in plan.buckets for g in b.graphs.values()} - {base}
     return len(files) <= 1
 
