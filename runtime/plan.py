@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from passes.errors import DitmergeError
+from runtime.families import FAMILY_INPUTS
 from runtime.plan_schema import FORMAT_VERSION, Bucket, PlanManifest  # noqa: F401 (FORMAT_VERSION, Bucket: public here too)
 
 PLAN_FILE = "plan.json"
@@ -71,7 +72,9 @@ class Plan:
     def timesteps(self) -> str:
         """"discrete": DDPM-trained, the pipeline sends 0..T-1; "flow": flow matching, sigma * T in [0, T]."""
         m = self.record.model
-        return m.timesteps or _FAMILY_DEFAULTS.get(m.family, _DDPM)["timesteps"]
+        if m.timesteps:
+            return m.timesteps
+        return FAMILY_INPUTS[m.family].timesteps if m.family in FAMILY_INPUTS else "discrete"  # plans before the field
 
     @property
     def scheduler_kind(self) -> str:
@@ -106,6 +109,3 @@ class Plan:
         raise DitmergeError(f"timestep {t} is outside every bucket of the plan ({spans}; {scale}, "
                             f"T = {self.record.model.num_train_timesteps})")
 
-
-_DDPM = {"timesteps": "discrete"}
-_FAMILY_DEFAULTS = {"sd3": {"timesteps": "flow"}, "flux": {"timesteps": "flow"}}  # plans written before "timesteps"

@@ -18,7 +18,6 @@ from passes.errors import DitmergeError
 # 3: a bucket is a shape: buckets may share a graph file and carry the ``counts`` fed as input lengths
 # (passes/counts.py). Versions 1 and 2 (one graph per bucket) are refused: rebuild them.
 FORMAT_VERSION = 3
-_UNSET = object()
 
 
 def _field(default: Any = dataclasses.MISSING, *, key: str | None = None, record: type | None = None,
