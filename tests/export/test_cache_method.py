@@ -38,7 +38,8 @@ def test_options_are_checked():
 
 
 def _policy(interval=3, full_above=900, adaptive=0.0):
-    plan = SimpleNamespace(model={"grid": [4, 4]}, method={"params": {}})
+    plan = SimpleNamespace(record=SimpleNamespace(model=SimpleNamespace(grid=[4, 4]),
+                                                  method=SimpleNamespace(name="cache", params={})))
     bucket = SimpleNamespace(index=0, graphs={"main": "a", CACHED: "b"},
                              meta={"span": [1, 2], "interval": interval, "full_above": full_above, "adaptive": adaptive,
                                    "merged_variants": []})
