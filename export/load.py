@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 # Two small models, both used by tests and benchmarks. The bundled one is trained (3-channel pixel space,
 # README 'The bundled model'): the default, and the one whose images the quality report measures. The
 # built-in one has seeded random weights and 4 latent channels: a DiT-XL/2-shaped stand-in for a latent DiT,
-# built in code (no files, nothing to train), where only shapes and export/runtime agreement matter.
+# built in code (no files, nothing to train), where only shapes and export/runtime agreement matter; also the
+# default when the bundled weights are absent. Renaming it would churn ~20 tests and benchmarks: kept as is.
 BUILTIN_TINY = "builtin:tiny-dit"
 BUNDLED = "bundled:tiny-dit"
 BUNDLED_DIR = Path(__file__).parent / "bundled"
