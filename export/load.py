@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 # README 'The bundled model'): the default, and the one whose images the quality report measures. The
 # built-in one has seeded random weights and 4 latent channels: a DiT-XL/2-shaped stand-in for a latent DiT,
 # built in code (no files, nothing to train), where only shapes and export/runtime agreement matter; also the
-# default when the bundled weights are absent. Renaming it would churn ~20 tests and benchmarks: kept as is.
+# default when the bundled weights are absent.
 BUILTIN_TINY = "builtin:tiny-dit"
 BUNDLED = "bundled:tiny-dit"
 BUNDLED_DIR = Path(__file__).parent / "bundled"
