@@ -50,7 +50,8 @@ def schedule_counts(steps: int, interval: int, full_above: int) -> tuple[int, in
 
     sched = DDIMScheduler()
     sched.set_timesteps(steps)
-    plan = SimpleNamespace(model={"grid": [16, 16]}, method={"params": {}})
+    plan = SimpleNamespace(record=SimpleNamespace(model=SimpleNamespace(grid=[16, 16]),
+                                                  method=SimpleNamespace(name="cache", params={})))
     bucket = SimpleNamespace(index=0, graphs={"main": "", CACHED: ""},
                              meta={"span": [1, 2], "interval": interval, "full_above": full_above, "adaptive": 0.0})
     policy, state = CachePolicy(plan), GenState(seed=0, rng=np.random.default_rng(0))

@@ -37,28 +37,11 @@ from passes.infra import PassManager
 from passes.onnxutil import save_checked
 from passes.trt_check import check_tensorrt
 from runtime.plan import FORMAT_VERSION, PLAN_FILE, sha256_file
+from runtime.plan_schema import BaseRecord, Bucket, GraphFile, MethodRecord, ModelRecord, PlanManifest
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "auto", "trt")
-
-
-@dataclasses.dataclass
-class BucketResult:
-    index: int
-    t_lo: int
-    t_hi: int
-    ratio: float
-    r: int
-    kept_tokens: int
-    graph: str
-    flops_rel: float
-    tensorrt_check: list[str] = dataclasses.field(default_factory=list)  # violations; empty: TensorRT will take it
-    fidelity_max_abs: float | None = None  # the worst variant
-    latency_ms: float | None = None  # the main variant
-    speedup: float | None = None
-    fidelity: dict[str, float] = dataclasses.field(default_factory=dict)  # per variant
-    variant_latency_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _versions() -> dict[str, str]:
@@ -192,7 +175,7 @@ def _build(model: str, meth: Method, buckets: str, stage: Path, grid: tuple[int,
     ctx = BuildContext(torch_model=torch_model, family=family, grid=grid, text_len=text_len,
                        num_train_timesteps=num_train_timesteps, base=base, stage=stage, progress=progress)
     meth.prepare(ctx)
-    results: list[BucketResult] = []
+    results: list[Bucket] = []
     built: dict[int, BucketGraphs] = {}
     files: dict[int, dict[str, str]] = {}
     staged: dict[str, str] = {}  # sha256 -> staged graph file: buckets whose graphs are equal share one file
@@ -206,8 +189,10 @@ def _build(model: str, meth: Method, buckets: str, stage: Path, grid: tuple[int,
             base_trt if main == BASE_GRAPH else [])
         if trt:
             logger.warning("bucket %d would not build with TensorRT: %s", i, "; ".join(trt[:3]))
-        results.append(BucketResult(i, spec.t_lo, spec.t_hi, spec.ratio, bg.r, bg.kept_tokens, main,
-                                    flops / base_flops, trt))
+        results.append(Bucket(index=i, t_lo=spec.t_lo, t_hi=spec.t_hi, ratio=spec.ratio, r=bg.r,
+                              kept_tokens=bg.kept_tokens, graph=main, flops_rel=flops / base_flops, tensorrt_check=trt,
+                              sha256=sha256_file(stage / main), meta=bg.meta, counts=bg.counts,
+                              variants={v: GraphFile(file=g, sha256=sha256_file(stage / g)) for v, g in names.items()}))
         steps.update()
 
     # 4. Measure: fidelity against eager PyTorch, latency against the unmerged graph (same backend)
@@ -217,57 +202,52 @@ def _build(model: str, meth: Method, buckets: str, stage: Path, grid: tuple[int,
         report.update(measure_buckets(stage, meth, ctx, results, built, files, repeats))
         steps.update()
 
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "tool_versions": _versions(),
-        "model": {"source": model, "class": family.class_name, "family": family.name, "grid": list(grid),
-                  "tokens": n_tokens, "text_len": text_len, "text_axis": "dynamic", "timestep_scale": family.timestep_scale,
-                  "timesteps": family.timesteps,
-                  "num_train_timesteps": num_train_timesteps, "config": _json_config(torch_model.config),
-                  "scheduler": scheduler_config(model)},
-        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(stage / WEIGHTS_FILE)},
-        "method": {"name": method, "params": meth.params()},
-        "schedule": {"buckets": buckets},
-        "base": {"graph": BASE_GRAPH, "sha256": sha256_file(stage / BASE_GRAPH), "flops": base_flops,
-                 "tensorrt_check": base_trt},
-        "buckets": [{**dataclasses.asdict(r), "sha256": sha256_file(stage / r.graph), "engines": {},
-                     "graphs": {v: {"file": g, "sha256": sha256_file(stage / g)} for v, g in files[r.index].items()},
-                     "method_meta": built[r.index].meta, "counts": built[r.index].counts}
-                    for r in results],  # engines: filled below
-        "report": report,
-    }
+    record = PlanManifest(
+        format_version=FORMAT_VERSION,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        tool_versions=_versions(),
+        model=ModelRecord(source=model, class_name=family.class_name, family=family.name, grid=list(grid),
+                          tokens=n_tokens, text_len=text_len, text_axis="dynamic", timestep_scale=family.timestep_scale,
+                          timesteps=family.timesteps, num_train_timesteps=num_train_timesteps,
+                          config=_json_config(torch_model.config), scheduler=scheduler_config(model)),
+        weights=GraphFile(file=WEIGHTS_FILE, sha256=sha256_file(stage / WEIGHTS_FILE)),
+        method=MethodRecord(name=method, params=meth.params()),
+        schedule={"buckets": buckets},
+        base=BaseRecord(graph=BASE_GRAPH, sha256=sha256_file(stage / BASE_GRAPH), flops=base_flops,
+                        tensorrt_check=base_trt),
+        buckets=results, report=report)
     # the static TensorRT check per engine and optimization profile (a graph's counts per bucket), on CPU
     from export.trt_build import check_plan_profiles
 
-    by_graph = check_plan_profiles(stage, manifest)
-    for b in manifest["buckets"]:
-        found = sorted({v for g in {b["graph"]} | {x["file"] for x in b["graphs"].values()} for v in by_graph.get(g, [])})
-        if found and not b["tensorrt_check"]:
-            logger.warning("bucket %d would not build with TensorRT in its profile: %s", b["index"], "; ".join(found[:3]))
-        b["tensorrt_check"] = sorted(set(b["tensorrt_check"]) | set(found))
+    by_graph = check_plan_profiles(stage, record.to_json())
+    for b in record.buckets:
+        found = sorted({v for g in {b.graph} | set(b.graphs.values()) for v in by_graph.get(g, [])})
+        if found and not b.tensorrt_check:
+            logger.warning("bucket %d would not build with TensorRT in its profile: %s", b.index, "; ".join(found[:3]))
+        b.tensorrt_check = sorted(set(b.tensorrt_check) | set(found))
     if engines:
         from export.trt_build import build_plan_engines
 
         steps.set_postfix_str("building TensorRT engines")
-        manifest["engines"] = build_plan_engines(stage, manifest, precision=precision, reuse_from=stage.parent,
-                                                 progress=progress)
-        for b in manifest["buckets"]:
-            b["engines"]["tensorrt"] = manifest["engines"][b["graph"]]
-    cfg = manifest["model"]["config"]
+        record.engines = build_plan_engines(stage, record.to_json(), precision=precision, reuse_from=stage.parent,
+                                            progress=progress)
+        for b in record.buckets:
+            b.engines["tensorrt"] = record.engines[b.graph]
+    cfg = record.model.config
     if (measure and quality_samples > 0 and cfg.get("in_channels") == 3 and cfg.get("num_embeds_ada_norm")
-            and any(b["r"] or len(b["graphs"]) > 1 for b in manifest["buckets"])):  # merged, or cached steps
+            and any(b.r or len(b.variants) > 1 for b in record.buckets)):  # merged, or cached steps
         steps.set_postfix_str("generating for the quality report")
         from export.report_quality import measure_quality
         from runtime.plan import Plan
 
-        manifest["report"]["quality"] = measure_quality(Plan(stage, manifest), samples=quality_samples,
-                                                        steps=quality_steps, grid_png=stage / "samples.png")
+        report["quality"] = measure_quality(Plan(stage, record), samples=quality_samples, steps=quality_steps,
+                                            grid_png=stage / "samples.png")
         if sweep:
             steps.set_postfix_str(f"quality/speed sweep over ratios {list(sweep)}")
-            manifest["report"]["sweep"] = _sweep(stage, manifest, meth, ctx, sweep, quality_samples, quality_steps)
+            report["sweep"] = _sweep(stage, record.to_json(), meth, ctx, sweep, quality_samples, quality_steps)
     steps.update()
     steps.close()
+    manifest = record.to_json()
     (stage / "report.md").write_text(render_report(manifest))
     (stage / PLAN_FILE).write_text(json.dumps(manifest, indent=2))
     done.path.unlink()

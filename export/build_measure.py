@@ -12,10 +12,11 @@ from export.plan_io import BASE_GRAPH
 from passes.counts import count_feed
 from runtime.branches import branch_of
 from runtime.graphfile import graph_branches, graph_inputs
+from runtime.plan_schema import Bucket
 from runtime.runners import OrtRunner, SharedWeights
 
 
-def measure_buckets(stage: Path, meth: Method, ctx: BuildContext, results: list, built: dict[int, BucketGraphs],
+def measure_buckets(stage: Path, meth: Method, ctx: BuildContext, results: list[Bucket], built: dict[int, BucketGraphs],
                     files: dict[int, dict[str, str]], repeats: int) -> dict:
     """Fill each result's fidelity and latency fields; return the plan-level figures (export fidelity,
     unmerged latency). ``files``: bucket -> variant -> graph file in ``stage``."""

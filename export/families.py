@@ -1,7 +1,8 @@
-"""How each supported diffusers DiT family is called: its inputs, its token grid, its wrapper.
+"""How each supported diffusers DiT family is exported: its example inputs, its call, its token grid.
 
 One recipe per family, each readable on its own (diffusers' single-file habit): the inputs are those
-its pipeline passes to ``transformer(...)``.
+its pipeline passes to ``transformer(...)``. Their names, axes, dtypes and the family's timesteps are
+:mod:`runtime.families` (what the runtime feeds); this module adds what only export needs.
 """
 
 from __future__ import annotations
@@ -12,27 +13,32 @@ from collections.abc import Callable
 import torch
 
 from passes.errors import DitmergeError
+from runtime.families import FAMILY_INPUTS, FamilyInputs
 
 
-@dataclasses.dataclass
-class Family:
-    name: str
-    class_name: str
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Family(FamilyInputs):
     # (model, batch, grid, text_len, generator) -> ordered dict of example inputs, named as the graph inputs
     example_inputs: Callable[[torch.nn.Module, int, tuple[int, int], int, torch.Generator], dict[str, torch.Tensor]]
     # model.forward keyword arguments from the flat graph inputs
     call: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     default_grid: Callable[[torch.nn.Module], tuple[int, int]]
-    timestep_scale: float = 1.0  # transformer timestep = scheduler timestep * scale
-    batch_inputs: tuple[str, ...] = ()  # inputs whose first axis is the batch
-    # input -> its prompt-length axis: exported dynamic, since pipelines send their own prompt length
-    text_inputs: dict[str, int] = dataclasses.field(default_factory=dict)
-    # the timesteps its pipelines send (scheduler scale): "discrete" 0..T-1 (DDPM-trained: DDIM, DPM-Solver, ...)
-    # or "flow" in [0, T] (flow matching: sigma * T, with 1000.0 at the first step)
-    timesteps: str = "discrete"
-    scheduler: str = "ddpm"  # the kind of scheduler its pipelines use: "ddpm" (epsilon/v on betas) or "flow"
     # how its pipeline sets the scheduler's timesteps: (scheduler, steps, image tokens) -> None
     set_timesteps: Callable[[object, int, int | None], None] = lambda sched, steps, tokens: sched.set_timesteps(steps)
+
+    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Example inputs must be the runtime's (:mod:`runtime.families`): same names, order and dtypes."""
+        want = [n for n in self.inputs if n in inputs or n not in self.optional]
+        got = {n: str(v.dtype).removeprefix("torch.") for n, v in inputs.items()}
+        if list(got) != want or any(got[n] != self.dtype(n) for n in want):
+            raise DitmergeError(f"{self.name} example inputs {got} differ from runtime.families "
+                                f"{ {n: self.dtype(n) for n in want} }")
+
+
+def _recipe(name: str, example_inputs, call, default_grid, **export_only) -> Family:
+    spec = FAMILY_INPUTS[name]
+    return Family(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(FamilyInputs)},
+                  example_inputs=example_inputs, call=call, default_grid=default_grid, **export_only)
 
 
 def _latents(model: torch.nn.Module, batch: int, grid: tuple[int, int], g: torch.Generator) -> torch.Tensor:
@@ -160,25 +166,12 @@ def _square_grid(model) -> tuple[int, int]:
     return s, s
 
 
-FAMILIES = {
-    "DiTTransformer2DModel": Family("dit", "DiTTransformer2DModel", _dit_inputs, _dit_call, _square_grid,
-                                    batch_inputs=("hidden_states", "timestep", "class_labels")),
-    "PixArtTransformer2DModel": Family("pixart", "PixArtTransformer2DModel", _pixart_inputs, _pixart_call,
-                                       _square_grid,
-                                       batch_inputs=("hidden_states", "encoder_hidden_states", "encoder_attention_mask",
-                                                     "timestep", "resolution", "aspect_ratio"),
-                                       text_inputs={"encoder_hidden_states": 1, "encoder_attention_mask": 1}),
-    "SD3Transformer2DModel": Family("sd3", "SD3Transformer2DModel", _sd3_inputs, _sd3_call, _square_grid,
-                                    batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
-                                    text_inputs={"encoder_hidden_states": 1}, timesteps="flow", scheduler="flow",
-                                    set_timesteps=_sd3_set_timesteps),
-    "FluxTransformer2DModel": Family("flux", "FluxTransformer2DModel", _flux_inputs, _flux_call,
-                                     lambda m: (64, 64), timestep_scale=1e-3,
-                                     batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections",
-                                                   "timestep", "guidance"),
-                                     text_inputs={"encoder_hidden_states": 1, "txt_ids": 0}, timesteps="flow",
-                                     scheduler="flow", set_timesteps=_flux_set_timesteps),
-}
+FAMILIES = {f.class_name: f for f in [
+    _recipe("dit", _dit_inputs, _dit_call, _square_grid),
+    _recipe("pixart", _pixart_inputs, _pixart_call, _square_grid),
+    _recipe("sd3", _sd3_inputs, _sd3_call, _square_grid, set_timesteps=_sd3_set_timesteps),
+    _recipe("flux", _flux_inputs, _flux_call, lambda m: (64, 64), set_timesteps=_flux_set_timesteps),
+]}
 
 
 def pipeline_scheduler(scheduler_config: dict | None, num_train_timesteps: int = 1000):

@@ -14,6 +14,11 @@ from passes.errors import DitmergeError
 
 logger = logging.getLogger(__name__)
 
+# Two small models, both used by tests and benchmarks. The bundled one is trained (3-channel pixel space,
+# README 'The bundled model'): the default, and the one whose images the quality report measures. The
+# built-in one has seeded random weights and 4 latent channels: a DiT-XL/2-shaped stand-in for a latent DiT,
+# built in code (no files, nothing to train), where only shapes and export/runtime agreement matter; also the
+# default when the bundled weights are absent.
 BUILTIN_TINY = "builtin:tiny-dit"
 BUNDLED = "bundled:tiny-dit"
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -22,7 +27,7 @@ DEFAULT_MODEL = BUNDLED if (BUNDLED_DIR / "tiny-dit" / "config.json").is_file() 
 
 
 def builtin_tiny_dit() -> torch.nn.Module:
-    """A small class-conditional DiT with seeded random weights: 256 tokens like DiT-XL/2 at 256 px."""
+    """A small class-conditional latent DiT with seeded random weights: 256 tokens like DiT-XL/2 at 256 px."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)

@@ -22,7 +22,10 @@ MAX_TEXT_LEN = 4096
 
 def example_inputs(model: torch.nn.Module, batch: int, grid: tuple[int, int], text_len: int = 8,
                    seed: int = 0) -> dict[str, torch.Tensor]:
-    return family_of(model).example_inputs(model, batch, grid, text_len, torch.Generator().manual_seed(seed))
+    family = family_of(model)
+    inputs = family.example_inputs(model, batch, grid, text_len, torch.Generator().manual_seed(seed))
+    family.check_inputs(inputs)
+    return inputs
 
 
 def eager_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from export.onnx_export import WEIGHTS_FILE
 from runtime.plan import PLAN_FILE, sha256_file
+from runtime.plan_schema import PlanManifest
 
 BASE_GRAPH = "base.onnx"
 
@@ -73,10 +74,8 @@ def publish(stage: Path, out: Path) -> None:
     os.replace(stage / PLAN_FILE, out / PLAN_FILE)
     stage.rmdir()
     # graphs of an older plan that this one no longer references
-    manifest = json.loads((out / PLAN_FILE).read_text())
-    current = {PLAN_FILE, "report.md", "samples.png", "quality_speed.png", WEIGHTS_FILE, BASE_GRAPH} | {
-        b["graph"] for b in manifest["buckets"]} | {e["file"] for e in manifest.get("engines", {}).values()} | {
-        v["file"] for b in manifest["buckets"] for v in b.get("graphs", {}).values()}
+    record = PlanManifest.from_json(json.loads((out / PLAN_FILE).read_text()), str(out / PLAN_FILE))
+    current = {PLAN_FILE, "report.md", "samples.png", "quality_speed.png", WEIGHTS_FILE, BASE_GRAPH} | set(record.files())
     for name in keep:
         if name.endswith((".onnx", ".engine")) and name not in current:
             (out / name).unlink()

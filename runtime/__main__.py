@@ -66,7 +66,7 @@ def generate(plan: str, class_label: list[int], steps: int, guidance: float, see
         raise DitmergeError(f"the plan's model works in a {tf.config.in_channels}-channel latent space; decode "
                             "through its diffusers pipeline (pipe.transformer = runtime.load(...))")
     x = sample_classes(tf, class_label, steps=steps, guidance=guidance, seed=seed,
-                       scheduler_config=tf.plan.model.get("scheduler"), progress=progress)
+                       scheduler_config=tf.plan.record.model.scheduler, progress=progress)
     images = to_uint8(x)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 from passes.errors import DitmergeError
+from runtime.families import FAMILY_INPUTS
+from runtime.plan_schema import FORMAT_VERSION, Bucket, PlanManifest  # noqa: F401 (FORMAT_VERSION, Bucket: public here too)
 
-# 3: a bucket is a shape: buckets may share a graph file and carry the ``counts`` fed as input lengths
-# (passes/counts.py). Versions 1 and 2 (one graph per bucket) are refused: rebuild them.
-FORMAT_VERSION = 3
 PLAN_FILE = "plan.json"
 
 
@@ -23,40 +21,27 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-@dataclasses.dataclass(frozen=True)
-class Bucket:
-    index: int
-    t_lo: int
-    t_hi: int
-    ratio: float
-    graph: str  # the main variant
-    sha256: str
-    graphs: dict = dataclasses.field(default_factory=dict, compare=False)  # variant -> file
-    meta: dict = dataclasses.field(default_factory=dict, compare=False)  # the method's, for its runtime policy
-    counts: dict = dataclasses.field(default_factory=dict, compare=False)  # count key -> value (input lengths)
-
-    def covers(self, t: float) -> bool:
-        """Integer timesteps t_lo..t_hi, and the continuous range [t_lo, t_hi + 1) for float schedules."""
-        return self.t_lo <= t < self.t_hi + 1
-
-
 class Plan:
-    """A validated plan: its manifest, its directory, and the bucket lookup."""
+    """A validated plan: its manifest (the typed :attr:`record`, and the JSON it came from), its directory,
+    and the bucket lookup."""
 
-    def __init__(self, directory: Path, manifest: dict) -> None:
+    def __init__(self, directory: Path, manifest: dict | PlanManifest, where: str | None = None) -> None:
         self.dir = directory
-        self.manifest = manifest
-        self.buckets = [Bucket(b["index"], b["t_lo"], b["t_hi"], b["ratio"], b["graph"], b["sha256"],
-                               {k: v["file"] for k, v in b.get("graphs", {}).items()} or {"main": b["graph"]},
-                               b.get("method_meta") or {}, dict(b.get("counts") or {}))
-                        for b in manifest["buckets"]]
+        if isinstance(manifest, PlanManifest):
+            self.record, self.manifest = manifest, manifest.to_json()
+        else:
+            self.record = PlanManifest.from_json(manifest, where or f"the manifest of {directory}")
+            self.manifest = manifest  # the JSON, for readers outside the runtime (reports, the tuner)
+        self.buckets: list[Bucket] = self.record.buckets
 
     @property
     def model(self) -> dict:
+        """The model section as JSON (typed: ``record.model``)."""
         return self.manifest["model"]
 
     @property
     def method(self) -> dict:
+        """The method section as JSON (typed: ``record.method``)."""
         return self.manifest["method"]
 
     @classmethod
@@ -69,21 +54,8 @@ class Plan:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise DitmergeError(f"{path} is not valid JSON: {e}") from e
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise DitmergeError(f"{path} has format version {version!r}; this ditmerge reads versions up to "
-                                f"{FORMAT_VERSION}: upgrade ditmerge or rebuild the plan")
-        if version < FORMAT_VERSION:
-            raise DitmergeError(f"{path} has format version {version}, written by an older ditmerge that kept one "
-                                f"graph (and one copy of the weights) per bucket; this ditmerge reads version "
-                                f"{FORMAT_VERSION}: rebuild the plan with `python -m export` (same arguments)")
-        plan = cls(directory, manifest)
-        files = {b.graph: b.sha256 for b in plan.buckets}
-        for b in manifest["buckets"]:
-            files.update({v["file"]: v["sha256"] for v in b.get("graphs", {}).values()})
-        files[manifest["weights"]["file"]] = manifest["weights"]["sha256"]
-        files.update({e["file"]: e["sha256"] for e in manifest.get("engines", {}).values()})
-        for name, digest in files.items():
+        plan = cls(directory, manifest, where=str(path))
+        for name, digest in plan.record.files().items():
             f = directory / name
             if not f.is_file():
                 raise DitmergeError(f"plan {directory} is missing {name}; rebuild it with `python -m export`")
@@ -94,12 +66,15 @@ class Plan:
 
     def engines(self, graph: str) -> dict:
         """The TensorRT engine record of ``graph``."""
-        return self.manifest.get("engines", {})[graph]
+        return self.record.engines[graph]
 
     @property
     def timesteps(self) -> str:
         """"discrete": DDPM-trained, the pipeline sends 0..T-1; "flow": flow matching, sigma * T in [0, T]."""
-        return self.model.get("timesteps") or _FAMILY_DEFAULTS.get(self.model.get("family"), _DDPM)["timesteps"]
+        m = self.record.model
+        if m.timesteps:
+            return m.timesteps
+        return FAMILY_INPUTS[m.family].timesteps if m.family in FAMILY_INPUTS else "discrete"  # plans before the field
 
     @property
     def scheduler_kind(self) -> str:
@@ -110,12 +85,12 @@ class Plan:
         """What the model predicts (DDPM-style schedulers only), from the scheduler config beside it."""
         if self.scheduler_kind == "flow":
             return None
-        return (self.model.get("scheduler") or {}).get("prediction_type", "epsilon")
+        return (self.record.model.scheduler or {}).get("prediction_type", "epsilon")
 
     @property
     def t_max(self) -> float:
         """The largest timestep the pipeline sends: T - 1 for DDPM-trained models, T (sigma 1) for flow matching."""
-        t = int(self.model.get("num_train_timesteps", 1000))
+        t = int(self.record.model.num_train_timesteps)
         return float(t if self.timesteps == "flow" else t - 1)
 
     def covers(self, bucket: Bucket, t: float) -> bool:
@@ -132,8 +107,5 @@ class Plan:
         spans = ", ".join(f"[{b.t_lo}, {b.t_hi}]" for b in self.buckets)
         scale = "flow-matching timesteps 0..T" if self.timesteps == "flow" else "DDPM timesteps 0..T-1"
         raise DitmergeError(f"timestep {t} is outside every bucket of the plan ({spans}; {scale}, "
-                            f"T = {self.model.get('num_train_timesteps', 1000)})")
+                            f"T = {self.record.model.num_train_timesteps})")
 
-
-_DDPM = {"timesteps": "discrete"}
-_FAMILY_DEFAULTS = {"sd3": {"timesteps": "flow"}, "flux": {"timesteps": "flow"}}  # plans written before "timesteps"

@@ -21,7 +21,7 @@ def use_tensorrt(plan: Plan, backend: str) -> bool:
     """
     if backend not in ("trt", "auto"):
         return False
-    engines = plan.manifest.get("engines", {})
+    engines = plan.record.engines
     has_engines = all(g in engines for b in plan.buckets for g in b.graphs.values())
     if backend == "auto" and not has_engines:
         return False
@@ -80,9 +80,9 @@ def check_scheduler(plan: Plan, scheduler) -> None:
     want_kind = plan.scheduler_kind
     kind = "flow" if "FlowMatch" in name else "ddpm"
     if kind != want_kind:
-        raise DitmergeError(f"the pipeline's scheduler {name} is a {_KIND[kind]} scheduler; the plan's {plan.model['class']} "
+        raise DitmergeError(f"the pipeline's scheduler {name} is a {_KIND[kind]} scheduler; the plan's {plan.record.model.class_name} "
                             f"was trained for {_KIND[want_kind]}: use the model's own scheduler")
-    want_t = int(plan.model.get("num_train_timesteps", 1000))
+    want_t = int(plan.record.model.num_train_timesteps)
     got_t = cfg.get("num_train_timesteps")
     if got_t is not None and int(got_t) != want_t:
         raise DitmergeError(f"the pipeline's scheduler {name} has num_train_timesteps={got_t}; the plan's buckets "

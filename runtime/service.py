@@ -160,8 +160,8 @@ def parse_request(body: bytes | str | dict, num_classes: int, limits: Limits = L
 
 def check_servable(plan: Plan, vae: str | None = None) -> None:
     """Refuse plans this service cannot answer for, before any replica starts."""
-    config = plan.model["config"]
-    family = plan.model["family"]
+    config = plan.record.model.config
+    family = plan.record.model.family
     if config.get("num_embeds_ada_norm") is None or family != "dit":
         raise DitmergeError(f"plan {plan.dir} is for a text-conditioned {family} model; serving answers "
                             "class-conditional plans only (a plan holds no text encoder): load it into its "
@@ -229,8 +229,8 @@ class PlanService:
                 self.vae.to("cuda")
         self.partition_seed, self.limits = partition_seed, limits
         self.num_classes = int(self.transformer.config.num_embeds_ada_norm)
-        self.scheduler_config = self.plan.model.get("scheduler")
-        self.method = self.plan.method.get("name", "tome")
+        self.scheduler_config = self.plan.record.model.scheduler
+        self.method = self.plan.record.method.name
         self.shares_loops = self.transformer.policy.rows_independent
         if not self.shares_loops:
             logger.info("method %s: each request runs its own denoising loop (batch rows are not independent "
@@ -306,7 +306,7 @@ class PlanService:
                 raise RuntimeError(f"{self.plan.dir / graph} is gone")
 
     def info(self) -> dict:
-        return {"plan": str(self.plan.dir), "model": self.plan.model.get("source"), "classes": self.num_classes,
+        return {"plan": str(self.plan.dir), "model": self.plan.record.model.source, "classes": self.num_classes,
                 "buckets": [{"t": [b.t_lo, b.t_hi], "ratio": b.ratio} for b in self.plan.buckets],
                 "method": self.method, "shares_loops": self.shares_loops, "partition_seed": self.partition_seed,
                 "limits": dataclasses.asdict(self.limits),

@@ -20,6 +20,7 @@ import torch
 from passes.counts import count_feed
 from passes.errors import DitmergeError
 from runtime.branches import branch_of, variant_feed, variant_outputs
+from runtime.families import FamilyInputs, family_inputs
 from runtime.graphfile import graph_branches, graph_facts, graph_inputs  # noqa: F401 (graph_*: public here too)
 from runtime.plan import Plan
 from runtime.plan_checks import check_scheduler
@@ -31,25 +32,16 @@ from runtime.runners import to_numpy as _np
 logger = logging.getLogger(__name__)
 
 
-# the keyword arguments of a diffusers transformer call that each family's graph takes
-_CONSUMED = {
-    "dit": {"class_labels"},
-    "pixart": {"encoder_hidden_states", "encoder_attention_mask", "added_cond_kwargs"},
-    "sd3": {"encoder_hidden_states", "pooled_projections"},
-    "flux": {"encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids", "guidance"},
-}
-
-
-def _check_unused(family: str, kw: dict) -> None:
+def _check_unused(family: FamilyInputs, kw: dict) -> None:
     """Refuse arguments the plan's graph cannot honour (LoRA scales, IP-adapter embeds, ControlNet residuals).
 
     Pipelines pass some of them on every call, empty: None and empty dicts are fine.
     """
     for key, value in kw.items():
-        if key in _CONSUMED.get(family, ()) or value is None or (isinstance(value, dict) and not value):
+        if key in family.kwargs or value is None or (isinstance(value, dict) and not value):
             continue
         raise DitmergeError(f"the plan cannot take {key}={_describe(value)}: its graph was exported without it "
-                            f"(a {family} plan takes {', '.join(sorted(_CONSUMED.get(family, ())))})")
+                            f"(a {family.name} plan takes {', '.join(sorted(family.kwargs))})")
 
 
 def _describe(value) -> str:
@@ -58,28 +50,6 @@ def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor{list(value.shape)}"
     return type(value).__name__
-
-
-def _family_feed(family: str, hidden_states, timestep, kw: dict) -> dict[str, object]:
-    """The graph inputs of ``family`` from a diffusers transformer call (see export/families.py)."""
-    if family == "dit":
-        return {"hidden_states": hidden_states, "timestep": timestep, "class_labels": kw.get("class_labels")}
-    if family == "pixart":
-        ehs = kw.get("encoder_hidden_states")
-        mask = kw.get("encoder_attention_mask")
-        if mask is None and ehs is not None:
-            mask = torch.ones(ehs.shape[:2], dtype=torch.int64)
-        added = kw.get("added_cond_kwargs") or {}
-        return {"hidden_states": hidden_states, "encoder_hidden_states": ehs, "encoder_attention_mask": mask,
-                "timestep": timestep, "resolution": added.get("resolution"), "aspect_ratio": added.get("aspect_ratio")}
-    if family == "sd3":
-        return {"hidden_states": hidden_states, "encoder_hidden_states": kw.get("encoder_hidden_states"),
-                "pooled_projections": kw.get("pooled_projections"), "timestep": timestep}
-    if family == "flux":
-        return {"hidden_states": hidden_states, "encoder_hidden_states": kw.get("encoder_hidden_states"),
-                "pooled_projections": kw.get("pooled_projections"), "timestep": timestep,
-                "img_ids": kw.get("img_ids"), "txt_ids": kw.get("txt_ids"), "guidance": kw.get("guidance")}
-    raise DitmergeError(f"plan is for an unknown model family {family!r}")
 
 
 def _output(sample: torch.Tensor):
@@ -128,15 +98,17 @@ class PlanTransformer(torch.nn.Module):
         self.providers = ort_providers("auto" if backend in ("trt", "auto") else backend)
         self.seed, self.deterministic = seed, deterministic
         self.policy = policy_for(plan, deterministic)
-        self.config = FrozenDict(plan.model["config"])
-        self.family = plan.model["family"]
-        self.grid = tuple(plan.model["grid"])
-        self.timestep_scale = float(plan.model.get("timestep_scale", 1.0))
+        model = plan.record.model
+        self.config = FrozenDict(model.config)
+        self.family = model.family
+        self.family_inputs = family_inputs(model.family)  # what its graphs take (runtime/families.py)
+        self.grid = tuple(model.grid)
+        self.timestep_scale = float(model.timestep_scale)
         self.threads, self.prepack = threads, prepack
         if spinning not in (True, False, "auto"):
             raise DitmergeError(f"spinning must be True, False or 'auto', got {spinning!r}")
         self.spinning = spinning_default(plan) if spinning == "auto" else bool(spinning)
-        self._weights = SharedWeights(plan.dir / plan.manifest["weights"]["file"])
+        self._weights = SharedWeights(plan.dir / plan.record.weights.file)
         self._runners: dict[str, object] = {}
         self._engine_runners: dict[str, object] = {}  # TensorRT: engine file -> its one runner
         self._inputs: dict[str, dict[str, tuple[np.dtype, list]]] = {}
@@ -210,7 +182,7 @@ class PlanTransformer(torch.nn.Module):
         t = t_arr.reshape(-1)
         if t.size == 0:
             raise DitmergeError("timestep is empty")
-        _check_unused(self.family, kwargs)
+        _check_unused(self.family_inputs, kwargs)
         t0 = float(t[0]) / self.timestep_scale  # on the training scale
         bucket = self._bucket_for(t0)
         if t.size > 1:
@@ -236,7 +208,7 @@ class PlanTransformer(torch.nn.Module):
         if bucket.counts:  # a bucket is a shape: its token counts are the lengths of count inputs
             extra = {**extra, **self._count_feed(bucket, graph)}
         # the host copy of the timestep is made once; device runners take the tensor where it is
-        values = _family_feed(self.family, hidden_states, timestep if runner.device_io else t_arr, kwargs)
+        values = self.family_inputs.feed(hidden_states, timestep if runner.device_io else t_arr, kwargs)
         branched = self._branches.get(graph)
         if branched:  # one graph for every variant: its count picks the branch, other variants' inputs get zeros
             branch = branch_of(bucket.meta, variant)
@@ -289,13 +261,13 @@ def _fixed_dim_hint(name: str, plan: Plan | None) -> str:
     """What to rebuild with when a call's shape differs from a plan's static dims."""
     if plan is None:
         return ""
-    m = plan.model
+    m = plan.record.model
     if name in ("hidden_states", "img_ids"):
-        grid = "x".join(map(str, m.get("grid", [])))
+        grid = "x".join(map(str, m.grid))
         return (f"; the plan was built for a {grid} token grid (merged graphs have a static token count): "
                 f"build a plan for this resolution with `python -m export --grid ROWSxCOLS`")
     if name in ("encoder_hidden_states", "encoder_attention_mask", "txt_ids"):
-        return (f"; the plan was exported for prompts of {m.get('text_len')} tokens: rebuild it with "
+        return (f"; the plan was exported for prompts of {m.text_len} tokens: rebuild it with "
                 "`python -m export --text-len N` (plans from this version take any prompt length)")
     return ""
 
@@ -307,7 +279,7 @@ def spinning_default(plan: Plan) -> bool:
     file besides the unmerged base, one session is busy at a time and nothing else waits for its cores;
     with more, the spinning threads of the session that just finished compete with the next one.
     """
-    base = plan.manifest.get("base", {}).get("graph")
+    base = plan.record.base.graph if plan.record.base else None
     files = {g for b in plan.buckets for g in b.graphs.values()} - {base}
     return len(files) <= 1
 

@@ -41,8 +41,8 @@ class StepPolicy:
     def __init__(self, plan, deterministic: bool = False) -> None:
         self.plan = plan
         self.deterministic = deterministic  # fixed partitions / no random draws, for reproducible checks
-        self.grid = tuple(plan.model["grid"])
-        self.params = plan.method.get("params", {})
+        self.grid = tuple(plan.record.model.grid)
+        self.params = plan.record.method.params
 
     def start(self, state: GenState) -> None:
         """A new generation begins (state is fresh)."""
@@ -58,7 +58,7 @@ class StepPolicy:
 def policy_for(plan, deterministic: bool = False) -> StepPolicy:
     """The policy of the plan's method: ``runtime/policies/<name>.py``, or for a plug-in method (a dotted
     module path, :func:`export.methods.get_method`) that module's ``POLICY``; the base policy where there is none."""
-    name = plan.method.get("name", "")
+    name = plan.record.method.name
     path = name if "." in name else f"{__name__}.{name}"
     try:
         module = importlib.import_module(path)

@@ -43,7 +43,7 @@ class CaToMePolicy(StepPolicy):
         self.cache = bool(self.params.get("cache", True))
         self.schedule_steps = int(self.params.get("schedule_steps", PAPER_SCHEDULE_STEPS))
         self.checkpoints = sorted(int(s) / self.schedule_steps for s in self.params.get("schedule", PAPER_SCHEDULE))
-        self.num_train_timesteps = int(plan.model.get("num_train_timesteps", 1000))
+        self.num_train_timesteps = int(plan.record.model.num_train_timesteps)
         # the checkpoints as timesteps of the model's own scheduler (plans since issue 17); older plans map by progress
         self.checkpoint_timesteps = sorted((float(t) for t in self.params.get("checkpoint_timesteps", ())), reverse=True)
 

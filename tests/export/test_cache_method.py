@@ -42,7 +42,8 @@ def _policy(interval=3, full_above=900, adaptive=0.0):
     bucket = SimpleNamespace(index=0, graphs={"main": "a", CACHED: "b"},
                              meta={"span": [1, 2], "interval": interval, "full_above": full_above, "adaptive": adaptive,
                                    "merged_variants": []})
-    plan = SimpleNamespace(model={"grid": [4, 4]}, method={"params": {}}, buckets=[bucket])
+    plan = SimpleNamespace(record=SimpleNamespace(model=SimpleNamespace(grid=[4, 4]),
+                                                  method=SimpleNamespace(name="cache", params={})), buckets=[bucket])
     return CachePolicy(plan), bucket
 
 

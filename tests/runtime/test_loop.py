@@ -67,7 +67,8 @@ def test_tome_policy_draws_the_stream_of_draw_partition():
     from runtime.policies import GenState
     from runtime.policies.tome import ToMePolicy
 
-    plan = SimpleNamespace(model={"grid": [16, 16]}, method={"params": {"stride": [2, 2]}})
+    plan = SimpleNamespace(record=SimpleNamespace(model=SimpleNamespace(grid=[16, 16]),
+                                                  method=SimpleNamespace(name="tome", params={"stride": [2, 2]})))
     policy = ToMePolicy(plan)
     bucket = SimpleNamespace(meta={"r": 8, "sites": ["transformer_blocks.0.attn1"], "bands": 1})
     state = GenState(seed=3, rng=np.random.default_rng(3))

@@ -156,3 +156,23 @@ def test_damaged_plans_are_refused(plans, tmp_path):
     (bad / "plan.json").write_text(json.dumps({**manifest, "engines": engines}))
     with pytest.raises(DitmergeError, match="bucket_0.fp16.0123.engine does not match the hash"):
         runtime.load(bad)
+
+
+def test_manifest_round_trips_and_wrong_fields_are_refused(plans, tmp_path):
+    from runtime.plan_schema import PlanManifest
+
+    for name in ("unmerged", "merged"):
+        text = (plans / name / "plan.json").read_text()
+        record = PlanManifest.from_json(json.loads(text))
+        assert json.dumps(record.to_json(), indent=2) == text  # the bytes export wrote, from the typed record
+    assert record.buckets[0].meta["r"] == record.buckets[0].r > 0 and record.model.class_name == "DiTTransformer2DModel"
+    manifest = json.loads(text)
+    bad = tmp_path / "bad"
+    shutil.copytree(plans / "merged", bad)
+    (bad / "plan.json").write_text(json.dumps({**manifest, "buckets": [{**manifest["buckets"][0], "ratoi": 0.5}]}))
+    with pytest.raises(DitmergeError, match=r"buckets\[0\] has unknown field\(s\) ratoi"):
+        runtime.load(bad)
+    model = {k: v for k, v in manifest["model"].items() if k != "grid"}
+    (bad / "plan.json").write_text(json.dumps({**manifest, "model": model}))
+    with pytest.raises(DitmergeError, match=r"plan.json.model lacks the field\(s\) grid"):
+        runtime.load(bad)

@@ -73,3 +73,26 @@ def test_new_generation_restarts_the_partition_stream(merged_plan):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     # a repeated timestep is not a new generation: the stream goes on and draws a different partition
     assert not torch.equal(call(900), call(900))
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+def test_runtime_feed_of_the_export_call_gives_back_the_example_inputs(family):
+    """export/families.py calls the model as pipelines do; runtime/families.py must rebuild the graph inputs
+    (names, order, dtypes, values) from that call's arguments."""
+    from export.families import family_of
+    from runtime.families import family_inputs
+    from tests.helpers import FAMILIES
+
+    model = FAMILIES[family][0](FAMILIES[family][1][0])
+    x = example_inputs(model, 2, FAMILIES[family][1][0], seed=2)  # checks names and dtypes against runtime.families
+    seen = {}
+
+    def record(hidden_states, **kw):
+        seen.update(hidden_states=hidden_states, kw=kw)
+        return (hidden_states,)
+
+    family_of(model).call(record, x)
+    feed = family_inputs(family).feed(seen["hidden_states"], seen["kw"]["timestep"], seen["kw"])
+    assert list({k: v for k, v in feed.items() if v is not None}) == list(x)
+    assert all(feed[k] is v for k, v in x.items())
+    assert set(seen["kw"]) - {"timestep", "return_dict"} <= family_inputs(family).kwargs

@@ -132,7 +132,9 @@ def test_answers_are_png_for_one_image_and_json_for_several():
 
 def test_only_class_conditional_pixel_plans_are_served(tmp_path):
     def plan(family, config):
-        return Plan(tmp_path, {"model": {"family": family, "config": config}, "buckets": []})
+        return Plan(tmp_path, {"format_version": 3, "model": {"family": family, "config": config, "grid": [2, 2]},
+                               "weights": {"file": "weights.bin", "sha256": ""}, "method": {"name": "none"},
+                               "buckets": []})
 
     check_servable(plan("dit", {"num_embeds_ada_norm": 10, "in_channels": 3}))
     with pytest.raises(DitmergeError, match="text-conditioned pixart"):
