@@ -60,6 +60,11 @@ class StampedPass(GraphPass):
     carries: str = "this pass"  # what a stamped graph carries, for the refusal: "a ToMe merge"
     apply_to: str = "the unmerged graph"
 
+    def __init__(self, config, bucket: int | str = "") -> None:
+        """``config``: the method's settings (a dataclass with ``validate``); ``bucket``: for the stamp."""
+        self.config = config
+        self.bucket = bucket
+
     def stamp(self) -> dict:
         """What the inserted nodes depend on (and nothing per bucket that the graph does not hold)."""
         raise NotImplementedError

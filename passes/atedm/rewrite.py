@@ -116,9 +116,7 @@ class ATEDMPass(StampedPass):
 
     name = "atedm"
 
-    def __init__(self, config: ATEDMConfig, bucket: int | str = "") -> None:
-        self.config = config
-        self.bucket = bucket
+    config: ATEDMConfig
 
     def stamp(self) -> dict:
         """Nothing per bucket (no ratio, no bucket index): buckets with one pruning layer share one graph."""

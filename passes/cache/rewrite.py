@@ -35,7 +35,7 @@ from passes.errors import DitmergeError
 from passes.graphbuild import Emitter
 from passes.infra import PassResult, StampedPass
 from passes.locate import FLOAT_TYPES, Topology, _node_scopes
-from passes.onnxutil import export_graph, import_graph, infer_shapes, set_model_meta
+from passes.onnxutil import export_graph, graph_grid, import_graph, infer_shapes, set_model_meta
 
 from passes.cache.variants import (FRONT_INPUT, FRONT_OUTPUT, CHANGE_OUTPUT, VARIANTS,
     STREAMS, cache_input, cache_output)
@@ -252,8 +252,7 @@ class CachePass(StampedPass):
 
     def __init__(self, config: CacheConfig, bucket: int | str = "", locate_on: onnx.ModelProto | None = None,
                  span: Span | None = None) -> None:
-        self.config = config
-        self.bucket = bucket
+        super().__init__(config, bucket)
         self.locate_on = locate_on
         self.span = span
 
@@ -267,8 +266,6 @@ class CachePass(StampedPass):
         self.config.validate()
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        from passes.onnxutil import graph_grid
-
         cfg = self.config
         grid = graph_grid(model)
         n = grid[0] * grid[1]

@@ -102,9 +102,7 @@ class ModPass(StampedPass):
 
     name = "mod"
 
-    def __init__(self, config: ModConfig, bucket: int | str = "") -> None:
-        self.config = config
-        self.bucket = bucket
+    config: ModConfig
 
     def stamp(self) -> dict:
         """The graph's constants only: count capacities and the bucket index are not in it."""

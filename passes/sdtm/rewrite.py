@@ -109,9 +109,7 @@ class SdtmPass(StampedPass):
 
     name = "sdtm"
 
-    def __init__(self, config: SdtmConfig, bucket: int | str = "") -> None:
-        self.config = config
-        self.bucket = bucket
+    config: SdtmConfig
 
     def stamp(self) -> dict:
         """What the graph depends on: nothing per bucket (no ratio, no bucket index), so buckets that differ

@@ -112,9 +112,7 @@ class ToMePass(StampedPass):
     name = "tome"
     namespace = "token-merge"  # CA-ToMe (a subclass) shares it: a graph carries at most one token merge
 
-    def __init__(self, config: ToMeConfig, bucket: int | str = "") -> None:
-        self.config = config
-        self.bucket = bucket
+    config: ToMeConfig
 
     def stamp(self) -> dict:
         if self.config.dynamic:  # nothing per bucket: graphs of buckets that differ in r are identical
