@@ -50,10 +50,10 @@ def schedule_counts(steps: int, interval: int, full_above: int) -> tuple[int, in
 
     sched = DDIMScheduler()
     sched.set_timesteps(steps)
-    plan = SimpleNamespace(record=SimpleNamespace(model=SimpleNamespace(grid=[16, 16]),
-                                                  method=SimpleNamespace(name="cache", params={})))
     bucket = SimpleNamespace(index=0, graphs={"main": "", CACHED: ""},
                              meta={"span": [1, 2], "interval": interval, "full_above": full_above, "adaptive": 0.0})
+    plan = SimpleNamespace(record=SimpleNamespace(model=SimpleNamespace(grid=[16, 16]),
+                                                  method=SimpleNamespace(name="cache", params={})), buckets=[bucket])
     policy, state = CachePolicy(plan), GenState(seed=0, rng=np.random.default_rng(0))
     policy.start(state)
     full = 0

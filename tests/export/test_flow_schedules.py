@@ -166,7 +166,9 @@ def test_catome_policy_matches_at_the_paper_steps_of_a_50_step_flux_run():
     ref = _flux_own(50, 4096)
     params = {"checkpoint_timesteps": [ref[s] for s in PAPER_SCHEDULE], "schedule": list(PAPER_SCHEDULE),
               "schedule_steps": 50, "cache": True}
-    plan = types.SimpleNamespace(model={"grid": [64, 64], "num_train_timesteps": 1000}, method={"params": params})
+    plan = types.SimpleNamespace(record=types.SimpleNamespace(
+        model=types.SimpleNamespace(grid=[64, 64], num_train_timesteps=1000),
+        method=types.SimpleNamespace(name="catome", params=params)))
     policy = CaToMePolicy(plan, deterministic=True)
     bucket = types.SimpleNamespace(index=0, meta={"r": 8, "bands": 1}, graphs={"main": {}, "match": {}})
     state = GenState(seed=0, rng=np.random.default_rng(0))
