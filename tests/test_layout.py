@@ -119,3 +119,16 @@ def test_ruff_finds_nothing():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     res = subprocess.run([ruff, "check", "--no-cache", *PACKAGES], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-1000:]
+
+
+def test_every_package_folder_is_packaged():
+    """pyproject's package discovery finds every folder of export, passes and runtime that holds Python (a method
+    folder left out would install without its pass, and setuptools' data-file fallback is deprecated)."""
+    import tomllib
+
+    setuptools = pytest.importorskip("setuptools")
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = set(setuptools.find_namespace_packages(where=str(ROOT), include=find["include"]))
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for pkg in ("export", "passes", "runtime")
+               for p in (ROOT / pkg).rglob("*.py")}
+    assert folders and not folders - found, f"not packaged: {sorted(folders - found)}"
