@@ -34,8 +34,7 @@ from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass
 from passes.flops import count_flops
 from passes.infra import PassManager
 from passes.onnxutil import get_model_meta, save_checked
-from passes.partition import draw_partition
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition
 from passes.tome import ToMeConfig, ToMePass
 from runtime.runners import OrtRunner, SharedWeights
 

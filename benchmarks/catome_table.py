@@ -31,8 +31,7 @@ from export.load import BUNDLED, load_transformer
 from export.measure import interleaved_latency
 from export.onnx_export import example_inputs
 from export.report_quality import measure_quality, unmerged_view
-from passes.partition import draw_partition
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition
 from runtime.generate import sample_classes
 from runtime.plan import PLAN_FILE, Plan
 from runtime.runners import OrtRunner, SharedWeights

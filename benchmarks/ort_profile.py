@@ -38,8 +38,7 @@ from probe import latency_ratio, latency_rows
 from export.measure import feed_of
 from export.onnx_export import example_inputs
 from passes.counts import count_feed
-from passes.partition import draw_partition
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition
 from runtime.ort_optimize import disabled_optimizers, optimized_copy
 from runtime.runners import OrtRunner, SharedWeights
 

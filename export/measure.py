@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from export.onnx_export import eager_forward
-from passes.partition import draw_partition
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition
 from passes.tome.twin import ToMeTwin
 from runtime.runners import OrtRunner
 

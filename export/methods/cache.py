@@ -57,9 +57,8 @@ from passes.cache import (
 from passes.cache.twin import CacheTwin
 from passes.errors import DitmergeError
 from passes.onnxutil import get_model_meta, infer_shapes
-from passes.partition import draw_partition, plan_bands
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition, plan_bands
 from passes.tome import DEFAULT_LOCATIONS, ToMeConfig, ToMePass
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
 from passes.tome.twin import ToMeTwin
 from passes.cache.variants import CACHED  # one definition for build, run time and graph
 

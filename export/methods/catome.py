@@ -40,9 +40,8 @@ from passes.catome.twin import CaToMeTwin, from_feed, to_feed
 from passes.errors import DitmergeError
 from passes.flops import count_flops
 from passes.onnxutil import get_model_meta
-from passes.partition import draw_partition, num_dst, plan_bands
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition, num_dst, plan_bands
 from passes.tome import DEFAULT_LOCATIONS, ToMeConfig, count_values, merge_sites, strip_bucket_meta
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
 
 from passes.catome.variants import MATCH, PAPER_SCHEDULE, PAPER_SCHEDULE_STEPS  # one definition for build, run time and graph
 

@@ -28,9 +28,8 @@ from passes.errors import DitmergeError
 from passes.graphbuild import Emitter, count_input
 from passes.infra import PassResult, StampedPass
 from passes.locate import Topology, _node_scopes, find_sites, tensor_shapes
-from passes.onnxutil import export_graph, import_graph, infer_shapes, set_model_meta
+from passes.onnxutil import export_graph, graph_grid, import_graph, infer_shapes, set_model_meta
 from passes.trt_limits import TOPK_MAX_K
-from passes.onnxutil import graph_grid
 
 from passes.atedm.variants import KEPT_COUNT
 

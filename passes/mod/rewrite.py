@@ -22,9 +22,8 @@ from passes.graphbuild import Emitter, count_input
 from passes.infra import PassResult, StampedPass
 from passes.locate import Topology, _node_scopes, tensor_shapes
 from passes.mod.graph import build_combine, build_route
-from passes.onnxutil import export_graph, import_graph, infer_shapes, set_model_meta
+from passes.onnxutil import export_graph, graph_grid, import_graph, infer_shapes, set_model_meta
 from passes.trt_limits import TOPK_MAX_K
-from passes.onnxutil import graph_grid
 
 from passes.mod.variants import k_count
 

@@ -39,13 +39,11 @@ from passes.errors import DitmergeError
 from passes.graphbuild import Emitter, count_input, count_value
 from passes.infra import GraphPass, PassResult, StampedPass
 from passes.locate import Site, find_sites, tensor_shapes
-from passes.onnxutil import export_graph, import_graph, infer_shapes, provenance, set_model_meta
-from passes.partition import layout, num_dst, plan_bands
+from passes.onnxutil import export_graph, graph_grid, import_graph, infer_shapes, provenance, set_model_meta
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, layout, merged_count, num_dst, plan_bands
 from passes.sdtm.graph import (WindowGeometry, build_blend, build_counter_update, build_gather_unmerge,
     build_independent_from_map, build_window_match, build_window_merge)
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, merged_count
 from passes.trt_limits import TOPK_MAX_K
-from passes.onnxutil import graph_grid
 from passes.tome.graph import Geometry, build_match, build_merge, build_unmerge
 
 from passes.sdtm.variants import (COUNTER_INPUT, COUNTER_OUTPUT, K_COUNT, R_COUNT,

@@ -22,8 +22,7 @@ from passes.cleanup import FreeTokenAxisPass
 from passes.graphbuild import Emitter, count_input
 from passes.infra import PassResult, StampedPass
 from passes.locate import Site, Topology, _node_scopes, find_sites, tensor_shapes
-from passes.onnxutil import export_graph, get_model_meta, import_graph, infer_shapes, set_model_meta
-from passes.onnxutil import graph_grid
+from passes.onnxutil import export_graph, get_model_meta, graph_grid, import_graph, infer_shapes, set_model_meta
 from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, max_ratio, merged_count, num_dst, plan_bands
 from passes.tome.graph import Geometry, MatchState, build_match, build_merge, build_unmerge
 from passes.trt_limits import TOPK_MAX_K

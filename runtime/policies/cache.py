@@ -26,8 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from passes.cache import CACHE_OUTPUT, CHANGE_OUTPUT, FRONT_INPUT, FRONT_OUTPUT, cache_input
-from passes.partition import draw_partition
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition
 from passes.cache.variants import CACHED
 from runtime.policies import MAIN, GenState, StepPolicy
 

@@ -24,8 +24,7 @@ import bisect
 import numpy as np
 
 from passes.catome import as_cache_feed
-from passes.partition import draw_partition
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition
 from passes.catome.variants import MATCH, PAPER_SCHEDULE, PAPER_SCHEDULE_STEPS
 from runtime.policies import MAIN, GenState, StepPolicy
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from passes.partition import draw_partition, layout
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition, layout
 from runtime.policies import MAIN, GenState, StepPolicy
 
 

@@ -13,8 +13,7 @@ import pytest
 from export.measure import export_fidelity, max_abs, tome_fidelity
 from export.onnx_export import example_inputs
 from passes.onnxutil import get_model_meta, save_checked
-from passes.partition import draw_partition
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition
 from passes.tome import ToMeConfig, ToMePass
 from runtime.runners import OrtRunner, SharedWeights
 from tests.helpers import EXPORT_ATOL, FAMILIES, METHOD_ATOL

@@ -17,8 +17,7 @@ from export.measure import feed_of, max_abs
 from export.methods import get_method
 from export.methods.atedm import twin_forward
 from export.onnx_export import example_inputs
-from passes.atedm import eager as atedm_math
-from passes.atedm import ATEDMConfig, ATEDMPass, bucket_values, find_blocks
+from passes.atedm import ATEDMConfig, ATEDMPass, bucket_values, eager as atedm_math, find_blocks
 from passes.counts import count_feed
 from passes.errors import DitmergeError
 from passes.locate import tensor_shapes

@@ -14,14 +14,12 @@ import torch
 from export.measure import feed_of, max_abs
 from export.methods.catome import apply_fidelity, match_fidelity, twin_forward
 from export.onnx_export import example_inputs
-from passes.tome import eager as tome_math
+from passes.tome import ToMeConfig, ToMePass, eager as tome_math
 from passes.catome import INDEX_PREFIX, OUTPUT_PREFIX, CaToMePass, as_cache_feed
 from passes.catome.twin import to_feed
 from passes.errors import DitmergeError
 from passes.onnxutil import PROVENANCE_KEY, get_model_meta, save_checked
-from passes.partition import draw_partition
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
-from passes.tome import ToMeConfig, ToMePass
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition
 from passes.trt_check import check_tensorrt
 from runtime.runners import OrtRunner, SharedWeights
 from tests.helpers import METHOD_ATOL

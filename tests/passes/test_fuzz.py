@@ -22,8 +22,7 @@ from passes.cleanup import FreeTokenAxisPass, RemoveNoopSqueezePass
 from passes.errors import DitmergeError
 from passes.infra import PassManager
 from passes.onnxutil import get_model_meta, save_checked
-from passes.partition import draw_partition
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition
 from passes.tome import ToMeConfig, ToMePass
 from passes.trt_check import check_tensorrt
 from runtime.runners import OrtRunner, SharedWeights

@@ -10,8 +10,7 @@ import pytest
 from export.measure import feed_of
 from export.onnx_export import example_inputs
 from passes.counts import count_feed, count_input_name, is_count_input
-from passes.partition import draw_partition
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition
 from passes.tome import R_COUNT, ToMeConfig, ToMePass, strip_bucket_meta
 from passes.onnxutil import save_checked
 from passes.trt_check import check_tensorrt

@@ -11,8 +11,7 @@ from onnx import helper
 
 from export.onnx_export import WEIGHTS_FILE
 from passes.counts import count_feed
-from passes.partition import draw_partition
-from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT
+from passes.partition import PARTITION_INPUT, PARTITION_INV_INPUT, draw_partition
 from passes.trt_check import check_tensorrt
 from runtime.ort_optimize import copy_path, fuse_skip_layernorm, optimized_copy, session_graph
 from runtime.runners import OrtRunner, SharedWeights
