@@ -293,7 +293,7 @@ def load(plan_dir: str | Path, backend: str = "auto", seed: int = 0, determinist
     wrong images, not an error) and installs itself as ``pipeline.transformer``.
     """
     tf = PlanTransformer(Plan.load(plan_dir, verify=verify), backend=backend, seed=seed,
-                         deterministic=deterministic, threads=threads, prepack=prepack)
+                         deterministic=deterministic, threads=threads, prepack=prepack, spinning=spinning)
     if pipeline is not None:
         tf.check_scheduler(pipeline.scheduler)
         pipeline.transformer = tf

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from passes.errors import DitmergeError
 from passes.cleanup import FreeTokenAxisPass
+from passes.commute import hoist_merge, sink_unmerge
 from passes.graphbuild import Emitter, count_input
 from passes.infra import PassResult, StampedPass
 from passes.locate import Site, Topology, _node_scopes, find_sites, tensor_shapes
@@ -185,9 +186,12 @@ class ToMePass(StampedPass):
                 r_count = self._counts[counts[lead]] if counts else None
                 states[lead] = self._block_state(em, lead, metric, geos[lead], r_count)
             state = states[lead]
-            merged = build_merge(em, x, state, channels_in)
+            # the adaLN modulation before the sublayer and its gate after it run on the merged tokens
             inside = set(site.nodes)
-            for name in site.nodes:
+            x = hoist_merge(graph, x, inside, shapes, n)
+            y = sink_unmerge(graph, y, inside, shapes, n)
+            merged = build_merge(em, x, state, channels_in)
+            for name in inside:
                 nd = nodes[name]
                 nd.inputs = [merged if t is x else t for t in nd.inputs]
             before = len(em.inserted)

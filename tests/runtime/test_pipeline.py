@@ -129,6 +129,23 @@ def test_runtime_errors_are_clear(plans):
             runtime.load(plans / "merged", backend="cuda")
 
 
+def test_load_passes_its_session_settings_to_every_runner(plans):
+    """``runtime.load``'s thread settings reach the onnxruntime sessions (spinning was once dropped on the way)."""
+    from runtime.transformer import spinning_default
+
+    graphs = {g for b in runtime.load(plans / "merged").plan.buckets for g in b.graphs.values()}
+    for spinning in (False, True):
+        tf = runtime.load(plans / "merged", spinning=spinning, threads=1, prepack=False)
+        assert tf.spinning is spinning
+        for g in graphs:
+            r = tf.runner(g)
+            assert (r.spinning, r.threads, r.prepack) == (spinning, 1, False), g
+    auto = runtime.load(plans / "merged")
+    assert auto.spinning is spinning_default(auto.plan)
+    with pytest.raises(DitmergeError, match="spinning must be"):
+        runtime.load(plans / "merged", spinning="sometimes")
+
+
 def test_damaged_plans_are_refused(plans, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(plans / "merged", bad)
