@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from passes import locate
+
 COMMUTING = ("Mul", "Add", "Sub", "Div")
 
 
@@ -29,8 +31,7 @@ def same_for_every_token(shapes: dict, t: gs.Tensor) -> bool:
 
 
 def image_like(shapes: dict, t: gs.Tensor, n: int) -> bool:
-    dims = _dims(shapes, t)
-    return dims is not None and len(dims) == 3 and dims[1] == n
+    return not isinstance(t, gs.Constant) and locate.image_like(shapes, t.name, n)
 
 
 def _split(node: gs.Node, shapes: dict, n: int) -> tuple[gs.Tensor, gs.Tensor] | None:

@@ -76,6 +76,12 @@ def _kind(attr: str, block_class: str) -> str:
     return "joint"
 
 
+def image_like(shapes: dict, name: str, num_tokens: int) -> bool:
+    """A float ``[B, N, C]`` tensor (``shapes`` as :func:`tensor_shapes` gives them): the image-token stream."""
+    elem, dims = shapes.get(name, (0, []))
+    return elem in FLOAT_TYPES and dims is not None and len(dims) == 3 and dims[1] == num_tokens
+
+
 @dataclasses.dataclass
 class Topology:
     """Who writes and who reads each tensor of a shaped graph: what finding a module's boundary needs."""
@@ -98,9 +104,7 @@ class Topology:
                    tensor_shapes(model), num_tokens)
 
     def image_like(self, name: str) -> bool:
-        """A float ``[B, N, C]`` tensor: the image-token stream."""
-        elem, dims = self.shapes.get(name, (0, []))
-        return elem in FLOAT_TYPES and len(dims) == 3 and dims[1] == self.num_tokens
+        return image_like(self.shapes, name, self.num_tokens)
 
     def boundary(self, nodes: list[onnx.NodeProto]) -> tuple[list[str], list[str]]:
         """The tensors ``nodes`` read from outside themselves (initializers aside) and those read outside them."""
