@@ -343,17 +343,22 @@ def _time_group(spec: dict) -> dict:
             "matching_share": shares}  # key -> (share, ms per forward by op type)
 
 
-def interleaved(calls: dict, rounds: int, warmup: int = 1) -> tuple[dict, dict]:
-    """Per call, the wall and the CPU seconds (every thread of the process) of each round, calls round-robin."""
+def interleaved(calls: dict, rounds: int, warmup: int = 1, pause_s: float = 0.0,
+                alternate: bool = False) -> tuple[dict, dict]:
+    """Per call, the wall and the CPU seconds (every thread of the process) of each round, calls round-robin;
+    ``alternate`` reverses every other round, ``pause_s`` idles before each call (no start on spinning cores)."""
     for _ in range(warmup):
         for fn in calls.values():
             fn()
+    names = list(calls)
     wall: dict[str, list[float]] = {k: [] for k in calls}
     cpu: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(rounds):
-        for k, fn in calls.items():
+    for r in range(rounds):
+        for k in names[::-1] if alternate and r % 2 else names:
+            if pause_s:
+                time.sleep(pause_s)
             w0, c0 = time.perf_counter(), time.process_time()
-            fn()
+            calls[k]()
             wall[k].append(time.perf_counter() - w0)
             cpu[k].append(time.process_time() - c0)
     return wall, cpu

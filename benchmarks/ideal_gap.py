@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -24,29 +23,20 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ort_profile import session  # noqa: E402
+
 from passes.flops import count_flops  # noqa: E402
+from runtime.ort_optimize import disabled_optimizers  # noqa: E402
 from runtime.runners import SharedWeights  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def profiled_session(path: Path, weights: SharedWeights):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"ditmerge_ideal_gap_{path.stem}")
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    for name, value in weights.initializers(onnx.load(path, load_external_data=False)).items():
-        opts.add_initializer(name, value)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def node_profiles(paths: list[Path], weights: SharedWeights, feeds: list[dict], forwards: int) -> list[tuple[Counter, float]]:
     """Per graph: ms per forward by op type (inserted ToMe ops starred) and the median whole-run ms; the
     graphs' forwards interleave, so drift on a shared machine hits them alike."""
-    sessions = [profiled_session(p, weights) for p in paths]
+    disabled = disabled_optimizers(["CPUExecutionProvider"])  # the fusions OrtRunner's sessions run
+    sessions = [session(p, weights, disabled, profiling=True) for p in paths]
     feeds = [{k: v for k, v in f.items() if k in {i.name for i in s.get_inputs()}} for s, f in zip(sessions, feeds)]
     for _ in range(forwards + 1):
         for s, f in zip(sessions, feeds):

@@ -28,12 +28,10 @@ spinning=...)``), interleaved. Prints a table and merges the run, under ``--labe
 from __future__ import annotations
 
 import argparse
-import datetime
 import inspect
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import runtime  # noqa: E402
+from probe import machine  # noqa: E402
 from runtime.generate import make_scheduler, sample_classes  # noqa: E402
 
 logger = logging.getLogger("loop_overhead")
@@ -198,17 +197,6 @@ def forward_latency(tfs: dict[str, object], timesteps: list[int], rounds: int, p
             samples[name].append(float(np.median(times)))
     return {name: {"ms_median": round(float(np.median(v)) * 1e3, 3), "ms_min": round(float(min(v)) * 1e3, 3),
                    "round_medians_ms": [round(s * 1e3, 3) for s in v]} for name, v in samples.items()}
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    import diffusers
-    import onnxruntime
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
-            "diffusers": diffusers.__version__, "date": datetime.datetime.now().isoformat(timespec="minutes")}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -7,6 +7,9 @@ the difference (bench.py, plan_memory.py, plan_memory_methods.py).
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +27,21 @@ def rss_kb():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
 '''
+
+
+def machine() -> dict:
+    """What a result was measured on: CPU model, cores, library versions, load average, UTC time."""
+    import diffusers
+    import onnxruntime
+    import torch
+
+    info = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if info.exists() else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
+            "diffusers": diffusers.__version__, "load_average": [round(v, 2) for v in os.getloadavg()],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
 
 
 def run_probe(code: str) -> str:

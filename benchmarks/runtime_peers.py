@@ -19,14 +19,10 @@ FLOP-ideal speed-up per bucket (its manifest). Writes ``results/runtime_peers-<t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import make_model  # noqa: E402
+from bench import interleaved, make_model  # noqa: E402
 from peers import tomesd_call  # noqa: E402
+from probe import machine  # noqa: E402
 
 import runtime  # noqa: E402
 from export.onnx_export import eager_forward, example_inputs  # noqa: E402
@@ -76,35 +73,6 @@ def build(work: Path, px: int, layers: int, ratios: list[float], locations: str)
                measure=False, progress=False)
     stamp.write_text(json.dumps(spec))
     return plan
-
-
-def rounds_of(calls: dict, rounds: int, warmup: int = 2) -> tuple[dict, dict]:
-    """Wall and CPU seconds of every call per round; round order reverses every round."""
-    names = list(calls)
-    for _ in range(warmup):
-        for k in names:
-            calls[k]()
-    wall: dict[str, list[float]] = {k: [] for k in names}
-    cpu: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        for k in names if r % 2 == 0 else names[::-1]:
-            time.sleep(PAUSE_S)
-            w0, c0 = time.perf_counter(), time.process_time()
-            calls[k]()
-            wall[k].append(time.perf_counter() - w0)
-            cpu[k].append(time.process_time() - c0)
-        logger.info("round %d/%d", r + 1, rounds)
-    return wall, cpu
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    import onnxruntime
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "onnxruntime": onnxruntime.__version__, "load_average": [round(v, 2) for v in os.getloadavg()],
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             logger.warning("torch.compile failed: %s", str(e).splitlines()[0])
     logger.info("timing %s, %d rounds", ", ".join(calls), args.rounds)
     with torch.no_grad():
-        wall, cpu = rounds_of(calls, args.rounds)
+        wall, cpu = interleaved(calls, args.rounds, warmup=2, pause_s=PAUSE_S, alternate=True)
     stats = {k: {"median_ms": 1e3 * float(np.median(wall[k])), "min_ms": 1e3 * float(np.min(wall[k])),
                  "cpu_median_ms": 1e3 * float(np.median(cpu[k])), "rounds_ms": [round(1e3 * v, 2) for v in wall[k]]}
              for k in calls}
