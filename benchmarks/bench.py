@@ -171,15 +171,16 @@ def main(argv: list[str] | None = None) -> dict:
             save_checked(res.model, work / f"tome_{r}_m{args.match_every}.onnx")
             graphs[key], metas[key] = work / f"tome_{r}_m{args.match_every}.onnx", json.loads(
                 get_model_meta(res.model)["tome"])
-    if args.export_only:
-        logger.info("wrote %s", ", ".join(str(g) for g in graphs.values()))
-        return {}
-    flops = {k: count_flops(onnx.load(g, load_external_data=False)) for k, g in graphs.items()}
-
     inputs = example_inputs(model, args.batch, grid, seed=0)
     feed = feed_of(inputs)
     part, inv = draw_partition(grid, rng=np.random.default_rng(0))
     merged_feed = {**feed, PARTITION_INPUT: part, PARTITION_INV_INPUT: inv}
+    feeds = work / "feeds.npz"  # what ideal_gap.py feeds the graphs
+    np.savez(feeds, **{f"base/{k}": v for k, v in feed.items()}, **{f"merged/{k}": v for k, v in merged_feed.items()})
+    if args.export_only:
+        logger.info("wrote %s and %s", ", ".join(str(g) for g in graphs.values()), feeds)
+        return {}
+    flops = {k: count_flops(onnx.load(g, load_external_data=False)) for k, g in graphs.items()}
     # Memory first, in fresh child processes, so nothing this process loaded counts.
     # a plan as `python -m export` writes it: the unmerged graph and three merged buckets (the largest ratios)
     plan_graphs = [graphs["base"]] + [graphs[f"tome {r}"] for r in sorted(ratios)[-3:]]
@@ -193,8 +194,6 @@ def main(argv: list[str] | None = None) -> dict:
         mem["ratio_no_prepack"] = mem["plan_no_prepack_mb"] / mem["unmerged_mb"]
 
     best = max(ratios)
-    feeds = work / "feeds.npz"
-    np.savez(feeds, **{f"base/{k}": v for k, v in feed.items()}, **{f"merged/{k}": v for k, v in merged_feed.items()})
     variants = {k: (str(g), True, False) for k, g in graphs.items()}
     if args.ort_copy:
         variants.update({f"{k} {COPY}": (str(g), True, True) for k, g in graphs.items()})

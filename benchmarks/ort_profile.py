@@ -68,8 +68,11 @@ def build(work: Path, layers: int, px: int) -> tuple[Path, dict, tuple[int, int]
     return plan_dir, json.loads((plan_dir / "plan.json").read_text()), grid
 
 
-def session(path: Path, weights: SharedWeights, disabled: list[str], profiling: bool = False):
-    """A CPU session over ``path`` as OrtRunner makes one, with onnxruntime's ``disabled`` fusions left out."""
+def session(path: Path, weights: SharedWeights, disabled: list[str], profiling: bool = False, spinning: bool = False):
+    """A CPU session over ``path`` as OrtRunner makes one, with onnxruntime's ``disabled`` fusions left out.
+
+    ``spinning``: idle intra-op threads spin, as in a plan's one session (``runtime.load``'s default).
+    """
     import onnx
     import onnxruntime as ort
 
@@ -77,7 +80,7 @@ def session(path: Path, weights: SharedWeights, disabled: list[str], profiling: 
     opts.log_severity_level = 3
     opts.enable_profiling = profiling
     opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "ditmerge_ort_profile")
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     for name, value in weights.initializers(onnx.load(path, load_external_data=False)).items():
         opts.add_initializer(name, value)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)

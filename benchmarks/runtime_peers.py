@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--locations", default="attn,mlp")
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--plan-only", action="store_true",
+                   help="time only the plan's buckets (the FLOP-limit figures), with no torch peer in the process")
     p.add_argument("--workdir", default=None, help="where the plan is built (reused across runs)")
     p.add_argument("--results", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -104,12 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
         t = torch.full((2,), float(probe[ratio]))
         calls["plan unmerged" if ratio == 0 else f"plan {ratio:g}"] = (lambda t=t: tf(x, timestep=t, class_labels=labels))
     eager_in = {**inputs, "timestep": torch.full((2,), float(probe[0.0]))}
-    calls["eager torch"] = lambda: eager_forward(model, eager_in)
-    for ratio in ratios:
+    if not args.plan_only:
+        calls["eager torch"] = lambda: eager_forward(model, eager_in)
+    for ratio in [] if args.plan_only else ratios:
         peer = tomesd_call(make_model("dit-xl-2", args.px, args.layers)[0], eager_in, ratio, args.locations)
         if peer:
             calls[f"tomesd {ratio:g}"] = peer["tomesd"]
-    if not args.no_compile:
+    if not (args.no_compile or args.plan_only):
         try:
             compiled = torch.compile(model)
             run = lambda: compiled(x, timestep=eager_in["timestep"], class_labels=labels)  # noqa: E731
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
               "command": "python benchmarks/runtime_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "latency": stats, "rows": rows,
               "peers_vs_unmerged": {k: over(k, "plan unmerged") for k in stats if not k.startswith("plan")}}
-    out = Path(args.results) / f"runtime_peers-{grid[0] * grid[1]}.json"
+    out = Path(args.results) / f"runtime_peers-{grid[0] * grid[1]}{'-plan' if args.plan_only else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     chart(result, out.with_suffix(".png"))
