@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import onnx
@@ -10,6 +11,7 @@ import onnx_graphsurgeon as gs
 from passes.locate import tensor_shapes
 from passes.onnxutil import infer_shapes
 
+logger = logging.getLogger(__name__)
 _FOLD_MAX_ELEMENTS = 1 << 16  # int64 constants up to this size are shape arithmetic, folded
 
 
@@ -20,9 +22,22 @@ def _dims(shapes, name) -> list[int] | None:
     return [d if isinstance(d, int) else 1 for d in dims]  # symbolic dims (the batch) count as 1
 
 
+def _with_counts(model: onnx.ModelProto, counts: dict[str, int] | None) -> onnx.ModelProto:
+    """A copy of ``model`` whose count inputs have their lengths as static shapes."""
+    from passes.counts import count_input_name
+
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    fixed = {count_input_name(k): int(v) for k, v in (counts or {}).items()}
+    for vi in m.graph.input:
+        if vi.name in fixed:
+            vi.type.tensor_type.shape.dim[0].Clear()
+            vi.type.tensor_type.shape.dim[0].dim_value = fixed[vi.name]
+    return m
+
+
 def static_shapes(model: onnx.ModelProto, counts: dict[str, int] | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` whose shapes are all static: every symbolic input dim at 1 (the batch, a prompt
-    axis), each count input (passes/counts.py) at its length, and the shape arithmetic folded.
+    """A copy of ``model`` with each count input (passes/counts.py) at its length and the shape arithmetic
+    folded, so lengths that follow from the counts are static (the batch and a prompt axis stay symbolic).
 
     ONNX's shape inference leaves a length symbolic where it comes from a computed value: the r of a graph
     that takes r from its count input reaches the merge's one-hot MatMul as Slice ends, the tokens SDTM and
@@ -30,18 +45,7 @@ def static_shapes(model: onnx.ModelProto, counts: dict[str, int] | None = None) 
     tokens, ratio 0.7, came out 8 % too high, SDTM's 90x). Folding with static inputs turns such lengths
     into constants. The weights become inputs of their shape first, so nothing reads them.
     """
-    from passes.counts import count_input_name
-
-    m = onnx.ModelProto.FromString(model.SerializeToString())
-    fixed = {count_input_name(k): int(v) for k, v in (counts or {}).items()}
-    for vi in m.graph.input:
-        for i, d in enumerate(vi.type.tensor_type.shape.dim):
-            if vi.name in fixed and i == 0:
-                d.Clear()
-                d.dim_value = fixed[vi.name]
-            elif not d.HasField("dim_value"):
-                d.Clear()
-                d.dim_value = 1
+    m = _with_counts(model, counts)
     small = []
     for init in m.graph.initializer:
         if (init.data_type == onnx.TensorProto.INT64 and not init.external_data
@@ -70,8 +74,12 @@ def count_flops(model: onnx.ModelProto, counts: dict[str, int] | None = None) ->
     """
     if any(n.op_type in ("If", "Loop") for n in model.graph.node):
         raise ValueError("count_flops counts graphs without If/Loop: count each branch's graph before joining")
-    model = static_shapes(model, counts)
-    shapes = tensor_shapes(infer_shapes(model))
+    try:
+        model = infer_shapes(static_shapes(model, counts))
+    except onnx.shape_inference.InferenceError as e:  # counted unfolded: lengths computed from counts count 1
+        logger.warning("FLOPs counted without folding the shape arithmetic (%s)", str(e).splitlines()[0])
+        model = infer_shapes(_with_counts(model, counts))
+    shapes = tensor_shapes(model)
     total = 0
     for n in model.graph.node:
         out = _dims(shapes, n.output[0]) if n.output else None
