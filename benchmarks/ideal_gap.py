@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     (base, base_run), (merged, merged_run) = node_profiles([work / "base.onnx", merged_path], weights,
                                                            [feeds["base"], feeds["merged"]], args.forwards,
                                                            spinning=not args.no_spinning)
-    flop_ratio = (count_flops(onnx.load(merged_path, load_external_data=False))
-                  / count_flops(onnx.load(work / "base.onnx", load_external_data=False)))
+    base_model = onnx.load(work / "base.onnx", load_external_data=False)
+    flop_ratio = count_flops(onnx.load(merged_path, load_external_data=False)) / count_flops(base_model)
     ideal = sum(base.values()) * flop_ratio
     rows = []
     for op in sorted(set(base) | set(merged), key=lambda o: -(merged.get(o, 0) - base.get(o, 0) * flop_ratio)):
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     inserted = sum(v for op, v in merged.items() if op.endswith("*"))
     result["inserted_ms"] = inserted
     result["share_if_inserted_free"] = ideal / (result["merged_kernel_ms"] - inserted)
-    grid = graph_grid(onnx.load(work / "base.onnx", load_external_data=False))
+    grid = graph_grid(base_model)
     out = Path(args.results) / f"ideal_gap-{grid[0] * grid[1]}-{args.ratio}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
